@@ -1,0 +1,102 @@
+"""The shared default every tagjax config starts from: the paper's recipe (Mahajan et al., 2018).
+
+Other configs call ``default.get_config()`` and override a few fields. Every size lives here or in a config
+that derives from it; code carries none. Lengths are counted in *images seen*, never in epochs, because
+hashtag resampling makes "an epoch" meaningless at billions of images.
+
+Values marked [R] are recalled from the paper rather than re-read (see shared FACTS): the warm-up length
+and the number of learning-rate halvings are config values precisely so they can be corrected.
+
+Run any config with::
+
+    tagjax train --config configs/NAME.py --workdir /path/to/workdir [--config.key=value ...]
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    del arg
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # --- data: a directory written by `tagjax build` (tagjax.records) -----------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = ""  # path to a built dataset (dataset.json inside); "" with synthetic=True
+    c.data.synthetic = False  # an in-memory learnable tagged task (tests, benchmarks)
+    c.data.synthetic_num_images = 4096
+    c.data.train_split = "train"
+    c.data.eval_split = "heldout"
+    # Hashtag resampling: p(h) ~ n_h^alpha, then an image carrying h uniformly.
+    # "natural" (alpha=1), "sqrt" (0.5), "uniform" (0), or "images" (every image equally, no resampling).
+    c.data.sampling = "sqrt"
+    c.data.image_size = 224  # training crop (random-resized-crop), pixels
+    c.data.eval_resize = 256  # evaluation: resize shorter side, then center crop eval_image_size
+    c.data.eval_image_size = 224
+    c.data.crop_area_range = (0.08, 1.0)
+    c.data.crop_aspect_range = (3 / 4, 4 / 3)
+    c.data.flip = True
+    c.data.color_jitter = 0.0  # brightness/contrast/saturation strength; 0 = off
+    c.data.mean = (0.485, 0.456, 0.406)  # ImageNet statistics, as the released models used
+    c.data.std = (0.229, 0.224, 0.225)
+    c.data.max_labels = 16  # padded label ids per image (images with more keep a deterministic subset)
+    c.data.label_noise = 0.0  # replace each label with prob p by one drawn from the label marginal
+    c.data.drop_ancestors = False  # drop a label when a WordNet descendant is on the same image
+    c.data.num_workers = 0  # grain worker processes per host (0 = in the main process)
+    c.data.prefetch_buffer = 2  # batches
+    c.data.max_bad_record_fraction = 0.001  # skip and count bad records; fail loudly above this
+
+    # --- model (tagjax.models) -------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "resnext101_32x8d"
+    c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
+    c.model.zero_init_last_bn = True  # [R] last BN gamma of each residual block starts at 0
+    c.model.grouped_conv = "xla"  # "xla" (feature_group_count) or "block_diagonal" (dense kernel)
+    c.model.remat = False  # rematerialize each block (memory for compute; the wide models)
+    # Batch-norm statistics: 0 = over the global batch (cross-device); N = over groups of N images
+    # (the paper: 24, its per-GPU batch; no cross-device traffic when groups align with devices).
+    c.model.bn_group_size = 24
+    c.model.bn_momentum = 0.9
+    c.model.bn_epsilon = 1e-5
+
+    # --- loss (tagjax.losses) ---------------------------------------------------------------------
+    c.loss = "softmax"  # softmax CE against 1/k on each of k labels; "sigmoid" = per-label BCE baseline
+
+    # --- optimizer and schedule (tagjax.optim) ----------------------------------------------------
+    c.optim = ml_collections.ConfigDict()
+    c.optim.base_lr = 0.1  # per `lr_reference_batch` images, scaled linearly with the batch size
+    c.optim.lr_reference_batch = 256
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.weight_decay = 1e-4  # not applied to batch-norm parameters or biases
+    c.optim.schedule = "step_halving"  # or "cosine"
+    c.optim.warmup_images = 5 * 1_281_167  # [R] linear warm-up length, images seen
+    c.optim.num_halvings = 6  # [R] halvings at equally spaced points after warm-up
+    c.optim.grad_clip_norm = 0.0  # 0 = off
+
+    # --- training loop (tagjax.train) -------------------------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 8064  # global, images per optimizer step (the paper: 336 GPUs x 24)
+    c.train.grad_accum_steps = 1  # micro-batches per step (the paper's batch on fewer devices)
+    c.train.total_images = 940_000_000  # schedule length in images seen (IG-940M: one pass)
+    c.train.log_every_images = 8064 * 20
+    c.train.eval_every_images = 50_000_000
+    c.train.eval_max_images = 50_000  # held-out images per evaluation (0 = all)
+    c.train.checkpoint_every_images = 10_000_000
+    c.train.nan_policy = "stop"  # "stop" with a clear message, or "skip" the update and count it
+    c.train.profile_steps = ()  # e.g. (10, 15): trace steps [10, 15) to <workdir>/profile
+    c.train.compilation_cache_dir = "~/.cache/tagjax/jax_cache"  # "" = off
+
+    # --- device mesh (tagjax.sharding) ------------------------------------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 = all devices not used by the other axes
+    c.mesh.fsdp = 1  # parameter and optimizer-state sharding
+
+    # --- checkpoints (tagjax.checkpoint) ----------------------------------------------------------
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep_last = 3
+    c.checkpoint.keep_every_images = 0  # also keep one checkpoint per this many images (0 = off)
+    c.checkpoint.async_save = True
+    c.checkpoint.save_on_preemption = True
+
+    return c
