@@ -45,6 +45,16 @@ def get_config(arg=None):
     c.data.num_workers = 0  # grain worker processes per host (0 = in the main process)
     c.data.prefetch_buffer = 2  # batches
     c.data.max_bad_record_fraction = 0.001  # skip and count bad records; fail loudly above this
+    # The fraction is enforced once this many records were read (one early bad record is not a rate).
+    c.data.bad_record_min_reads = 10_000
+    c.data.max_redraws = 16  # a bad training record is redrawn; this many bad draws in a row = broken data
+    c.data.fast_jpeg = True  # libjpeg-turbo fast DCT + fast chroma upsampling (a few % faster decoding)
+    # Where derived files (the hashtag -> images index, ~4 bytes per image-hashtag pair) are cached;
+    # "" = inside the dataset directory when writable, else ~/.cache/tagjax/index.
+    c.data.cache_dir = ""
+    c.data.synthetic_num_labels = 16  # synthetic task: labels (colored shapes), at most 80
+    c.data.synthetic_labels_per_image = 3  # synthetic task: each image carries 1..this many labels (<= 4)
+    c.data.synthetic_eval_images = 512  # synthetic task: held-out images
 
     # --- model (tagjax.models) -------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()
@@ -72,6 +82,7 @@ def get_config(arg=None):
     c.optim.schedule = "step_halving"  # or "cosine"
     c.optim.warmup_images = 5 * 1_281_167  # [R] linear warm-up length, images seen
     c.optim.num_halvings = 6  # [R] halvings at equally spaced points after warm-up
+    c.optim.warmup_start_fraction = 0.0  # warm-up starts at this fraction of the peak rate
     c.optim.grad_clip_norm = 0.0  # 0 = off
 
     # --- training loop (tagjax.train) -------------------------------------------------------------
@@ -84,6 +95,7 @@ def get_config(arg=None):
     c.train.eval_max_images = 50_000  # held-out images per evaluation (0 = all)
     c.train.checkpoint_every_images = 10_000_000
     c.train.nan_policy = "stop"  # "stop" with a clear message, or "skip" the update and count it
+    c.train.max_consecutive_nonfinite = 20  # with nan_policy=skip: stop after this many skips in a row
     c.train.profile_steps = ()  # e.g. (10, 15): trace steps [10, 15) to <workdir>/profile
     c.train.compilation_cache_dir = "~/.cache/tagjax/jax_cache"  # "" = off
 
@@ -91,6 +103,7 @@ def get_config(arg=None):
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = all devices not used by the other axes
     c.mesh.fsdp = 1  # parameter and optimizer-state sharding
+    c.mesh.fsdp_min_size = 2**18  # parameters with fewer elements stay replicated over fsdp
 
     # --- checkpoints (tagjax.checkpoint) ----------------------------------------------------------
     c.checkpoint = ml_collections.ConfigDict()
@@ -98,5 +111,8 @@ def get_config(arg=None):
     c.checkpoint.keep_every_images = 0  # also keep one checkpoint per this many images (0 = off)
     c.checkpoint.async_save = True
     c.checkpoint.save_on_preemption = True
+    # On resume, ignore the saved data-iterator positions (needed when the number of hosts changed:
+    # per-host positions cannot be remapped). The model resumes exactly; the data order restarts.
+    c.checkpoint.reset_data_state = False
 
     return c

@@ -28,6 +28,7 @@ COMMANDS = {
     "transfer": ("tagjax.transfer", "linear probe or fine-tuning on a downstream dataset"),
     "predict": ("tagjax.predict", "top hashtags for images"),
     "embed": ("tagjax.predict", "pooled trunk features for images or shards, to .npy"),
+    "decontaminate": ("tagjax.downstream", "training images near evaluation images in feature space -> exclude list"),
     "import-weights": ("tagjax.interop.torchvision", "PyTorch WSL/torchvision ResNeXt weights -> checkpoint"),
     "export-weights": ("tagjax.interop.torchvision", "checkpoint -> torchvision-layout .safetensors"),
     "demo": ("tagjax.demo", "the whole system end to end on the openclipart corpus, on CPU"),

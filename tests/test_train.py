@@ -1,0 +1,257 @@
+"""tagjax.train / tagjax.sharding: the step is device-count independent, accumulation is exact, the loop
+learns, logs and guards against NaN.
+
+Runs on the 8 simulated CPU devices of conftest, with the tiny ResNeXt at 32 px.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from tagjax import cli, losses, metrics_writer, models, sharding, train
+from tagjax.errors import UserError
+
+NUM_CLASSES = 10
+
+
+def _config(**overrides):
+    cfg = tiny.get_config()
+    cfg.optim.warmup_images = 0  # full rate from the first step, so one step moves the parameters
+    cfg.train.batch_size = 16
+    cfg.train.total_images = 16 * 100
+    for key, value in overrides.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return cfg
+
+
+def _batches(n, batch=16, size=32, max_labels=4, seed=0):
+    """Deterministic random tagged batches (host numpy, the input pipeline's format)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        labels = np.full((batch, max_labels), -1, np.int32)
+        for i in range(batch):
+            k = rng.integers(1, max_labels + 1)
+            labels[i, :k] = rng.choice(NUM_CLASSES, k, replace=False)
+        out.append({"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8), "labels": labels})
+    return out
+
+
+def _run_steps(cfg, devices, batches):
+    mesh = sharding.create_mesh(cfg.mesh, devices=devices)
+    model = models.create(cfg.model, NUM_CLASSES)
+    state = train.create_train_state(cfg, model, mesh, NUM_CLASSES)
+    init_params = jax.tree.map(np.asarray, state.params)
+    step = train.jit_train_step(cfg, model, mesh, state)
+    metrics = []
+    for b in batches:
+        state, m = step(state, sharding.global_batch(b, mesh))
+        metrics.append(jax.device_get(m))
+    return state, metrics, init_params
+
+
+def _assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
+    a, b = jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("bn_group_size", [0, 2])
+def test_same_step_on_one_and_eight_devices(bn_group_size):
+    """1 device vs data=8 vs data=2 x fsdp=4: same init, same losses, same parameters and statistics."""
+    batches = _batches(2)
+    base = {"model.bn_group_size": bn_group_size, "mesh.fsdp_min_size": 64}
+    ref_state, ref_metrics, ref_init = _run_steps(
+        _config(**base, **{"mesh.data": 1, "mesh.fsdp": 1}), jax.devices()[:1], batches
+    )
+    for data, fsdp in [(8, 1), (2, 4)]:
+        cfg = _config(**base, **{"mesh.data": data, "mesh.fsdp": fsdp})
+        state, metrics, init = _run_steps(cfg, jax.devices(), batches)
+        _assert_trees_close(init, ref_init, rtol=0, atol=0)  # initialization does not depend on the mesh
+        for m, r in zip(metrics, ref_metrics):
+            np.testing.assert_allclose(m["loss"], r["loss"], rtol=1e-5)
+            np.testing.assert_allclose(m["grad_norm"], r["grad_norm"], rtol=1e-4)
+        _assert_trees_close(state.params, ref_state.params)
+        _assert_trees_close(state.batch_stats, ref_state.batch_stats)
+        _assert_trees_close(state.opt_state, ref_state.opt_state)
+        assert int(state.step) == 2
+        if fsdp > 1:  # the FSDP mesh really shards: the largest conv kernel is split over "fsdp"
+            kernel = state.params["layer2_0"]["conv3"]["kernel"]
+            assert "fsdp" in kernel.sharding.spec
+            assert kernel.addressable_shards[0].data.size == kernel.size // fsdp
+
+
+def test_gradient_accumulation_over_four_micro_batches_equals_one_large_batch():
+    """Same update (params, momentum, BN running statistics) with per-group BN statistics."""
+    batches = _batches(2)
+    common = {"model.bn_group_size": 2, "mesh.data": 1, "mesh.fsdp": 1}
+    one, m_one, _ = _run_steps(_config(**common), jax.devices()[:1], batches)
+    four, m_four, _ = _run_steps(_config(**common, **{"train.grad_accum_steps": 4}), jax.devices()[:1], batches)
+    for a, b in zip(m_four, m_one):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["precision@1"], b["precision@1"], rtol=1e-6)
+    _assert_trees_close(four.params, one.params, rtol=1e-4, atol=1e-6)
+    _assert_trees_close(four.batch_stats, one.batch_stats, rtol=1e-4, atol=1e-6)
+    _assert_trees_close(four.opt_state, one.opt_state, rtol=1e-4, atol=1e-6)
+
+
+def test_microbatch_split_keeps_groups_whole_and_covers_the_batch():
+    x = jnp.arange(16)
+    micro = np.asarray(train.split_microbatches(x, 4, 2))
+    assert micro.shape == (4, 4)
+    np.testing.assert_array_equal(micro[0], [0, 1, 8, 9])  # groups 0 and 4 (strided by 4 groups)
+    np.testing.assert_array_equal(np.sort(micro.ravel()), np.arange(16))
+    for row in micro:  # every group of 2 consecutive images stays together
+        assert all(row[i] % 2 == 0 and row[i + 1] == row[i] + 1 for i in range(0, 4, 2))
+
+
+def test_nonfinite_update_is_not_applied():
+    cfg = _config(**{"mesh.data": 1, "mesh.fsdp": 1, "train.nan_policy": "skip"})
+    mesh = sharding.create_mesh(cfg.mesh, devices=jax.devices()[:1])
+    model = models.create(cfg.model, NUM_CLASSES)
+    state = train.create_train_state(cfg, model, mesh, NUM_CLASSES)
+    poisoned = state.params["fc"]["bias"].at[0].set(jnp.nan)
+    state = state.replace(params={**state.params, "fc": {**state.params["fc"], "bias": poisoned}})
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state, state.batch_stats))
+    step = train.jit_train_step(cfg, model, mesh, state)
+    state, metrics = step(state, sharding.global_batch(_batches(1)[0], mesh))
+    assert float(metrics["nonfinite"]) == 1.0
+    assert int(state.step) == 1  # the step (images seen) advances ...
+    after = (state.params, state.opt_state, state.batch_stats)
+    _assert_trees_close(after, before, rtol=0, atol=0)  # ... parameters, momentum and statistics do not
+
+
+def test_eval_step_sums_over_real_images_only():
+    cfg = _config(**{"mesh.data": 1, "mesh.fsdp": 1})
+    mesh = sharding.create_mesh(cfg.mesh, devices=jax.devices()[:1])
+    model = models.create(cfg.model, NUM_CLASSES)
+    state = train.create_train_state(cfg, model, mesh, NUM_CLASSES)
+    batch = dict(_batches(1)[0])
+    batch["mask"] = np.arange(16) < 11
+    out = jax.device_get(train.jit_eval_step(cfg, model, mesh, state)(state, sharding.global_batch(batch, mesh)))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    images = train.normalize_images(jnp.asarray(batch["image"]), cfg.data, jnp.float32)
+    logits = model.apply(variables, images, train=False)
+    per_image = np.asarray(losses.softmax_cross_entropy(logits, jnp.asarray(batch["labels"])))
+    assert out["count"] == 11
+    np.testing.assert_allclose(out["loss_sum"], per_image[:11].sum(), rtol=1e-5)
+    np.testing.assert_allclose(out["scores"], jax.nn.softmax(logits), rtol=1e-5, atol=1e-7)
+
+
+def test_tiny_training_run_learns_and_writes_logs(tmp_path, capsys):
+    """`tagjax train --config tiny` on the synthetic tagged task: the loss falls, held-out mAP beats
+    chance, the JSONL/TensorBoard logs and checkpoints are there, and a rerun resumes instead of repeating."""
+    workdir = tmp_path / "run"
+    steps, batch = 60, 32
+    args = [
+        "train", "--config", "tiny", "--workdir", str(workdir),
+        f"--config.train.total_images={steps * batch}",
+        f"--config.train.log_every_images={10 * batch}",
+        f"--config.train.eval_every_images={30 * batch}",
+        f"--config.train.checkpoint_every_images={30 * batch}",
+        "--config.optim.warmup_images=320",
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "img/s" in err and "ETA" in err and "MFU n/a" in err  # CPU: no peak FLOPs
+    rows = metrics_writer.read_metrics(workdir, "train")
+    losses_logged = [r["loss"] for r in rows if "loss" in r]
+    assert [r["step"] for r in rows if "loss" in r] == [10, 20, 30, 40, 50, 60]
+    assert losses_logged[-1] < 0.85 * losses_logged[0], losses_logged
+    last = rows[-1]
+    assert last["images_per_second"] > 0 and last["images_per_second_per_device"] * 8 == pytest.approx(
+        last["images_per_second"]
+    )
+    evals = metrics_writer.read_metrics(workdir, "eval")
+    assert [r["step"] for r in evals] == [30, 60]
+    # Chance mAP on the synthetic task is about its label frequency (~0.1-0.2); a learning model is far above.
+    assert evals[-1]["mAP"] > 0.3 and evals[-1]["loss"] < evals[0]["loss"] + 0.05
+    assert json.loads((workdir / "config.json").read_text())["model"]["name"] == "tiny_resnext"
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["30", "60"]
+
+    # Rerunning a finished run resumes at its last step: no step is trained or logged twice.
+    assert cli.main(args) == 0
+    rows_again = metrics_writer.read_metrics(workdir, "train")
+    assert [r["step"] for r in rows_again if "loss" in r] == [10, 20, 30, 40, 50, 60]
+
+
+def test_nan_policy_stop_ends_the_run_with_a_clear_message(tmp_path):
+    cfg = tiny.get_config()
+    cfg.optim.base_lr = 1e12
+    cfg.optim.warmup_images = 0
+    cfg.train.total_images = 32 * 20
+    cfg.train.eval_every_images = 0
+    cfg.train.checkpoint_every_images = 0
+    with pytest.raises(UserError, match=r"NaN/Inf at step \d+ .*nan_policy=skip"):
+        train.train_and_evaluate(cfg, tmp_path / "run")
+
+
+def test_metric_writer_drops_lines_past_the_resumed_step(tmp_path):
+    with metrics_writer.MetricWriter(tmp_path) as w:
+        for step in (1, 2, 3, 4):
+            w.write("train", step, step * 8, {"loss": float(step), "precision@1": float("nan")})
+    assert metrics_writer.read_metrics(tmp_path)[0]["precision@1"] is None  # strict JSON, no NaN
+    with metrics_writer.MetricWriter(tmp_path, resume_step=2) as w:
+        w.write("train", 3, 24, {"loss": 30.0})
+    rows = metrics_writer.read_metrics(tmp_path)
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_mesh_shapes_and_errors():
+    assert sharding.mesh_shape(_config(**{"mesh.data": -1, "mesh.fsdp": 4}).mesh, 8) == (2, 4)
+    assert sharding.mesh_shape(_config(**{"mesh.data": 2, "mesh.fsdp": -1}).mesh, 8) == (2, 4)
+    with pytest.raises(UserError, match="device count"):
+        sharding.mesh_shape(_config(**{"mesh.data": 3, "mesh.fsdp": 1}).mesh, 8)
+    with pytest.raises(UserError, match="divide"):
+        sharding.mesh_shape(_config(**{"mesh.data": -1, "mesh.fsdp": 3}).mesh, 8)
+    mesh = sharding.create_mesh(_config(**{"mesh.data": 8, "mesh.fsdp": 1}).mesh)
+    with pytest.raises(UserError, match="grad_accum_steps x bn_group_size"):
+        train.validate_batch_layout(_config(**{"train.grad_accum_steps": 3, "model.bn_group_size": 2}), mesh)
+    with pytest.raises(UserError, match="divisible by the 8 devices"):
+        train.validate_batch_layout(_config(**{"train.batch_size": 12}), mesh)
+
+
+def test_fsdp_rule_splits_the_largest_divisible_dimension():
+    assert sharding.fsdp_spec((3, 3, 64, 256), 4, 0) == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+    assert sharding.fsdp_spec((2048, 17003), 8, 0) == jax.sharding.PartitionSpec("fsdp", None)  # 17003 is odd
+    assert sharding.fsdp_spec((256,), 4, 1024) == jax.sharding.PartitionSpec()  # small: replicated
+    assert sharding.fsdp_spec((3, 5), 4, 0) == jax.sharding.PartitionSpec()  # indivisible: replicated
+
+
+def test_peak_flops_table_and_cpu():
+    assert train.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+    assert train.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
+    assert train.peak_flops_per_device("NVIDIA A100-SXM4-80GB") == 312e12
+    assert train.peak_flops_per_device("TPU v5 lite") == 197e12
+    assert train.peak_flops_per_device("TPU v5") == 459e12
+    assert train.peak_flops_per_device("cpu") is None
+
+
+def test_distributed_start_is_detected_from_the_environment(monkeypatch):
+    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "SLURM_STEP_NODELIST", "TPU_WORKER_HOSTNAMES",
+                "TPU_PROCESS_ADDRESSES", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    assert sharding._distributed_environment() is None
+    assert sharding.maybe_initialize_distributed() is False  # a single process starts nothing
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node1")
+    assert sharding._distributed_environment() is None  # one SLURM task is a single process
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert sharding._distributed_environment() == "SLURM"
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0,w1,w2,w3")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
+    assert sharding._distributed_environment() == "JAX_COORDINATOR_ADDRESS"
+    with pytest.raises(UserError, match="JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
+        sharding.maybe_initialize_distributed()
