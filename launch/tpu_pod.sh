@@ -166,10 +166,10 @@ check_train_args() {
 # worker's number. An entry of worker-network-endpoints is "host" or "name:id:ip". One worker: nothing.
 # shellcheck disable=SC2016  # the $ expressions expand on the workers, not here
 {
-TPU_CLUSTER_ENV='md() { curl -sf -H Metadata-Flavor:Google "http://metadata.google.internal/computeMetadata/v1/instance/attributes/$1"; }; '
-TPU_CLUSTER_ENV+='endpoints=$(md worker-network-endpoints); n=$(tr , "\n" <<< "$endpoints" | grep -c .); '
-TPU_CLUSTER_ENV+='IFS=: read -r a _ c <<< "${endpoints%%,*}"; if [ "$n" -gt 1 ]; then export '
-TPU_CLUSTER_ENV+='JAX_COORDINATOR_ADDRESS="${c:-$a}:8476" JAX_NUM_PROCESSES="$n" JAX_PROCESS_ID="$(md agent-worker-number)"; fi'
+  TPU_CLUSTER_ENV='md() { curl -sf -H Metadata-Flavor:Google "http://metadata.google.internal/computeMetadata/v1/instance/attributes/$1"; }; '
+  TPU_CLUSTER_ENV+='endpoints=$(md worker-network-endpoints); n=$(tr , "\n" <<< "$endpoints" | grep -c .); '
+  TPU_CLUSTER_ENV+='IFS=: read -r a _ c <<< "${endpoints%%,*}"; if [ "$n" -gt 1 ]; then export '
+  TPU_CLUSTER_ENV+='JAX_COORDINATOR_ADDRESS="${c:-$a}:8476" JAX_NUM_PROCESSES="$n" JAX_PROCESS_ID="$(md agent-worker-number)"; fi'
 }
 
 train() {

@@ -502,6 +502,7 @@ class _Meta:
 
     post: posts_lib.Post  # image_bytes stripped
     unit: int
+    position: int  # index of the post in its unit's reading order
     forms: tuple[str, ...]
     labels: tuple[int, ...] = ()
 
@@ -520,6 +521,19 @@ def _worker_init(options: images_lib.ImageOptions, cache_dir: str | None, subpro
 
 def _worker_process(post: posts_lib.Post) -> ImageResult:
     return process_post_image(post, _WORKER["options"], _WORKER["cache"])
+
+
+def _bounded_imap(pool, fn, items: Iterable, window: int) -> Iterator:
+    """``pool.imap_unordered`` over consecutive windows of ``items``: Pool's feeder thread would
+    otherwise pull the whole iterable (every tar image in memory) before the first result returns."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == window:
+            yield from pool.imap_unordered(fn, batch, chunksize=4)
+            batch = []
+    if batch:
+        yield from pool.imap_unordered(fn, batch, chunksize=4)
 
 
 def _worker_eval_hash(path: str) -> tuple[str, int] | None:
@@ -551,15 +565,16 @@ def resolve_units(cfg: BuildConfig) -> list[posts_lib.Unit]:
     return units
 
 
-def iter_posts(units: Sequence[posts_lib.Unit], limit: int = 0) -> Iterator[tuple[int, posts_lib.Post]]:
-    """(unit index, post) over all units in order, at most ``limit`` posts (0 = all)."""
+def iter_posts(units: Sequence[posts_lib.Unit], limit: int = 0
+               ) -> Iterator[tuple[int, int, posts_lib.Post]]:
+    """(unit index, position in the unit, post) over all units in order, at most ``limit`` posts."""
     n = 0
     for u, unit in enumerate(units):
-        for post in posts_lib.read_unit(unit):
+        for i, post in enumerate(posts_lib.read_unit(unit)):
             if limit and n >= limit:
                 return
             n += 1
-            yield u, post
+            yield u, i, post
 
 
 def load_eval_hashes(cfg: BuildConfig, pool) -> list[tuple[str, int]]:
@@ -617,7 +632,7 @@ def build(cfg: BuildConfig) -> dict:
     user_posts: collections.Counter = collections.Counter()
     user_forms: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     units_with_bytes: set[int] = set()
-    for u, post in tqdm(iter_posts(units, cfg.limit), desc="reading posts", unit="post",
+    for u, i, post in tqdm(iter_posts(units, cfg.limit), desc="reading posts", unit="post",
                         disable=not progress):
         stats.read[post.source] += 1
         if post.problem is None:
@@ -636,7 +651,7 @@ def build(cfg: BuildConfig) -> dict:
         if post.image_bytes is not None:
             units_with_bytes.add(u)
             post = dataclasses.replace(post, image_bytes=None)
-        metas.append(_Meta(post=post, unit=u, forms=forms))
+        metas.append(_Meta(post=post, unit=u, position=i, forms=forms))
         if post.user is not None:
             user_posts[post.user] += 1
             user_forms[post.user].update(forms)
@@ -716,9 +731,9 @@ def build(cfg: BuildConfig) -> dict:
             by_unit[m.unit].append(m)
         for u in sorted(by_unit):
             if u in units_with_bytes:  # in-memory images (tars): read the unit again for the bytes
-                for post in posts_lib.read_unit(units[u]):
-                    m = wanted.get(post.post_id)
-                    if m is not None and m.unit == u and post.problem is None:
+                positions = {m.position for m in by_unit[u]}
+                for i, post in enumerate(posts_lib.read_unit(units[u])):
+                    if i in positions:
                         yield post
             else:
                 for m in by_unit[u]:
@@ -727,7 +742,7 @@ def build(cfg: BuildConfig) -> dict:
     ids, labels_of, users_of, sources_of, ranks, chashes, phashes, offsets = [], [], [], [], [], [], [], []
     try:
         eval_hashes = load_eval_hashes(cfg, pool)
-        results = (pool.imap_unordered(_worker_process, image_jobs(), chunksize=4) if pool
+        results = (_bounded_imap(pool, _worker_process, image_jobs(), window=256 * workers) if pool
                    else map(_worker_process, image_jobs()))
         with open(staging_dir / "images.bin", "wb") as staged, tqdm(
                 total=len(labelled), desc="images", unit="img", disable=not progress) as bar:
@@ -888,9 +903,10 @@ def apply_optout(dataset: str, optout: OptOut, inputs: Sequence[str] = (), yfcc_
     if optout.users and not has_user:
         if not inputs:
             raise UserError("this dataset does not store user ids, so user opt-outs need the original "
-                            "inputs to find their posts: pass them with --input.")
+                            "inputs to find their posts: pass them too (tagjax build --apply-optout DIR "
+                            "--optout-users FILE KIND:PATH ...).")
         units = [u for spec in inputs for u in posts_lib.parse_source(spec, yfcc_images)]
-        for _, post in iter_posts(units):
+        for _, _, post in iter_posts(units):
             if post.user is not None and post.user in optout.users:
                 drop_ids.add(post.post_id)
     # From here the dataset is being modified: take dataset.json away so nothing trains on a

@@ -243,7 +243,10 @@ def load_eval_hashes(spec: str, image_options, data_dir: str | None = None) -> l
     ``tfds.data_source``, which needs the dataset prepared in the TFDS data dir but not TensorFlow).
     Images go through the same normalization as training images (:func:`tagjax.images.process`).
     """
+    import io
     from pathlib import Path
+
+    from PIL import Image
 
     from tagjax import images as images_lib
     from tagjax.errors import UserError
@@ -251,13 +254,17 @@ def load_eval_hashes(spec: str, image_options, data_dir: str | None = None) -> l
 
     out: list[tuple[str, int]] = []
     if spec.startswith("tfds:"):
-        name, _, split = spec[len("tfds:"):].partition("/")
+        # The split is after the last '/': names may carry a config (tfds:emoji_subgroups/64px/test).
+        name, _, split = spec[len("tfds:"):].rpartition("/")
         if not name or not split:
             raise UserError(f"evaluation set {spec!r}: write tfds:NAME/SPLIT, e.g. tfds:imagenet2012/validation.")
         try:
             import tensorflow_datasets as tfds
 
-            source = tfds.data_source(name, split=split, data_dir=data_dir)
+            import tagjax.downstream  # noqa: F401  (registers tagjax's own TFDS builders, e.g. emoji)
+
+            # download=False: an unprepared dataset is an error to report, never a download to start.
+            source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:
             raise UserError(f"cannot open TFDS split {name}/{split} ({type(e).__name__}: {e}); prepare it "
                             "first (tfds build) or pass a folder of images.") from None
@@ -269,7 +276,14 @@ def load_eval_hashes(spec: str, image_options, data_dir: str | None = None) -> l
             pixels = np.asarray(image)
             if pixels.ndim == 3 and pixels.shape[-1] == 1:
                 pixels = pixels[..., 0]
-            out.append((f"{name}/{split}/{i}", phash(pixels)))
+            # Through the same normalization as every training image (RGB, resize), via lossless PNG.
+            buf = io.BytesIO()
+            Image.fromarray(pixels.astype(np.uint8)).save(buf, "PNG")
+            try:
+                processed = images_lib.process(buf.getvalue(), image_options)
+            except images_lib.ImageSkip:
+                continue
+            out.append((f"{name}/{split}/{i}", phash(processed.pixels)))
         return out
     root = Path(spec).expanduser()
     if not root.is_dir():

@@ -504,7 +504,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     ``config.train.profile_steps``, ``profile/``.
     """
     setup_runtime(config)
-    workdir = Path(workdir).expanduser()
+    from tagjax.metrics_writer import as_path
+
+    workdir = as_path(workdir)  # a local path, or gs://... (etils.epath) on Cloud TPU
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -770,13 +772,13 @@ def _log_window(writer, window, step, num_steps, batch_size, n_dev, train_flops,
     return metrics
 
 
-def _metric_writer(workdir: Path, is_main: bool, start_step: int):
+def _metric_writer(workdir, is_main: bool, start_step: int):
     from tagjax.metrics_writer import MetricWriter
 
     return MetricWriter(workdir, enabled=is_main, resume_step=start_step if start_step > 0 else None)
 
 
-def _checkpoint_manager(config, workdir: Path, data: DataSource):
+def _checkpoint_manager(config, workdir, data: DataSource):
     """tagjax.checkpoint's manager, storing the data source's identity (vocabulary) with every save."""
     from tagjax import checkpoint
 

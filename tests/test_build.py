@@ -277,7 +277,8 @@ def test_apply_optout_after_the_fact(built, tmp_path):
     before = json.loads((out / "stats.json").read_text())
     assert cli_main(["build", "--apply-optout", str(out), "--optout-posts", str(optout),
                      "--no-progress"]) == 0
-    with pytest.raises(UserError, match="--input"):
+    assert not (out / "dataset.json.pending").exists()
+    with pytest.raises(UserError, match="original inputs"):
         build.apply_optout(str(out), build.OptOut(users=frozenset({"u5"})), progress=False)
     result = build.apply_optout(str(out), build.OptOut(users=frozenset({"u5"})),
                                 inputs=[f"jsonl:{built['paths']['manifest']}"], progress=False)
@@ -336,8 +337,10 @@ def test_archive_path_traversal_is_refused_and_nothing_escapes(tmp_path):
     members["../../evil.jpg"] = jpeg(drawing(310))
     members["../../evil.json"] = json.dumps({"tags": ["dog"]}).encode()
     members["/tmp/evil2.jpg"] = jpeg(drawing(311))
+    items = [*members.items(), ("00000.jpg", jpeg(drawing(320))),  # the key again: a repeated post id
+             ("00000.json", json.dumps({"tags": ["cat"]}).encode())]
     with tarfile.open(shard, "w") as tar:
-        for name, data in members.items():
+        for name, data in items:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -348,7 +351,13 @@ def test_archive_path_traversal_is_refused_and_nothing_escapes(tmp_path):
         images=images.ImageOptions(max_side=32), heldout_fraction=0.0, workers=1, raster_cache="",
         progress=False))
     assert stats["dropped"][posts.UNSAFE_ARCHIVE_MEMBER] == 2
-    assert {r.post_id for r in read_split(out, "train")} == {"00000", "00001", "00002"}
+    assert stats["dropped"][build.DUPLICATE_POST_ID] == 1
+    recs = read_split(out, "train")
+    assert sorted(r.post_id for r in recs) == ["00000", "00001", "00002"]  # the first 00000 only
+    first = next(r for r in recs if r.post_id == "00000")
+    expected = images.process(members["00000.jpg"], images.ImageOptions(max_side=32))
+    stored = dedup.phash(np.asarray(Image.open(io.BytesIO(first.image))))
+    assert dedup.hamming(stored, dedup.phash(expected.pixels)) <= 2
     created = {p for p in tmp_path.rglob("*")} - before
     assert all(out in p.parents or p == out or p in out.parents for p in created)
     assert not any("evil" in p.name for p in tmp_path.rglob("*"))

@@ -125,3 +125,15 @@ def test_eval_hashes_from_a_folder(tmp_path):
     got = dedup.load_eval_hashes(str(tmp_path), OPTS)
     assert [name for name, _ in got] == ["e0.png", "e1.png", "e2.png"]
     assert got[0][1] == dedup.phash(images.process((tmp_path / "e0.png").read_bytes(), OPTS).pixels)
+
+
+def test_eval_hashes_from_a_tfds_split():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=4):
+        got = dedup.load_eval_hashes("tfds:mnist/test", images.ImageOptions(max_side=32, min_side=1))
+    assert [name for name, _ in got] == [f"mnist/test/{i}" for i in range(4)]
+    assert len({h for _, h in got}) == 4
+    from tagjax.errors import UserError
+
+    with pytest.raises(UserError, match="tfds:NAME/SPLIT"):
+        dedup.load_eval_hashes("tfds:mnist", OPTS)

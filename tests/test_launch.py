@@ -61,7 +61,9 @@ def _env_of(cmd: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def test_all_launch_scripts_are_shellcheck_clean():
     shellcheck = shutil.which("shellcheck")
-    assert shellcheck, "shellcheck is missing: `bash launch/setup.sh` installs it (Debian package shellcheck)"
+    assert shellcheck, (
+        "shellcheck is missing: `bash launch/setup.sh` installs it (Debian package shellcheck)"
+    )
     names = {p.name for p in SCRIPTS}
     assert {"local.sh", "slurm_gpu.sbatch", "tpu_pod.sh", "setup.sh"} <= names
     result = _run([shellcheck, "--shell=bash", "--severity=info", *map(str, SCRIPTS)], os.environ)
@@ -72,7 +74,13 @@ def test_all_launch_scripts_are_shellcheck_clean():
 
 
 def test_local_dry_run_passes_arguments_through_unchanged():
-    args = ["--config", "configs/tiny.py", "--workdir", "/tmp/a dir", "--config.train.total_images=64"]
+    args = [
+        "--config",
+        "configs/tiny.py",
+        "--workdir",
+        "/tmp/a dir",
+        "--config.train.total_images=64",
+    ]
     result = _run(["bash", "launch/local.sh", *args], _env(DRY_RUN="1"))
     assert result.returncode == 0, result.stderr
     (cmd,) = _commands(result.stdout)
@@ -135,7 +143,9 @@ def test_local_multiprocess_one_failure_stops_the_others(tmp_path):
     fake = _executable(tmp_path / "tagjax", FAKE_TAGJAX)
     env = _env(TAGJAX=str(fake), NUM_PROCESSES="2", PID_DIR=str(tmp_path), FAIL_ID="1", SLEEP="60")
     start = time.monotonic()
-    result = _run(["bash", "launch/local.sh", "--config", "tiny", "--workdir", "/w"], env, timeout=30)
+    result = _run(
+        ["bash", "launch/local.sh", "--config", "tiny", "--workdir", "/w"], env, timeout=30
+    )
     assert time.monotonic() - start < 20
     assert result.returncode == 1
     assert "[p1] boom" in result.stdout
@@ -205,7 +215,11 @@ def test_slurm_coordinator_matches_jax_autodetection(monkeypatch):
 @pytest.mark.parametrize(
     ("extra", "args", "message"),
     [
-        ({"SLURM_NTASKS": "12", "SLURM_NTASKS_PER_NODE": "3"}, TRAIN_ARGS, "use 1 (per node) or 8 (per GPU)"),
+        (
+            {"SLURM_NTASKS": "12", "SLURM_NTASKS_PER_NODE": "3"},
+            TRAIN_ARGS,
+            "use 1 (per node) or 8 (per GPU)",
+        ),
         ({}, ["--config", "tiny", "--workdir", "/tmp/run"], "is node-local"),
         ({}, ["--config", "tiny"], "pass --workdir DIR on a shared file system"),
         ({"SLURM_GPUS_ON_NODE": "0"}, TRAIN_ARGS, "no GPUs allocated"),
@@ -353,7 +367,10 @@ def test_tpu_dry_run_run_prints_every_gcloud_command():
     for c in gcloud[2:]:
         assert "--worker=all" in c
     setup, train = (_flag(c, "--command") for c in gcloud[3:])
-    assert "uv python install 3.11" in setup and "TAGJAX_EXTRAS=tpu bash launch/setup.sh --no-apt" in setup
+    assert (
+        "uv python install 3.11" in setup
+        and "TAGJAX_EXTRAS=tpu bash launch/setup.sh --no-apt" in setup
+    )
     # The remote command line, parsed as the workers' shell will: tagjax train with the arguments intact.
     words = shlex.split(train.replace(";", " ; "))
     start = words.index(".venv/bin/tagjax")
@@ -363,7 +380,11 @@ def test_tpu_dry_run_run_prints_every_gcloud_command():
 
 @pytest.mark.parametrize(
     ("accelerator", "version"),
-    [("v4-32", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v6e-64", "v2-alpha-tpuv6e")],
+    [
+        ("v4-32", "tpu-ubuntu2204-base"),
+        ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+        ("v6e-64", "v2-alpha-tpuv6e"),
+    ],
 )
 def test_tpu_runtime_version_follows_the_accelerator(accelerator, version):
     result = _tpu(["create"], ACCELERATOR=accelerator)
@@ -443,7 +464,13 @@ def test_tpu_run_recreates_a_preempted_slice_and_resumes(fake_gcloud):
     assert result.returncode == 0, result.stderr
     # Each preemption: delete the suspended queued resource, request a new slice, reinstall, train again
     # with the same arguments (the trainer resumes from the gs:// workdir).
-    assert _calls(tmp) == ["create", "scp", "setup", "train"] + 2 * ["delete", "create", "scp", "setup", "train"]
+    assert _calls(tmp) == ["create", "scp", "setup", "train"] + 2 * [
+        "delete",
+        "create",
+        "scp",
+        "setup",
+        "train",
+    ]
     assert "preemption 2" in result.stderr
     assert "training finished" in result.stderr
     trains = [line for line in (tmp / "calls").read_text().splitlines() if "tagjax train" in line]
@@ -463,3 +490,55 @@ def test_tpu_run_gives_up_after_max_preemptions(fake_gcloud):
     result = _tpu(["run", *TPU_ARGS], **env, PREEMPT_TIMES="9", MAX_PREEMPTIONS="1")
     assert result.returncode == 2
     assert "gave up after 1 preemptions" in result.stderr
+
+
+FAKE_CURL = """#!/usr/bin/env bash
+# The TPU VM metadata server, as the workers' curl sees it.
+case "${@: -1}" in
+  */worker-network-endpoints) printf %s "$ENDPOINTS" ;;
+  */agent-worker-number) printf %s "$WORKER" ;;
+  *) exit 22 ;;
+esac
+"""
+FAKE_WORKER_TAGJAX = """#!/usr/bin/env bash
+echo "coordinator=${JAX_COORDINATOR_ADDRESS:-none} n=${JAX_NUM_PROCESSES:-none} id=${JAX_PROCESS_ID:-none}"
+echo "args=$*"
+exit "${EXIT:-0}"
+"""
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "worker", "expected"),
+    [
+        ("10.0.0.5,10.0.0.6,10.0.0.7,10.0.0.8", "2", "coordinator=10.0.0.5:8476 n=4 id=2"),
+        ("w-0:0:10.1.0.9,w-1:1:10.1.0.10", "1", "coordinator=10.1.0.9:8476 n=2 id=1"),
+        ("10.0.0.5", "0", "coordinator=none n=none id=none"),  # one host: a single-process run
+    ],
+)
+def test_tpu_worker_command_joins_the_cluster_and_runs_the_trainer(
+    tmp_path, endpoints, worker, expected
+):
+    """Runs the exact --command that `train` sends to every worker, on a fake worker (home directory with
+    the checkout's .venv/bin/tagjax, a curl answering like the metadata server)."""
+    (cmd,) = [c for c in _commands(_tpu(["train", *TPU_ARGS]).stdout) if "tpu-vm" in c]
+    remote = _flag(cmd, "--command")
+    home = tmp_path / "home"
+    (home / "tagjax/.venv/bin").mkdir(parents=True)
+    _executable(home / "tagjax/.venv/bin/tagjax", FAKE_WORKER_TAGJAX)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "curl", FAKE_CURL)
+    env = _env(
+        HOME=str(home), ENDPOINTS=endpoints, WORKER=worker, PATH=f"{bin_dir}:{os.environ['PATH']}"
+    )
+    result = subprocess.run(
+        ["bash", "-c", remote], env=env, cwd=home, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [expected, "args=train " + " ".join(TPU_ARGS)]
+    assert (home / "tagjax-train.log").read_text() == result.stdout  # the log kept on each worker
+    assert int((home / "tagjax-train.pid").read_text()) > 0  # what `stop` kills
+    failed = subprocess.run(
+        ["bash", "-c", remote], env={**env, "EXIT": "5"}, cwd=home, capture_output=True, timeout=30
+    )
+    assert failed.returncode == 5  # a failure reaches gcloud, hence `run`'s preemption check

@@ -62,7 +62,7 @@ except wordnet.WordNetNotFoundError as e:
 
 def test_rejects_a_directory_that_is_not_wordnet(tmp_path):
     (tmp_path / "junk").mkdir()
-    with pytest.raises(wordnet.WordNetNotFoundError, match="not a WordNet 3.0 dict directory"):
+    with pytest.raises(wordnet.WordNetNotFoundError, match=r"not a WordNet 3\.0 dict directory"):
         wordnet.prepare_copy(tmp_path / "junk", tmp_path / "nltk_data")
 
 

@@ -1,0 +1,45 @@
+"""IG-3.5B-17k, ResNeXt-101 32x16d: one of the paper's pretraining settings (Mahajan et al., 2018).
+
+Model ``resnext101_32x16d`` (~228M parameters, 34.8M of them the 17k head), trained with the paper's
+recipe (configs/default.py; values marked [R] there are recalled, not re-read): softmax
+cross-entropy against 1/k on the k hashtags of each image, square-root hashtag resampling, SGD
+momentum 0.9, weight decay 1e-4 (not on BN / biases), batch 8,064, rate 0.1 per 256 images (peak
+3.15) after a linear warm-up, halved at equally spaced points; batch-norm statistics per group of 24
+images; bf16 compute, float32 parameters; 3,500,000,000 images seen (one pass over IG-3.5B [R]).
+
+Data: a dataset built with ``tagjax build`` over the vocabulary of
+``tagjax vocab build --mode nouns --top-k 17000`` (hashtags that are synonyms in any WordNet noun
+synset, 17k labels). Run on N accelerators (``:N`` lays out the 8,064 batch in micro-batches and BN
+groups; N must divide 8,064; see configs/_paper.py)::
+
+    # one 8-GPU machine
+    tagjax train --config configs/ig3b5_17k_32x16d.py:8 --workdir /runs/ig3b5_17k_32x16d \
+        --config.data.dataset=/data/ig3b5_17k
+    # SLURM, 42 nodes x 8 GPUs
+    sbatch --nodes=42 launch/slurm_gpu.sbatch --config configs/ig3b5_17k_32x16d.py:336 \
+        --workdir /shared/runs/ig3b5_17k_32x16d --config.data.dataset=/shared/data/ig3b5_17k
+    # Cloud TPU v5p-128 (64 chips)
+    TPU_NAME=wsl ZONE=us-east5-a ACCELERATOR=v5p-128 bash launch/tpu_pod.sh run \
+        --config configs/ig3b5_17k_32x16d.py:64 --workdir gs://BUCKET/runs/ig3b5_17k_32x16d \
+        --config.data.dataset=/data/ig3b5_17k
+
+On 336 devices the layout is 1 micro-batch of 24 images per device, BN groups of 24.
+
+Compute: 217 GFLOP per training image at 224 px (3 x the analytic forward FLOPs), 7.6e+20 FLOP in
+all. At 10% MFU on H100 (989 TFLOP/s bf16 dense; about the 1,000 img/s per H100 that the ResNeXt-101
+32x8d benchmark targets) that is ~2,135 H100-hours: ~0.3 days on 336 H100s. Measure the real rate
+with benchmarks/train_throughput.py before booking. For scale, the paper trained on 336 GPUs, and
+32x16d on IG-3.5B took ~22 days. No weights of this setting were released.
+"""
+
+from configs import _paper
+
+
+def get_config(arg=None):
+    return _paper.paper_config(
+        "resnext101_32x16d",
+        arg,
+        vocabulary="nouns",
+        total_images=3_500_000_000,
+        eval_every_images=100_000_000,
+    )
