@@ -482,10 +482,15 @@ class _Window:
         for key, value in metrics.items():
             if key != "nonfinite":
                 self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.last_lr = float(metrics["lr"])
         self.steps += 1
 
     def means(self) -> dict[str, float]:
-        return {key: value / max(self.steps, 1) for key, value in self.sums.items()}
+        """Window means; ``lr`` is the rate of the window's last step (what the run is at now)."""
+        out = {key: value / max(self.steps, 1) for key, value in self.sums.items()}
+        if self.steps:
+            out["lr"] = self.last_lr
+        return out
 
 
 def _format_duration(seconds: float) -> str:

@@ -31,14 +31,31 @@ def model_config(**overrides):
 
 
 def init(model, seed=0):
-    """Variables of ``model``; initialization only depends on the architecture, the head and zero-init.
-
-    Every test initializes through this one canonical form, so the (slow on XLA:CPU) compilation of the
-    random initializers is shared through the persistent compilation cache.
-    """
+    """``model.init`` in one canonical form (initialization does not depend on dtype, conv mode, remat
+    or BN grouping), so its compilation (slow on XLA:CPU: the random initializers) is shared through the
+    persistent compilation cache."""
     canonical = model.clone(dtype=jnp.float32, grouped_conv="xla", remat=False, bn_group_size=0)
     x = jnp.zeros((1, 32, 32, 3), jnp.float32)
     return jax.jit(lambda r: canonical.init(r, x, train=False))(jax.random.key(seed))
+
+
+def random_variables(model, seed=0):
+    """Random variables of the right shapes without compiling an initializer: He-scaled kernels and
+    batch-norm scales, biases and running statistics away from their defaults (so every layer matters)."""
+    shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 32, 32, 3))), jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = path[-1].key
+        if name == "kernel":
+            return rng.standard_normal(s.shape).astype(np.float32) * np.sqrt(
+                2.0 / np.prod(s.shape[:-1])
+            )
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
+        return rng.uniform(-0.2, 0.2, s.shape).astype(np.float32)  # bias, mean
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def apply(model, variables, x, train=False, **kw):
@@ -141,16 +158,15 @@ def test_tiny_forward_shapes_dtypes_and_features():
 
 
 def test_zero_init_last_bn_gamma():
-    for zero in (True, False):
-        model = models.create(model_config(zero_init_last_bn=zero), 5)
-        params = init(model, 0)["params"]
-        blocks = [k for k in params if k.startswith("layer")]
-        assert len(blocks) == 2
-        for k in blocks:
-            expected = 0.0 if zero else 1.0
-            np.testing.assert_array_equal(params[k]["bn3"]["scale"], expected)
-            np.testing.assert_array_equal(params[k]["bn2"]["scale"], 1.0)
-            np.testing.assert_array_equal(params[k]["downsample_bn"]["scale"], 1.0)
+    model = models.create(model_config(zero_init_last_bn=True), 5)
+    variables = init(model, 0)
+    params = variables["params"]
+    blocks = [k for k in params if k.startswith("layer")]
+    assert len(blocks) == 2
+    for k in blocks:
+        np.testing.assert_array_equal(params[k]["bn3"]["scale"], 0.0)
+        np.testing.assert_array_equal(params[k]["bn2"]["scale"], 1.0)
+        np.testing.assert_array_equal(params[k]["downsample_bn"]["scale"], 1.0)
 
 
 def _loss_and_grads(model, variables, x):
@@ -171,7 +187,7 @@ def test_grouped_and_block_diagonal_convs_agree():
     # No zero-init so every conv influences the output and receives a gradient.
     xla = models.create(model_config(zero_init_last_bn=False), 5)
     block = models.create(model_config(zero_init_last_bn=False, grouped_conv="block_diagonal"), 5)
-    variables = init(xla, 1)
+    variables = random_variables(xla, 1)
     # The same variables drive both modes: the stored kernels are identical.
     block_shapes = jax.eval_shape(lambda r: block.init(r, x), jax.random.key(1))
     assert jax.tree.map(jnp.shape, block_shapes) == jax.tree.map(jnp.shape, variables)
@@ -193,7 +209,7 @@ def test_remat_changes_nothing_numerically():
     x = images(4)
     plain = models.create(model_config(zero_init_last_bn=False), 5)
     remat = models.create(model_config(zero_init_last_bn=False, remat=True), 5)
-    variables = init(plain, 2)
+    variables = random_variables(plain, 2)
     (l1, g1), (l2, g2) = _loss_and_grads(plain, variables, x), _loss_and_grads(remat, variables, x)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
@@ -204,7 +220,7 @@ def test_bn_group_equal_to_batch_is_global_bn():
     x = images(8)
     glob = models.create(model_config(bn_group_size=0, zero_init_last_bn=False), 5)
     grouped = models.create(model_config(bn_group_size=8, zero_init_last_bn=False), 5)
-    variables = init(glob, 3)
+    variables = random_variables(glob, 3)
     out_g, upd_g = apply(glob, variables, x, train=True)
     out_n, upd_n = apply(grouped, variables, x, train=True)
     np.testing.assert_allclose(out_g, out_n, rtol=1e-6, atol=1e-6)
@@ -217,7 +233,7 @@ def test_bn_groups_are_independent_and_running_stats_average_them():
     x = images(8)
     glob = models.create(model_config(bn_group_size=0, zero_init_last_bn=False), 5)
     grouped = models.create(model_config(bn_group_size=4, zero_init_last_bn=False), 5)
-    variables = init(glob, 4)
+    variables = random_variables(glob, 4)
     out, upd = apply(grouped, variables, x, train=True)
     out_a, upd_a = apply(glob, variables, x[:4], train=True)
     out_b, upd_b = apply(glob, variables, x[4:], train=True)
@@ -235,7 +251,7 @@ def test_bn_groups_are_independent_and_running_stats_average_them():
 def test_eval_mode_uses_running_statistics():
     x = images(4)
     model = models.create(model_config(zero_init_last_bn=False), 5)
-    variables = init(model, 5)
+    variables = random_variables(model, 5)
     # Eval output does not depend on the other images of the batch.
     full = apply(model, variables, x)
     single = apply(model, variables, x[:1])

@@ -255,3 +255,40 @@ def test_distributed_start_is_detected_from_the_environment(monkeypatch):
     assert sharding._distributed_environment() == "JAX_COORDINATOR_ADDRESS"
     with pytest.raises(UserError, match="JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
         sharding.maybe_initialize_distributed()
+
+
+PAPER_CONFIGS = [
+    "ig940m_1k5_32x8d",
+    "ig940m_1k5_32x16d",
+    "ig940m_1k5_32x32d",
+    "ig940m_1k5_32x48d",
+    "ig3b5_17k_32x16d",
+]
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_lay_out_the_8064_batch(name, caplog):
+    from tagjax import config as config_lib
+
+    paper = config_lib.load(name)  # no ARG: the paper's 336 x 24 layout
+    assert paper.train.batch_size == 8064 and paper.model.bn_group_size == 24
+    assert paper.train.grad_accum_steps == 1 and paper.model.dtype == "bfloat16"
+    assert paper.optim.base_lr * 8064 / paper.optim.lr_reference_batch == pytest.approx(3.15)
+    cfg = config_lib.load(f"{name}:8")
+    per_device_micro = 8064 // 8 // cfg.train.grad_accum_steps
+    assert per_device_micro % cfg.model.bn_group_size == 0  # no BN group spans two devices
+    mesh = sharding.create_mesh(cfg.mesh)
+    with caplog.at_level("WARNING"):
+        train.validate_batch_layout(cfg, mesh)
+    assert "span devices" not in caplog.text
+    with pytest.raises(UserError, match="divide the batch"):
+        config_lib.load(f"{name}:5")
+
+
+@pytest.mark.parametrize("name", ["small_cpu", "bench_gpu", "bench_gpu:resnext101_32x8d"])
+def test_other_configs_load_and_validate(name):
+    from tagjax import config as config_lib
+
+    cfg = config_lib.load(name)
+    train.validate_batch_layout(cfg, sharding.create_mesh(cfg.mesh))
+    assert models.get_spec(cfg.model.name)
