@@ -59,10 +59,16 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if a.startswith("--config.")]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="tiny", help="config file or name in configs/ (default tiny)")
+    parser.add_argument(
+        "--config", default="tiny", help="config file or name in configs/ (default tiny)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the compiling one")
-    parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps after the compiling one"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed windows; the median is reported"
+    )
     parser.add_argument("--num-classes", type=int, default=0, help="head size (default: 1000 for full-size "
                         "models, the synthetic task's label count for test models)")  # fmt: skip
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
@@ -73,7 +79,9 @@ def main(argv=None) -> int:
     mesh = sharding.create_mesh(cfg.mesh)
     train.validate_batch_layout(cfg, mesh)
     name = str(cfg.model.name)
-    num_classes = args.num_classes or (1000 if not name.startswith(("tiny", "small")) else int(cfg.data.synthetic_num_labels))
+    num_classes = args.num_classes or (
+        1000 if not name.startswith(("tiny", "small")) else int(cfg.data.synthetic_num_labels)
+    )
     model = models.create(cfg.model, num_classes)
 
     t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Hashtag-prediction metrics, and ``tagjax evaluate`` (a checkpoint on held-out shards).
+"""Hashtag-prediction metrics, and ``tagjax evaluate`` (a checkpoint on held-out shards, or a classifier
+checkpoint on a downstream dataset).
 
 The metrics are functions of accumulated arrays, so the trainer's periodic evaluation, this command and a
 notebook compute the same numbers::
@@ -36,11 +37,21 @@ Definitions (every choice below is deliberate and tested against hand-computed v
   bucket / top-k predictions that fall in the bucket; recall@k = true bucket labels found in the top k /
   true bucket labels. Bucket precision and recall are micro-averages (pooled over images), because many
   images have no label (or no prediction) in a given bucket.
+
+**Classification** (``tagjax evaluate --dataset imagenet2012`` or any other downstream dataset of
+tagjax.downstream): a checkpoint whose head is a classifier (an ImageNet-1k import from ``tagjax
+import-weights``, or a ``tagjax transfer --mode finetune`` checkpoint) is scored by top-1 / top-5 over its
+*own* outputs, at its own evaluation preprocessing (shorter side to ``data.eval_resize``, center crop
+``data.eval_image_size``, ``data.mean`` / ``data.std``). Dataset labels are mapped onto the checkpoint's
+outputs by name (:func:`map_classes`): by wnid when the checkpoint lists ``class_wnids`` (the ImageNet-1k
+imports), else by ``class_names``; a dataset class the head does not predict is refused, and outputs the
+dataset lacks stay in the ranking (predicting one is an error, as it would be in use).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -443,6 +454,7 @@ def _default_output(step_dir: Path, dataset: str, split: str, step: int) -> Path
 
 def evaluate_checkpoint(checkpoint_path: str | Path, dataset: str, split: str = "heldout", *,
                         max_images: int = 0, batch_size: int = 256, image_size: int | None = None,
+                        resize: int | None = None,
                         ks: Sequence[int] = DEFAULT_KS, bucket_fractions: Sequence[float] = DEFAULT_BUCKET_FRACTIONS,
                         progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Hashtag metrics of a checkpoint on one split of a built dataset (``"synthetic"``: the synthetic task
@@ -452,7 +464,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path, dataset: str, split: str = 
     from tagjax import input_pipeline
     from tagjax.predict import Inference
 
-    inference = Inference(checkpoint_path, head=True, image_size=image_size)
+    inference = Inference(checkpoint_path, head=True, image_size=image_size, resize=resize)
     config = inference.config
     synthetic = dataset == "synthetic"
     with config.unlocked():
@@ -503,29 +515,253 @@ def evaluate_checkpoint(checkpoint_path: str | Path, dataset: str, split: str = 
     return metrics
 
 
+# ----------------------------------------------------------------------------------------------------
+# tagjax evaluate on a downstream dataset: classifier checkpoints, top-k accuracy.
+# ----------------------------------------------------------------------------------------------------
+
+# --split names of a downstream dataset -> tagjax.downstream's split. "test" is the dataset's labelled
+# evaluation split (ImageNet's and Places365's "validation", a folder's test/, val/ or validation/).
+CLASSIFICATION_SPLITS = {"train": "train", "test": "test", "validation": "test", "val": "test"}
+DEFAULT_MAX_BAD_FRACTION = 0.001  # unreadable images tolerated before the pass fails (as tagjax embed)
+
+
+def is_hashtag_dataset(dataset: str) -> bool:
+    """``synthetic`` or a directory built by ``tagjax build`` (it has dataset.json); anything else is a
+    downstream dataset name or a class-per-folder directory (tagjax.downstream)."""
+    from tagjax import records
+
+    return dataset == "synthetic" or (Path(dataset).expanduser() / records.MANIFEST).is_file()
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassMapping:
+    """Which checkpoint output each dataset label is: ``to_checkpoint[label]``."""
+
+    to_checkpoint: np.ndarray  # int32 [dataset classes]
+    num_outputs: int  # classes of the checkpoint's head
+    by: str  # "wnid" (metadata class_wnids) or "name" (class_names)
+
+    @property
+    def identity(self) -> bool:
+        """Same classes in the same order: dataset labels are output ids as they are."""
+        n = len(self.to_checkpoint)
+        return n == self.num_outputs and bool((self.to_checkpoint == np.arange(n)).all())
+
+    @property
+    def outputs_outside_dataset(self) -> int:
+        """Outputs no dataset class maps to (they still compete in the top-k)."""
+        return self.num_outputs - len(np.unique(self.to_checkpoint))
+
+
+def map_classes(meta: Mapping[str, Any], num_outputs: int, dataset_classes: Sequence[str],
+                dataset: str = "the dataset") -> ClassMapping:  # fmt: skip
+    """Places each of a dataset's classes (by name) on a classifier checkpoint's outputs, from its metadata.
+
+    Tried in order: ``class_wnids`` (ImageNet-1k imports; TFDS's imagenet2012 names its classes by wnid,
+    labels.txt order, and so do ImageNet class folders), then ``class_names`` (a fine-tuned checkpoint stores
+    its training dataset's class names; an import with ``--classes`` its file's). The first list that names
+    every dataset class wins; matching is by name, never by position, so a dataset listing the same classes
+    in another order is remapped rather than silently misread. Raises UserError naming the classes no list
+    places (or a name the checkpoint lists twice, which would be ambiguous).
+    """
+    lists = [(by, meta[key]) for by, key in (("wnid", "class_wnids"), ("name", "class_names")) if meta.get(key)]
+    if not lists:
+        what = ("a hashtag model (its head predicts a hashtag vocabulary)" if meta.get("vocab_fingerprint")
+                else f"a {num_outputs}-way head without class names in its metadata")  # fmt: skip
+        raise UserError(
+            f"the checkpoint is {what}, so its outputs cannot be matched to the classes of {dataset}: evaluate a "
+            "classifier (an ImageNet-1k checkpoint from `tagjax import-weights`, or one from `tagjax transfer "
+            "--mode finetune`), or a hashtag model on a dataset built by `tagjax build`."
+        )
+    best = None
+    for by, names in lists:
+        names = [str(n) for n in names]
+        if len(names) != num_outputs:
+            raise UserError(
+                f"the checkpoint's metadata lists {len(names)} classes (by {by}) for its {num_outputs}-way head, "
+                "so it is damaged: import or fine-tune it again."
+            )
+        position: dict[str, int] = {}
+        repeated = set()
+        for i, name in enumerate(names):
+            if name in position:
+                repeated.add(name)
+            position.setdefault(name, i)
+        missing = [c for c in dataset_classes if c not in position or c in repeated]
+        if not missing:
+            return ClassMapping(np.asarray([position[c] for c in dataset_classes], np.int32), int(num_outputs), by)
+        if best is None or len(missing) < len(best[1]):
+            best = (by, missing, repeated)
+    by, missing, repeated = best
+    twice = " or named twice" if any(c in repeated for c in missing) else ""
+    raise UserError(
+        f"{len(missing):,} of the {len(dataset_classes):,} classes of {dataset} are not among the checkpoint's "
+        f"{num_outputs:,} outputs{twice} (matched by {by}), e.g. {', '.join(repr(c) for c in missing[:3])}: "
+        "evaluate a checkpoint whose head predicts this dataset's classes."
+    )
+
+
+def evaluate_classification(checkpoint_path: str | Path, dataset: str, split: str = "test", *,
+                            data_dir: str | None = None, max_images: int = 0, batch_size: int = 256,
+                            image_size: int | None = None, resize: int | None = None,
+                            ks: Sequence[int] = DEFAULT_KS, num_threads: int | None = None,
+                            max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+                            progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Top-k accuracy of a classifier checkpoint on one split of a downstream dataset (module docstring).
+
+    ``dataset``: a tagjax.downstream name (imagenet2012, emoji_subgroups, ...) or a class-per-folder
+    directory; ``split``: "test" (or "validation" / "val": the dataset's labelled evaluation split) or
+    "train". Preprocessing is the checkpoint's (``image_size`` / ``resize`` override it, as in
+    ``tagjax predict``). Unreadable images are skipped and counted; past ``max_bad_fraction`` it fails.
+    Returns fractions ``top1``, ``top5``, ... plus where they came from and how classes were matched.
+    """
+    from tqdm import tqdm
+
+    from tagjax import augment, downstream
+    from tagjax.predict import DEFAULT_THREADS, BadImageCounter, Inference, image_batches
+
+    if split not in CLASSIFICATION_SPLITS:
+        raise UserError(f"split {split!r}: a downstream dataset has 'train' and 'test' (also called 'validation').")
+    ds = downstream.open_split(dataset, CLASSIFICATION_SPLITS[split], data_dir)
+    inference = Inference(checkpoint_path, head=True, image_size=image_size, resize=resize)
+    if "fc" not in inference.variables["params"]:
+        raise UserError(f"{inference.path} has no classifier head (imported with --no-head?); evaluate a checkpoint "
+                        "with one, or measure its features with `tagjax transfer --mode linear`.")  # fmt: skip
+    mapping = map_classes(inference.meta, inference.num_classes, ds.class_names, ds.name)
+    num = len(ds.source) if max_images <= 0 else min(max_images, len(ds.source))
+    tf = inference.transform
+    kmax = min(max(ks), inference.num_classes)
+
+    def load(i: int):
+        ex = ds.source[i]
+        return ex["image"], int(ex["label"])
+
+    counter = BadImageCounter(max_bad_fraction, f"{ds.name} ({split})")
+    hits, labels = [], []
+    start = time.perf_counter()
+    bar = tqdm(total=num, unit="img", desc=f"evaluate {ds.name} {split}", disable=not progress)
+    for batch in image_batches(load, range(num), preprocess=lambda image, out: augment.eval_image(image, out, tf),
+                               size=tf.size, batch_size=batch_size, num_threads=num_threads or DEFAULT_THREADS):
+        # Every row goes through top-k (one compiled shape per batch size); unreadable rows are dropped after.
+        y = np.asarray([e if ok else 0 for e, ok in zip(batch.extras, batch.valid)], np.int64)
+        target = np.where(batch.valid, mapping.to_checkpoint[y], -1).astype(np.int32)
+        _, h = topk_predictions(inference.logits(batch.images), target[:, None], kmax)
+        hits.append(h[batch.valid])
+        labels.append(y[batch.valid])
+        counter.add(batch)
+        bar.update(len(batch.indices))
+    bar.close()
+    counter.check(final=True)
+    hits = np.concatenate(hits) if hits else np.zeros((0, kmax), bool)
+    metrics: dict[str, Any] = {
+        f"top{k}": float(hits[:, : min(k, kmax)].any(axis=1).mean()) if len(hits) else float("nan") for k in ks
+    }
+    metrics.update({
+        "task": "classification",
+        "num_images": len(hits),
+        "bad_images": int(counter.bad),
+        "num_classes": int(ds.num_classes),
+        "checkpoint_outputs": int(mapping.num_outputs),
+        "class_mapping": {"by": mapping.by, "same_order": mapping.identity,
+                          "outputs_outside_dataset": mapping.outputs_outside_dataset},
+        "checkpoint": inference.path,
+        "step": inference.meta.get("step"),
+        "images_seen": inference.meta.get("images_seen"),
+        "dataset": ds.name,
+        "split": split,
+        "image_size": int(tf.size),
+        "resize": int(tf.resize),
+        "mean": [float(x) for x in inference.mean],
+        "std": [float(x) for x in inference.std],
+        "seconds": round(time.perf_counter() - start, 2),
+    })  # fmt: skip
+    return metrics
+
+
+def format_classification_table(metrics: Mapping[str, Any], ks: Sequence[int] = DEFAULT_KS, title: str = "") -> str:
+    """A readable table of :func:`evaluate_classification` output (percentages)."""
+    m = metrics["class_mapping"]
+    mapping = f"matched by {m['by']}, {'same order' if m['same_order'] else 'remapped'}"
+    if m["outputs_outside_dataset"]:
+        mapping += f", {m['outputs_outside_dataset']:,} of the checkpoint's outputs not in the dataset"
+    lines = [title] if title else []
+    lines.append(
+        f"{metrics['num_images']:,} images, {metrics['num_classes']:,} classes ({mapping}); "
+        f"resize {metrics['resize']}, center crop {metrics['image_size']}"
+    )
+    header = f"{'':10s}" + "".join(f"{f'top-{k}':>7s}" for k in ks)
+    lines += [header, "-" * len(header), f"{'accuracy':10s}" + "".join(f"{_pct(metrics[f'top{k}']):>7s}" for k in ks)]
+    lines.append(
+        f"(percent of images whose class is among the checkpoint's k highest outputs; "
+        f"{metrics['bad_images']:,} unreadable images skipped)"
+    )
+    return "\n".join(lines)
+
+
+def _classification_output(step_dir: Path, dataset: str, split: str, step: int) -> Path:
+    """WORKDIR/eval/<dataset>-<split>-step<N>.json for a workdir's checkpoint; beside a standalone
+    (imported) checkpoint directory, eval/<checkpoint>-<dataset>-<split>.json, so two imports never collide."""
+    path = Path(dataset).expanduser()
+    name = path.name if path.is_dir() else dataset
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    if step_dir.parent.name == "checkpoints":
+        return step_dir.parent.parent / "eval" / f"{name}-{split}-step{step}.json"
+    return step_dir.parent / "eval" / f"{step_dir.name}-{name}-{split}.json"
+
+
+def run_classification(args) -> int:
+    """``tagjax evaluate`` on a downstream dataset: writes the JSON and the table, prints the table."""
+    metrics = evaluate_classification(args.checkpoint, args.dataset, args.split or "test", data_dir=args.data_dir,
+                                      max_images=args.max_images, batch_size=args.batch_size,
+                                      image_size=args.image_size, resize=args.resize)  # fmt: skip
+    step = int(metrics.get("step") or 0)
+    out = Path(args.output) if args.output else _classification_output(Path(metrics["checkpoint"]), args.dataset,
+                                                                        metrics["split"], step)  # fmt: skip
+    table = format_classification_table(
+        metrics, title=f"{metrics['checkpoint']} on {metrics['dataset']} ({metrics['split']}), step {step:,}"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(to_json(metrics), indent=1) + "\n")
+    out.with_suffix(".txt").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out} and {out.with_suffix('.txt')}")
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a training workdir (newest checkpoint), its "
                         "checkpoints/ folder, or one checkpoint directory")
     parser.add_argument("--dataset", required=True, help="a dataset built by `tagjax build` (its vocabulary must "
-                        "be the checkpoint's), or 'synthetic' for the checkpoint config's synthetic task")
-    parser.add_argument("--split", default="heldout", help="split to evaluate (default heldout)")
+                        "be the checkpoint's), 'synthetic' for the checkpoint config's synthetic task, or, for a "
+                        "classifier checkpoint (ImageNet import, fine-tuned), a downstream dataset (imagenet2012, "
+                        "emoji_subgroups, any prepared TFDS name) or class-per-folder directory: top-1/top-5")
+    parser.add_argument("--split", default=None, help="split to evaluate (default heldout for built datasets; "
+                        "test for downstream ones, where validation and val name the same split)")
+    parser.add_argument("--data-dir", default=None, help="TFDS data directory of a downstream dataset "
+                        "(default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     parser.add_argument("--max-images", type=int, default=0, help="evaluate the first N images (0 = all)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--image-size", type=int, default=None, help="center-crop side (default: the checkpoint's "
                         "data.eval_image_size)")
+    parser.add_argument("--resize", type=int, default=None, help="shorter side before the crop (default: the "
+                        "checkpoint's data.eval_resize, scaled with --image-size)")
     parser.add_argument("--output", default=None, help="JSON file to write (default: WORKDIR/eval/"
-                        "<dataset>-<split>-step<N>.json); the table is written beside it as .txt")
+                        "<dataset>-<split>-step<N>.json, or eval/<checkpoint>-<dataset>-<split>.json beside a "
+                        "standalone checkpoint directory); the table is written beside it as .txt")
 
 
 def run(args) -> int:
     if args.batch_size < 1 or args.max_images < 0:
         raise UserError("--batch-size must be at least 1 and --max-images at least 0.")
-    metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.split, max_images=args.max_images,
-                                  batch_size=args.batch_size, image_size=args.image_size)
+    if not is_hashtag_dataset(args.dataset):
+        return run_classification(args)
+    split = args.split or "heldout"
+    metrics = evaluate_checkpoint(args.checkpoint, args.dataset, split, max_images=args.max_images,
+                                  batch_size=args.batch_size, image_size=args.image_size, resize=args.resize)
     step = int(metrics.get("step") or 0)
     out = Path(args.output) if args.output else _default_output(Path(metrics["checkpoint"]), args.dataset,
-                                                                 args.split, step)
-    table = format_table(metrics, title=f"{metrics['checkpoint']} on {args.dataset} ({args.split}), step {step:,}")
+                                                                 split, step)
+    table = format_table(metrics, title=f"{metrics['checkpoint']} on {args.dataset} ({split}), step {step:,}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(to_json(metrics), indent=1) + "\n")
     out.with_suffix(".txt").write_text(table + "\n")

@@ -59,7 +59,9 @@ def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     logits = logits.astype(jnp.float32)
     picked, mask = _label_logits(logits, labels)
     # BCE(z, y) = softplus(z) - y * z: the softplus part covers every class, the y part only the labels.
-    loss = jnp.sum(jax.nn.softplus(logits), axis=-1) - jnp.sum(jnp.where(mask, picked, 0.0), axis=-1)
+    loss = jnp.sum(jax.nn.softplus(logits), axis=-1) - jnp.sum(
+        jnp.where(mask, picked, 0.0), axis=-1
+    )
     return jnp.where(jnp.any(mask, axis=-1), loss, 0.0)
 
 

@@ -53,7 +53,9 @@ def read_metrics(workdir: str | Path, split: str | None = None) -> list[dict]:
 def _jsonable(value):
     value = float(value) if not isinstance(value, int | str | bool) else value
     if isinstance(value, float) and not math.isfinite(value):
-        return None  # strict JSON has no NaN/Inf (e.g. precision@1 of a bucket no prediction fell in)
+        return (
+            None  # strict JSON has no NaN/Inf (e.g. precision@1 of a bucket no prediction fell in)
+        )
     return value
 
 
@@ -65,7 +67,9 @@ def _tb_tag(name: str) -> str:
 class MetricWriter:
     """Appends metric rows to the JSONL log and TensorBoard. A no-op when ``enabled`` is False."""
 
-    def __init__(self, workdir: str | Path, *, enabled: bool = True, resume_step: int | None = None):
+    def __init__(
+        self, workdir: str | Path, *, enabled: bool = True, resume_step: int | None = None
+    ):
         self.enabled = enabled
         self.path = as_path(workdir) / METRICS_FILE
         self._remote = is_remote(workdir)
@@ -80,7 +84,9 @@ class MetricWriter:
         if resume_step is not None and kept:
             kept = [r for r in kept if int(r.get("step", 0)) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            resume_images = max((int(r["images_seen"]) for r in kept if "images_seen" in r), default=0)
+            resume_images = max(
+                (int(r["images_seen"]) for r in kept if "images_seen" in r), default=0
+            )
         from tensorboardX import SummaryWriter
 
         # purge_step drops events logged past the restored point by the interrupted run.
@@ -92,20 +98,33 @@ class MetricWriter:
         if self._remote:
             self._rows = kept
         else:
-            self._file = self.path.open("a", buffering=1)  # line-buffered: a killed run keeps its lines
+            self._file = self.path.open(
+                "a", buffering=1
+            )  # line-buffered: a killed run keeps its lines
 
     def write(self, split: str, step: int, images_seen: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        row = {"split": split, "step": int(step), "images_seen": int(images_seen), "time": round(time.time(), 3)}
+        row = {
+            "split": split,
+            "step": int(step),
+            "images_seen": int(images_seen),
+            "time": round(time.time(), 3),
+        }
         row.update({k: _jsonable(v) for k, v in metrics.items()})
         if self._remote:
             self._rows.append(row)
         else:
             self._file.write(json.dumps(row) + "\n")
         for key, value in metrics.items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-                self._tb.add_scalar(_tb_tag(f"{split}/{key}"), float(value), global_step=int(images_seen))
+            if (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            ):
+                self._tb.add_scalar(
+                    _tb_tag(f"{split}/{key}"), float(value), global_step=int(images_seen)
+                )
 
     def write_text(self, tag: str, text: str) -> None:
         """A text panel in TensorBoard (the resolved config, the command line)."""

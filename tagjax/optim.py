@@ -54,10 +54,14 @@ class Schedule:
 
     def __init__(self, optim_config, batch_size: int, total_images: int):
         if batch_size <= 0:
-            raise UserError(f"config.train.batch_size={batch_size}: use a positive number of images.")
+            raise UserError(
+                f"config.train.batch_size={batch_size}: use a positive number of images."
+            )
         self.kind = str(optim_config.schedule)
         if self.kind not in SCHEDULES:
-            raise UserError(f"config.optim.schedule={self.kind!r}: choose one of {', '.join(SCHEDULES)}.")
+            raise UserError(
+                f"config.optim.schedule={self.kind!r}: choose one of {', '.join(SCHEDULES)}."
+            )
         warmup_images = int(optim_config.warmup_images)
         if warmup_images < 0 or warmup_images > total_images:
             raise UserError(
@@ -140,4 +144,3 @@ def make_optimizer(
         optax.scale_by_schedule(lambda count: -schedule(count)),
     )
     return tx, schedule
-

@@ -43,7 +43,9 @@ def _distributed_environment() -> str | None:
         return "JAX_COORDINATOR_ADDRESS"
     if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_STEP_NODELIST" in os.environ:
         return "SLURM"
-    workers = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
+    workers = (
+        os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
+    )
     if len([w for w in workers.split(",") if w.strip()]) > 1:
         return "TPU"
     return None
@@ -76,7 +78,12 @@ def maybe_initialize_distributed() -> bool:
         )
     log.info("starting jax.distributed (%s)", source)
     jax.distributed.initialize(**kwargs)
-    log.info("process %d of %d, %d local devices", jax.process_index(), jax.process_count(), jax.local_device_count())
+    log.info(
+        "process %d of %d, %d local devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+    )
     return True
 
 
@@ -84,7 +91,9 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
     """(data, fsdp) sizes: ``-1`` on one axis takes all devices the other leaves."""
     data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
     if data == -1 and fsdp == -1:
-        raise UserError("config.mesh.data and config.mesh.fsdp are both -1: set at most one of them to -1.")
+        raise UserError(
+            "config.mesh.data and config.mesh.fsdp are both -1: set at most one of them to -1."
+        )
     if data == -1 or fsdp == -1:
         known = fsdp if data == -1 else data
         if known <= 0 or num_devices % known:
@@ -150,7 +159,9 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
 def tree_shardings(abstract_tree, mesh: Mesh, min_size: int):
     """A NamedSharding per leaf of a pytree of arrays / ShapeDtypeStructs, by :func:`fsdp_spec`."""
     fsdp_size = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp_size, min_size)), abstract_tree)
+    return jax.tree.map(
+        lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp_size, min_size)), abstract_tree
+    )
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:

@@ -213,7 +213,9 @@ def validate_batch_layout(config, mesh: Mesh) -> None:
     group = microbatch_group(config)
     n_dev = mesh.devices.size
     if accum < 1:
-        raise UserError(f"config.train.grad_accum_steps={accum}: use 1 or more micro-batches per step.")
+        raise UserError(
+            f"config.train.grad_accum_steps={accum}: use 1 or more micro-batches per step."
+        )
     if batch % n_dev:
         raise UserError(
             f"config.train.batch_size={batch} is not divisible by the {n_dev} devices: use a multiple of {n_dev}."
@@ -227,12 +229,19 @@ def validate_batch_layout(config, mesh: Mesh) -> None:
         log.warning(
             "batch %d / (grad_accum_steps %d x bn_group_size %d) is not a multiple of the %d devices: "
             "micro-batches or batch-norm groups span devices, which costs cross-device traffic every step.",
-            batch, accum, group, n_dev,
+            batch,
+            accum,
+            group,
+            n_dev,
         )
 
 
 def make_train_step(
-    config, model, tx: optax.GradientTransformation, schedule: optim.Schedule, mesh: Mesh | None = None
+    config,
+    model,
+    tx: optax.GradientTransformation,
+    schedule: optim.Schedule,
+    mesh: Mesh | None = None,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
     """The pure step ``(state, batch) -> (state, metrics)``; jit it with :func:`jit_train_step`.
 
@@ -246,9 +255,13 @@ def make_train_step(
     loss_name = str(config.loss)
     policy = str(config.train.nan_policy)
     if policy not in NAN_POLICIES:
-        raise UserError(f"config.train.nan_policy={policy!r}: choose one of {', '.join(NAN_POLICIES)}.")
+        raise UserError(
+            f"config.train.nan_policy={policy!r}: choose one of {', '.join(NAN_POLICIES)}."
+        )
     dtype = _compute_dtype(config)
-    losses.per_image_loss(loss_name, jnp.zeros((1, 2)), jnp.zeros((1, 1), jnp.int32))  # validates the name
+    losses.per_image_loss(
+        loss_name, jnp.zeros((1, 2)), jnp.zeros((1, 1), jnp.int32)
+    )  # validates the name
     micro_sharding = None if mesh is None else NamedSharding(mesh, P(None, sharding.BATCH_AXES))
 
     def loss_fn(params, batch_stats, images, labels):
@@ -266,7 +279,9 @@ def make_train_step(
 
     def gradients(state: TrainState, batch):
         if accum == 1:
-            (loss, (stats, p1)), grads = grad_fn(state.params, state.batch_stats, batch["image"], batch["labels"])
+            (loss, (stats, p1)), grads = grad_fn(
+                state.params, state.batch_stats, batch["image"], batch["labels"]
+            )
             return loss, p1, stats, grads
         images = split_microbatches(batch["image"], accum, group)
         labels = split_microbatches(batch["labels"], accum, group)
@@ -313,12 +328,16 @@ def make_train_step(
     return train_step
 
 
-def jit_train_step(config, model, mesh: Mesh, state: TrainState, *, schedule: optim.Schedule | None = None):
+def jit_train_step(
+    config, model, mesh: Mesh, state: TrainState, *, schedule: optim.Schedule | None = None
+):
     """``make_train_step`` jitted with the state's shardings in and out, the batch split over the mesh,
     metrics replicated, and the input state donated (its buffers are reused for the new state)."""
     tx = optim.make_gradient_transform(config.optim)
     if schedule is None:
-        schedule = optim.make_schedule(config.optim, int(config.train.batch_size), int(config.train.total_images))
+        schedule = optim.make_schedule(
+            config.optim, int(config.train.batch_size), int(config.train.total_images)
+        )
     step = make_train_step(config, model, tx, schedule, mesh)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     return jax.jit(
@@ -349,7 +368,9 @@ def make_eval_step(config, model) -> Callable[[TrainState, Mapping[str, jax.Arra
         labels = batch["labels"]
         mask = batch["mask"].astype(jnp.float32) * jnp.any(labels >= 0, axis=-1)
         logits = logits.astype(jnp.float32)
-        scores = jax.nn.sigmoid(logits) if loss_name == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+        scores = (
+            jax.nn.sigmoid(logits) if loss_name == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+        )
         return {
             "loss_sum": jnp.sum(losses.per_image_loss(loss_name, logits, labels) * mask),
             "count": jnp.sum(mask),
@@ -437,7 +458,9 @@ class DataSource:
 
     num_classes: int
     train_iterator: Any  # yields per-host train batches; get_state()/set_state() for checkpoints
-    make_eval_iterator: Callable[[], Iterator[Mapping]] | None  # a fresh pass over the held-out split
+    make_eval_iterator: (
+        Callable[[], Iterator[Mapping]] | None
+    )  # a fresh pass over the held-out split
     metadata: dict  # stored in checkpoints (vocabulary fingerprint, dataset identity)
     label_counts: np.ndarray | None = None  # training images per label (head/torso/tail buckets)
 
@@ -452,7 +475,9 @@ def open_data(config) -> DataSource:
         task = input_pipeline.synthetic_task(config, "train")
         counts = task.label_index.counts(source.num_classes)
     else:
-        counts = evaluate_lib.label_counts_of(source.dataset_dir, source.num_classes, config.data.train_split)
+        counts = evaluate_lib.label_counts_of(
+            source.dataset_dir, source.num_classes, config.data.train_split
+        )
     return DataSource(
         num_classes=source.num_classes,
         train_iterator=input_pipeline.make_train_iterator(config, source),
@@ -528,7 +553,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         )
     policy = str(config.train.nan_policy)
     if policy not in NAN_POLICIES:
-        raise UserError(f"config.train.nan_policy={policy!r}: choose one of {', '.join(NAN_POLICIES)}.")
+        raise UserError(
+            f"config.train.nan_policy={policy!r}: choose one of {', '.join(NAN_POLICIES)}."
+        )
     mesh = sharding.create_mesh(config.mesh)
     validate_batch_layout(config, mesh)
     n_dev = mesh.devices.size
@@ -539,15 +566,21 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
 
     model = models.create(config.model, data.num_classes)
     schedule = optim.make_schedule(config.optim, batch_size, total_images)
-    train_flops = 3.0 * models.flops_per_image(config.model, int(config.data.image_size), data.num_classes)
+    train_flops = 3.0 * models.flops_per_image(
+        config.model, int(config.data.image_size), data.num_classes
+    )
     peak = peak_flops_per_device(device_kind)
 
     # --- state: restore the newest checkpoint, or initialize ---------------------------------------
     manager = _checkpoint_manager(config, workdir, data)
-    state = None
-    if manager is not None:
+    try:
         abstract = abstract_train_state(config, model, mesh, data.num_classes)
         state, _ = manager.restore_latest(abstract, data.train_iterator)
+    except BaseException:  # e.g. a checkpoint of another experiment: release Orbax's threads, then say so
+        manager.close()
+        if hasattr(data.train_iterator, "close"):
+            data.train_iterator.close()
+        raise
     if state is None:
         state = create_train_state(config, model, mesh, data.num_classes)
     start_step = int(jax.device_get(state.step))
@@ -638,7 +671,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
                 )
             skipped_total += 1
             consecutive_bad += 1
-            log.warning("step %d: non-finite loss or gradients; update skipped (%d so far)", done_step, skipped_total)
+            log.warning(
+                "step %d: non-finite loss or gradients; update skipped (%d so far)",
+                done_step,
+                skipped_total,
+            )
             if consecutive_bad > max_bad:
                 raise UserError(
                     f"{consecutive_bad} consecutive updates were NaN/Inf (up to step {done_step:,}), more than "
@@ -667,24 +704,42 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
                 profiling = False
-                _print(is_main, f"profile of steps {profile[0]}-{profile[1] - 1} written to {workdir / 'profile'}")
+                _print(
+                    is_main,
+                    f"profile of steps {profile[0]}-{profile[1] - 1} written to {workdir / 'profile'}",
+                )
             if first_step_done_at is None:
                 collect(*pending)
                 pending = None
                 first_step_done_at = time.perf_counter()
                 window.restart_clock()  # throughput excludes the first step (compilation)
-                writer.write("train", done, done * batch_size, {"compile_seconds": first_step_done_at - run_start})
+                writer.write(
+                    "train",
+                    done,
+                    done * batch_size,
+                    {"compile_seconds": first_step_done_at - run_start},
+                )
             if crossed(done, log_every) or done == num_steps:
                 if pending is not None:
                     collect(*pending)
                     pending = None
                 last_train = _log_window(
-                    writer, window, done, num_steps, batch_size, n_dev, train_flops, peak, skipped_total, is_main, bar
+                    writer,
+                    window,
+                    done,
+                    num_steps,
+                    batch_size,
+                    n_dev,
+                    train_flops,
+                    peak,
+                    skipped_total,
+                    is_main,
+                    bar,
                 )
                 window = _Window()
             if crossed(done, eval_every):
                 last_eval = run_eval(done)
-            if manager is not None and manager.should_save(done):
+            if manager.should_save(done):
                 manager.save(done, state, data.train_iterator)
                 if manager.preempted:
                     _print(is_main, f"preempted: checkpoint at step {done:,} saved; stopping.")
@@ -695,14 +750,14 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         if profiling:
             jax.profiler.stop_trace()
         final_step = int(jax.device_get(state.step))
-        if final_step == num_steps and not crossed(final_step, eval_every):
+        if final_step == num_steps > start_step and not crossed(final_step, eval_every):
             last_eval = run_eval(final_step)
-        if manager is not None:
-            manager.save(final_step, state, data.train_iterator)
+        manager.save(final_step, state, data.train_iterator)
     finally:
         bar.close()
-        if manager is not None:
-            manager.close()
+        if hasattr(data.train_iterator, "close"):
+            data.train_iterator.close()  # stops grain's prefetch threads / worker processes
+        manager.close()
         writer.close()
 
     summary = {
@@ -740,7 +795,9 @@ def _print(is_main: bool, line: str) -> None:
         tqdm.write(line, file=sys.stderr)
 
 
-def _log_window(writer, window, step, num_steps, batch_size, n_dev, train_flops, peak, skipped, is_main, bar) -> dict:
+def _log_window(
+    writer, window, step, num_steps, batch_size, n_dev, train_flops, peak, skipped, is_main, bar
+) -> dict:
     seconds = time.perf_counter() - window.start
     metrics = window.means()
     if window.timed_steps and seconds > 0:
@@ -780,7 +837,9 @@ def _log_window(writer, window, step, num_steps, batch_size, n_dev, train_flops,
 def _metric_writer(workdir, is_main: bool, start_step: int):
     from tagjax.metrics_writer import MetricWriter
 
-    return MetricWriter(workdir, enabled=is_main, resume_step=start_step if start_step > 0 else None)
+    return MetricWriter(
+        workdir, enabled=is_main, resume_step=start_step if start_step > 0 else None
+    )
 
 
 def _checkpoint_manager(config, workdir, data: DataSource):
@@ -815,7 +874,9 @@ def run(args) -> int:
     from tagjax import config as config_lib
 
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     logging.getLogger("tagjax").setLevel(logging.INFO)
     cfg = config_lib.load(args.config, args.config_overrides)
     train_and_evaluate(cfg, args.workdir)

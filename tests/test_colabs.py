@@ -103,14 +103,18 @@ def test_notebooks_are_plain_tagjax_clients():
 def test_notebooks_run_and_show_their_plots_and_tables(kernel_env):
     # 01: vocabulary, frequencies, resampling, samples.
     nb, seconds1 = _execute(NOTEBOOKS[0], kernel_env)
-    assert len(_outputs(nb, "image/png")) == 3  # log-log frequencies + labels/image, resampling, samples
+    assert (
+        len(_outputs(nb, "image/png")) == 3
+    )  # log-log frequencies + labels/image, resampling, samples
     labels = _table_with(nb, "WordNet synsets")
     assert len(labels) == 13 and labels[1][1].startswith("#")
     counts = [int(row[2]) for row in labels[1:]]
     assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
     canon = {row[0]: row[1:] for row in _table_with(nb, "dropped because")[1:]}
     assert canon["#Flags"][0] == canon["flag"][0] == "#flag"  # case and plural fold into one label
-    assert canon["#photooftheday"][0] == "-" and canon["#photooftheday"][1] != "-"  # dropped, with a reason
+    assert (
+        canon["#photooftheday"][0] == "-" and canon["#photooftheday"][1] != "-"
+    )  # dropped, with a reason
     resampling = {row[0]: row for row in _table_with(nb, "sampling")[1:]}
     assert list(resampling) == ["natural", "sqrt", "uniform"]
     top10 = [_percent(resampling[m][2]) for m in resampling]

@@ -147,3 +147,128 @@ def test_evaluate_command_on_the_synthetic_task(tmp_path, capsys):
     assert 0.0 <= result["mAP"] <= 1.0 and result["bucket_counts_source"] == "training images"
     assert "head" in out.with_suffix(".txt").read_text()
     assert "mAP" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Classification: a classifier checkpoint on a downstream dataset.
+# ----------------------------------------------------------------------------------------------------
+
+# The checkpoint's classes, deliberately not in the dataset's (sorted folder) order, with one extra class.
+CKPT_CLASSES = ["fig", "cherry", "grape", "apple", "elder", "banana", "date"]
+COLOR_CLASS = {0: "apple", 1: "banana", 2: "elder"}  # pooled feature (red, green, blue) -> class it votes for
+# Biases rank every class when no colour feature fires: grape > date > fig > banana > elder > apple > cherry.
+CKPT_BIAS = {"grape": 6.0, "date": 5.0, "fig": 4.0, "banana": 3.0, "elder": 2.0, "apple": 1.0, "cherry": 0.0}
+RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0)}
+
+
+def write_color_classifier(path, class_names=CKPT_CLASSES):
+    """A tiny_resnext whose pooled features are the (ReLU'd, normalized) colour of a uniform image, so its
+    predictions are known by hand: the stem conv copies the RGB channels through its centre tap, every
+    residual branch is zeroed (last BN scale and bias 0), every projection shortcut is an identity, and all
+    batch norms are identities. Red, green and blue light up features 0, 1 and 2 (about 2.2-2.6 each after
+    ImageNet normalization); black lights up none. The head adds 10 per unit of feature c to
+    COLOR_CLASS[c] on top of CKPT_BIAS, so e.g. a red image ranks apple, grape, date, fig, banana, ..."""
+    import jax
+
+    from tagjax import checkpoint, config, models
+
+    cfg = config.load("tiny")
+    cfg.model.dtype = "float32"
+    model = models.create(cfg.model, len(class_names))
+    variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
+    variables = jax.tree.map(lambda x: np.array(x, np.float32), dict(variables))
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    params["conv1"]["kernel"][:] = 0.0
+    for c in range(3):
+        params["conv1"]["kernel"][3, 3, c, c] = 1.0
+    for name, module in params.items():
+        for sub, leaves in module.items() if name.startswith("layer") else [(None, module)]:
+            if "scale" in leaves:  # a batch norm: identity (the residual branch's last one: zero)
+                zero = sub == "bn3"
+                leaves["scale"][:] = 0.0 if zero else 1.0
+                leaves["bias"][:] = 0.0
+                bn_stats = stats[name][sub] if sub else stats[name]
+                bn_stats["mean"][:] = 0.0
+                bn_stats["var"][:] = 1.0
+            elif sub == "downsample_conv":
+                leaves["kernel"][0, 0] = np.eye(*leaves["kernel"].shape[2:], dtype=np.float32)
+    params["fc"]["kernel"][:] = 0.0
+    for feature, cls in COLOR_CLASS.items():
+        params["fc"]["kernel"][feature, class_names.index(cls)] = 10.0
+    params["fc"]["bias"][:] = [CKPT_BIAS[c] for c in class_names]
+    return checkpoint.save_inference_checkpoint(path, {"params": params, "batch_stats": stats},
+                                                {"config": cfg, "class_names": list(class_names)})
+
+
+def write_color_folders(root, images):
+    """DIR/train/<class>/ and DIR/val/<class>/ of uniform 40x40 PNGs; ``images``: (class, colour) pairs."""
+    from PIL import Image
+
+    for cls in sorted({c for c, _ in images}):
+        (root / "train" / cls).mkdir(parents=True)
+        Image.new("RGB", (40, 40), RGB["black"]).save(root / "train" / cls / "0.png")
+    for i, (cls, color) in enumerate(images):
+        (root / "val" / cls).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), RGB[color]).save(root / "val" / cls / f"{i}.png")
+
+
+def test_evaluate_command_top1_top5_of_a_classifier_on_a_folder_dataset(tmp_path, capsys):
+    """`tagjax evaluate` of a classifier checkpoint on class folders (--split validation), labels remapped by
+    class name onto the checkpoint's outputs; top-1/top-5 equal the hand count."""
+    from tagjax import cli
+
+    ckpt = write_color_classifier(tmp_path / "ckpt")
+    images = [("apple", "red"), ("apple", "black"), ("banana", "green"), ("cherry", "red"), ("date", "black"),
+              ("elder", "blue"), ("fig", "green")]  # fmt: skip
+    write_color_folders(tmp_path / "fruit", images)
+    # Each image's ranking (colour class first, then by bias) and whether its class is in the top 1 / top 5:
+    #   apple/red    apple grape date fig banana     yes yes
+    #   apple/black  grape date fig banana elder     no  no
+    #   banana/green banana grape date fig elder     yes yes
+    #   cherry/red   apple grape date fig banana     no  no
+    #   date/black   grape date fig banana elder     no  yes
+    #   elder/blue   elder grape date fig banana     yes yes
+    #   fig/green    banana grape date fig elder     no  yes
+    out = tmp_path / "eval.json"
+    assert cli.main(["evaluate", "--checkpoint", str(ckpt), "--dataset", str(tmp_path / "fruit"), "--split",
+                     "validation", "--image-size", "32", "--resize", "36", "--batch-size", "4",
+                     "--output", str(out)]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["top1"] == pytest.approx(3 / 7) and result["top5"] == pytest.approx(5 / 7)
+    assert (result["num_images"], result["num_classes"], result["checkpoint_outputs"]) == (7, 6, 7)
+    assert result["class_mapping"] == {"by": "name", "same_order": False, "outputs_outside_dataset": 1}
+    assert (result["split"], result["image_size"], result["resize"], result["bad_images"]) == ("validation", 32, 36, 0)
+    table = out.with_suffix(".txt").read_text()
+    assert "top-1" in table and "42.9" in table and "71.4" in table and "remapped" in table
+    assert "71.4" in capsys.readouterr().out
+
+
+def test_map_classes_by_wnid_then_name_and_refusals():
+    # An ImageNet-style import: wnids in output order (not the dataset's), human names beside them.
+    meta = {"class_wnids": ["n02", "n01", "n03"], "class_names": ["bee", "ant", "cat"]}
+    m = ev.map_classes(meta, 3, ["n01", "n02", "n03"])
+    assert m.by == "wnid" and m.to_checkpoint.tolist() == [1, 0, 2] and not m.identity
+    assert ev.map_classes(meta, 3, ["n02", "n01", "n03"]).identity
+    # A folder named by class names, a subset: matched by name; the third output is outside the dataset.
+    m = ev.map_classes(meta, 3, ["ant", "cat"])
+    assert m.by == "name" and m.to_checkpoint.tolist() == [1, 2] and m.outputs_outside_dataset == 1
+    with pytest.raises(ev.UserError, match=r"1 of the 2 classes of imagenet2012 .* 'n09'"):
+        ev.map_classes(meta, 3, ["n01", "n09"], "imagenet2012")
+    with pytest.raises(ev.UserError, match="named twice"):
+        ev.map_classes({"class_names": ["a", "b", "a"]}, 3, ["a", "b"])
+    with pytest.raises(ev.UserError, match="hashtag model"):
+        ev.map_classes({"vocab_fingerprint": "abc"}, 3, ["a"])
+    with pytest.raises(ev.UserError, match="damaged"):
+        ev.map_classes({"class_names": ["a", "b"]}, 3, ["a"])
+
+
+def test_imported_imagenet_classes_are_the_tfds_imagenet2012_label_order(tmp_path):
+    """TFDS's imagenet2012 labels are the import's class_wnids in the same order: matched by wnid, as is."""
+    import tensorflow_datasets as tfds
+
+    from tagjax.interop import torchvision as tv
+
+    wnids, names, _ = tv.imagenet1k_classes()
+    dataset_classes = tfds.builder("imagenet2012", data_dir=str(tmp_path)).info.features["label"].names
+    m = ev.map_classes({"class_wnids": wnids, "class_names": names}, 1000, dataset_classes, "imagenet2012")
+    assert m.by == "wnid" and m.identity and m.outputs_outside_dataset == 0

@@ -17,7 +17,9 @@ def _random_case(seed, batch=6, num_classes=11, max_labels=5):
     labels = np.full((batch, max_labels), -1, np.int32)
     for i in range(batch):
         k = rng.integers(1, max_labels + 1)
-        labels[i, :k] = rng.integers(0, num_classes, k)  # repeats allowed: a label set counts each once
+        labels[i, :k] = rng.integers(
+            0, num_classes, k
+        )  # repeats allowed: a label set counts each once
         rng.shuffle(labels[i])  # padding anywhere, not only at the end
     return logits, labels
 
@@ -35,7 +37,11 @@ def _dense_softmax(logits, labels):
     y = _multi_hot(labels, logits.shape[1])
     target = y / y.sum(axis=1, keepdims=True)
     z = logits.astype(np.float64)
-    log_p = z - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)) - z.max(1, keepdims=True)
+    log_p = (
+        z
+        - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+        - z.max(1, keepdims=True)
+    )
     return -(target * log_p).sum(axis=1)
 
 
@@ -63,7 +69,9 @@ def test_sigmoid_matches_dense_binary_cross_entropy(seed):
 def test_gradient_matches_dense_softmax_gradient():
     """d loss / d logits = softmax(z) - target: what the optimizer actually sees."""
     logits, labels = _random_case(3)
-    grad = jax.grad(lambda z: jnp.sum(losses.softmax_cross_entropy(z, jnp.asarray(labels))))(jnp.asarray(logits))
+    grad = jax.grad(lambda z: jnp.sum(losses.softmax_cross_entropy(z, jnp.asarray(labels))))(
+        jnp.asarray(logits)
+    )
     y = _multi_hot(labels, logits.shape[1])
     z = logits.astype(np.float64)
     p = np.exp(z - z.max(1, keepdims=True))
@@ -84,14 +92,18 @@ def test_image_without_labels_contributes_zero_and_batch_loss_divides_by_batch()
     labels = jnp.asarray([[1, -1], [-1, -1], [0, 3], [5, -1]], jnp.int32)
     per_image = losses.softmax_cross_entropy(logits, labels)
     assert float(per_image[1]) == 0.0
-    np.testing.assert_allclose(losses.batch_loss("softmax", logits, labels), per_image.sum() / 4, rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.batch_loss("softmax", logits, labels), per_image.sum() / 4, rtol=1e-6
+    )
 
 
 def test_single_label_softmax_is_ordinary_cross_entropy():
     logits = jnp.asarray(np.random.default_rng(2).normal(size=(5, 7)).astype(np.float32))
     y = jnp.asarray([0, 3, 6, 2, 2], jnp.int32)
     expected = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1)[:, 0]
-    np.testing.assert_allclose(losses.softmax_cross_entropy(logits, y[:, None]), expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        losses.softmax_cross_entropy(logits, y[:, None]), expected, rtol=1e-5
+    )
 
 
 def test_precision_at_k():

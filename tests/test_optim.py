@@ -36,9 +36,13 @@ def test_step_halving_values_at_warmup_end_and_after_each_halving(batch):
     expected_steps = [-(-(100_000 + i * 225_000) // batch) for i in (1, 2, 3)]
     assert list(s.halving_steps) == expected_steps
     np.testing.assert_allclose(s.values_at([warm_steps]), [peak], rtol=1e-6)
-    np.testing.assert_allclose(s.values_at([warm_steps - 1]), [peak * (warm_steps - 1) / warm_steps], rtol=1e-5)
+    np.testing.assert_allclose(
+        s.values_at([warm_steps - 1]), [peak * (warm_steps - 1) / warm_steps], rtol=1e-5
+    )
     for i, hs in enumerate(expected_steps, start=1):
-        np.testing.assert_allclose(s.values_at([hs - 1, hs]), [peak / 2 ** (i - 1), peak / 2**i], rtol=1e-6)
+        np.testing.assert_allclose(
+            s.values_at([hs - 1, hs]), [peak / 2 ** (i - 1), peak / 2**i], rtol=1e-6
+        )
     np.testing.assert_allclose(s.values_at([total // batch]), [peak / 8], rtol=1e-6)
 
 
@@ -46,7 +50,9 @@ def test_warmup_is_linear_from_the_configured_start():
     c = _optim(warmup_images=1000, num_halvings=0, warmup_start_fraction=0.25)
     s = optim.make_schedule(c, 100, 10_000)
     peak = 0.1 * 100 / 256
-    np.testing.assert_allclose(s.values_at(range(11)), peak * (0.25 + 0.75 * np.arange(11) / 10).clip(max=1), rtol=1e-6)
+    np.testing.assert_allclose(
+        s.values_at(range(11)), peak * (0.25 + 0.75 * np.arange(11) / 10).clip(max=1), rtol=1e-6
+    )
 
 
 def test_cosine_reaches_half_and_zero():

@@ -43,7 +43,12 @@ def _batches(n, batch=16, size=32, max_labels=4, seed=0):
         for i in range(batch):
             k = rng.integers(1, max_labels + 1)
             labels[i, :k] = rng.choice(NUM_CLASSES, k, replace=False)
-        out.append({"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8), "labels": labels})
+        out.append(
+            {
+                "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+                "labels": labels,
+            }
+        )
     return out
 
 
@@ -78,7 +83,9 @@ def test_same_step_on_one_and_eight_devices(bn_group_size):
     for data, fsdp in [(8, 1), (2, 4)]:
         cfg = _config(**base, **{"mesh.data": data, "mesh.fsdp": fsdp})
         state, metrics, init = _run_steps(cfg, jax.devices(), batches)
-        _assert_trees_close(init, ref_init, rtol=0, atol=0)  # initialization does not depend on the mesh
+        _assert_trees_close(
+            init, ref_init, rtol=0, atol=0
+        )  # initialization does not depend on the mesh
         for m, r in zip(metrics, ref_metrics):
             np.testing.assert_allclose(m["loss"], r["loss"], rtol=1e-5)
             np.testing.assert_allclose(m["grad_norm"], r["grad_norm"], rtol=1e-4)
@@ -97,7 +104,9 @@ def test_gradient_accumulation_over_four_micro_batches_equals_one_large_batch():
     batches = _batches(2)
     common = {"model.bn_group_size": 2, "mesh.data": 1, "mesh.fsdp": 1}
     one, m_one, _ = _run_steps(_config(**common), jax.devices()[:1], batches)
-    four, m_four, _ = _run_steps(_config(**common, **{"train.grad_accum_steps": 4}), jax.devices()[:1], batches)
+    four, m_four, _ = _run_steps(
+        _config(**common, **{"train.grad_accum_steps": 4}), jax.devices()[:1], batches
+    )
     for a, b in zip(m_four, m_one):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
         np.testing.assert_allclose(a["precision@1"], b["precision@1"], rtol=1e-6)
@@ -129,7 +138,9 @@ def test_nonfinite_update_is_not_applied():
     assert float(metrics["nonfinite"]) == 1.0
     assert int(state.step) == 1  # the step (images seen) advances ...
     after = (state.params, state.opt_state, state.batch_stats)
-    _assert_trees_close(after, before, rtol=0, atol=0)  # ... parameters, momentum and statistics do not
+    _assert_trees_close(
+        after, before, rtol=0, atol=0
+    )  # ... parameters, momentum and statistics do not
 
 
 def test_eval_step_sums_over_real_images_only():
@@ -139,7 +150,9 @@ def test_eval_step_sums_over_real_images_only():
     state = train.create_train_state(cfg, model, mesh, NUM_CLASSES)
     batch = dict(_batches(1)[0])
     batch["mask"] = np.arange(16) < 11
-    out = jax.device_get(train.jit_eval_step(cfg, model, mesh, state)(state, sharding.global_batch(batch, mesh)))
+    out = jax.device_get(
+        train.jit_eval_step(cfg, model, mesh, state)(state, sharding.global_batch(batch, mesh))
+    )
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     images = train.normalize_images(jnp.asarray(batch["image"]), cfg.data, jnp.float32)
     logits = model.apply(variables, images, train=False)
@@ -149,6 +162,7 @@ def test_eval_step_sums_over_real_images_only():
     np.testing.assert_allclose(out["scores"], jax.nn.softmax(logits), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_tiny_training_run_learns_and_writes_logs(tmp_path, capsys):
     """`tagjax train --config tiny` on the synthetic tagged task: the loss falls, held-out mAP beats
     chance, the JSONL/TensorBoard logs and checkpoints are there, and a rerun resumes instead of repeating."""
@@ -170,9 +184,9 @@ def test_tiny_training_run_learns_and_writes_logs(tmp_path, capsys):
     assert [r["step"] for r in rows if "loss" in r] == [10, 20, 30, 40, 50, 60]
     assert losses_logged[-1] < 0.85 * losses_logged[0], losses_logged
     last = rows[-1]
-    assert last["images_per_second"] > 0 and last["images_per_second_per_device"] * 8 == pytest.approx(
-        last["images_per_second"]
-    )
+    assert last["images_per_second"] > 0 and last[
+        "images_per_second_per_device"
+    ] * 8 == pytest.approx(last["images_per_second"])
     evals = metrics_writer.read_metrics(workdir, "eval")
     assert [r["step"] for r in evals] == [30, 60]
     # Chance mAP on the synthetic task is about its label frequency (~0.1-0.2); a learning model is far above.
@@ -218,16 +232,24 @@ def test_mesh_shapes_and_errors():
         sharding.mesh_shape(_config(**{"mesh.data": -1, "mesh.fsdp": 3}).mesh, 8)
     mesh = sharding.create_mesh(_config(**{"mesh.data": 8, "mesh.fsdp": 1}).mesh)
     with pytest.raises(UserError, match="grad_accum_steps x bn_group_size"):
-        train.validate_batch_layout(_config(**{"train.grad_accum_steps": 3, "model.bn_group_size": 2}), mesh)
+        train.validate_batch_layout(
+            _config(**{"train.grad_accum_steps": 3, "model.bn_group_size": 2}), mesh
+        )
     with pytest.raises(UserError, match="divisible by the 8 devices"):
         train.validate_batch_layout(_config(**{"train.batch_size": 12}), mesh)
 
 
 def test_fsdp_rule_splits_the_largest_divisible_dimension():
-    assert sharding.fsdp_spec((3, 3, 64, 256), 4, 0) == jax.sharding.PartitionSpec(None, None, None, "fsdp")
-    assert sharding.fsdp_spec((2048, 17003), 8, 0) == jax.sharding.PartitionSpec("fsdp", None)  # 17003 is odd
+    assert sharding.fsdp_spec((3, 3, 64, 256), 4, 0) == jax.sharding.PartitionSpec(
+        None, None, None, "fsdp"
+    )
+    assert sharding.fsdp_spec((2048, 17003), 8, 0) == jax.sharding.PartitionSpec(
+        "fsdp", None
+    )  # 17003 is odd
     assert sharding.fsdp_spec((256,), 4, 1024) == jax.sharding.PartitionSpec()  # small: replicated
-    assert sharding.fsdp_spec((3, 5), 4, 0) == jax.sharding.PartitionSpec()  # indivisible: replicated
+    assert (
+        sharding.fsdp_spec((3, 5), 4, 0) == jax.sharding.PartitionSpec()
+    )  # indivisible: replicated
 
 
 def test_peak_flops_table_and_cpu():

@@ -1,0 +1,750 @@
+"""``tagjax demo``: the whole system end to end on a real, user-tagged corpus, on a CPU.
+
+1. **Corpus.** Debian's ``openclipart-svg`` cliparts (keywords written by their uploaders: noisy, Zipfian,
+   synonyms and non-visual words, like hashtags) are read, rasterized (cached in ``~/.cache/tagjax/raster``
+   so a re-run skips cairosvg), canonicalized into a WordNet noun vocabulary built from the corpus' own
+   counts, deduplicated, decontaminated against the downstream *test* images, and written as shards
+   with a build report (tagjax.build). The downstream set (color emoji by Unicode subgroup, prepared
+   offline by tagjax.downstream) is prepared first because decontamination needs its test split.
+2. **Pretraining** of a small ResNeXt on the hashtags with square-root resampling and the softmax loss
+   (tagjax.train, checkpoints included), then hashtag-prediction mAP and precision@k on the held-out
+   posts (tagjax.evaluate).
+3. **Baselines**: the same architecture randomly initialized, and the same architecture trained from
+   that initialization on the downstream training split alone (tagjax.transfer.run_finetune).
+4. **Linear probes** of all three trunks on the downstream set (tagjax.transfer.run_linear: frozen
+   trunk, logistic regression, L2 chosen on a held-out part of the training split).
+5. **Summary**: a table on stdout, ``summary.json`` + ``summary.md`` and the figures (tagjax.plots) in the
+   workdir.
+
+Every size, duration and seed comes from ``configs/demo.py``; ``--seeds N`` repeats stages 2-4 with seeds
+``seed, seed+1, ...`` and reports mean, standard deviation and range. Each stage records what it was run
+with in ``WORKDIR/stages/``: rerunning the same command reuses finished stages and resumes an interrupted
+one (training and fine-tuning continue from their checkpoints); a stage whose settings changed is redone
+from scratch, as is everything with ``--fresh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tagjax.errors import UserError
+
+DEFAULT_WORKDIR = "runs/demo"
+DEFAULT_CONFIG = "demo"
+STAGES_DIR = "stages"
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+PLOTS_DIR = "plots"
+# The trunks of the downstream comparison, in table order: key -> label.
+TRUNKS = {
+    "pretrained": "hashtag-pretrained",
+    "random": "random init",
+    "downstream": "downstream only",
+}
+# Config sections the pretraining reads; the stage key is made of these (the demo's own sections, e.g.
+# probe settings, do not invalidate a finished pretraining).
+PRETRAIN_SECTIONS = ("data", "model", "loss", "optim", "train", "mesh", "checkpoint")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage bookkeeping: banners, timings, reuse of finished stages.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON values (ConfigDicts, tuples and numpy scalars included), NaN as None."""
+    if hasattr(x, "to_dict"):
+        x = x.to_dict()
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return [_jsonable(v) for v in x.tolist()]
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, float | np.floating):
+        x = float(x)
+        return None if not math.isfinite(x) else x
+    if isinstance(x, str | int | bool) or x is None:
+        return x
+    return str(x)
+
+
+class Stages:
+    """Stage banners with timings, and the record of finished stages in ``WORKDIR/stages/<name>.json``.
+
+    A stage's *key* is everything its output depends on. :meth:`begin` returns the stored result when the
+    stage already finished with the same key; otherwise it prepares the stage's directory: kept when an
+    unfinished attempt had the same key (the work resumes from its checkpoints or caches), emptied when the
+    key changed (old outputs must not mix with new ones).
+    """
+
+    def __init__(self, workdir: Path, *, fresh: bool, log: Callable[[str], None]):
+        self.workdir = workdir
+        self.fresh = fresh
+        self.log = log
+        self.timing: dict[str, float] = {}
+        self.start = time.perf_counter()
+        (workdir / STAGES_DIR).mkdir(parents=True, exist_ok=True)
+
+    def banner(self, title: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        self.log("")
+        self.log(f"==== {title}  [{_duration(elapsed)} elapsed] " + "=" * max(3, 70 - len(title)))
+
+    def _marker(self, name: str) -> Path:
+        return self.workdir / STAGES_DIR / f"{name.replace('/', '__')}.json"
+
+    def begin(self, name: str, directory: Path, key: Mapping) -> Any:
+        key = _jsonable(key)
+        marker = self._marker(name)
+        if marker.is_file() and not self.fresh:
+            stored = json.loads(marker.read_text())
+            if stored.get("key") == key:
+                if "result" in stored and directory.exists():
+                    self.log(f"{name}: reusing the finished stage in {directory} (same settings)")
+                    return stored["result"]
+                if "result" not in stored:
+                    self.log(f"{name}: resuming the unfinished stage in {directory}")
+                    self._started = time.perf_counter()
+                    return None
+        if directory.exists():
+            shutil.rmtree(directory)
+        marker.write_text(json.dumps({"key": key}, indent=1, sort_keys=True) + "\n")
+        self._started = time.perf_counter()
+        return None
+
+    def finish(self, name: str, key: Mapping, result: Any) -> Any:
+        result = _jsonable(result)
+        payload = {"key": _jsonable(key), "result": result}
+        marker = self._marker(name)
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, marker)
+        return result
+
+    def key_of(self, name: str) -> Any:
+        """The key a stage was (or is being) run with: later stages that build on it include it in theirs."""
+        return json.loads(self._marker(name).read_text())["key"]
+
+    def timed(self, name: str, seconds: float) -> None:
+        self.timing[name] = self.timing.get(name, 0.0) + seconds
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    m, s = divmod(seconds, 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 1: the corpus.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _data_dir(cfg, workdir: Path) -> str:
+    return str(Path(cfg.demo.data_dir).expanduser()) if str(cfg.demo.data_dir) else str(workdir / "tensorflow_datasets")
+
+
+def _eval_set_spec(name: str, data_dir: str) -> tuple[str, Any]:
+    """The downstream test split as a ``tagjax build --eval-set`` spec (preparing our own datasets)."""
+    from tagjax import downstream
+
+    test = downstream.open_split(name, "test", data_dir)
+    source = test.source
+    if isinstance(source, downstream.TfdsSource):
+        return f"tfds:{source.name}/{source.split}", test
+    # A class-folder dataset: decontaminate against the whole folder (a superset of its test images).
+    return str(Path(name.removeprefix("folder:")).expanduser()), test
+
+
+def build_config(cfg, workdir: Path, eval_spec: str, data_dir: str, *, progress: bool):
+    from tagjax import build as build_lib
+    from tagjax import dedup as dedup_lib
+    from tagjax import images as images_lib
+
+    c = cfg.corpus
+    cache = str(c.raster_cache)
+    try:
+        images = images_lib.ImageOptions(max_side=int(c.max_side), min_side=int(c.min_side))
+    except ValueError as e:
+        raise UserError(f"config.corpus: {e}.") from None
+    return build_lib.BuildConfig(
+        inputs=tuple(str(s) for s in c.inputs),
+        output=str(workdir / "dataset"),
+        vocab_mode=str(c.vocab_mode),
+        vocab_top_k=int(c.vocab_top_k),
+        vocab_min_count=int(c.vocab_min_count),
+        images=images,
+        dedup=dedup_lib.DedupOptions(near_threshold=int(c.near_threshold), eval_threshold=int(c.eval_threshold)),
+        eval_sets=(eval_spec,),
+        tfds_data_dir=data_dir,
+        habit_fraction=float(c.habit_fraction),
+        habit_min_posts=int(c.habit_min_posts),
+        heldout_fraction=float(c.heldout_fraction),
+        split_seed=str(c.split_seed),
+        shard_size=int(c.shard_size),
+        workers=int(c.workers),
+        limit=int(c.limit),
+        raster_cache=None if cache == "default" else cache,
+        overwrite=True,
+        progress=progress,
+    )
+
+
+def stage_corpus(cfg, workdir: Path, stages: Stages, *, progress: bool) -> dict:
+    from tagjax import build as build_lib
+
+    log = stages.log
+    data_dir = _data_dir(cfg, workdir)
+    t0 = time.perf_counter()
+    eval_spec, test = _eval_set_spec(str(cfg.demo.downstream), data_dir)
+    log(f"downstream set {cfg.demo.downstream}: {test.num_classes} classes, {len(test.source):,} test images "
+        f"(in {data_dir}); its test split is what the corpus is decontaminated against ({eval_spec})")
+    bcfg = build_config(cfg, workdir, eval_spec, data_dir, progress=progress)
+    key = {"build": bcfg.to_json()}
+    dataset = Path(bcfg.output)
+    result = stages.begin("corpus", dataset, key)
+    if result is None or not (dataset / "dataset.json").is_file():
+        log(f"building the corpus from {', '.join(bcfg.inputs)} into {dataset} (SVGs rasterized at "
+            f"{bcfg.images.max_side}px through the raster cache)")
+        summary = build_lib.build(bcfg)
+        report = build_lib.render_report(summary)
+        result = stages.finish("corpus", key, {
+            "dataset": str(dataset),
+            "stats": {k: summary[k] for k in ("posts_read", "posts_written", "records", "dropped", "labels",
+                                             "images", "timing_s") if k in summary},
+            "dedup": {k: v for k, v in summary.get("dedup", {}).items() if k != "eval_matches"},
+            "eval_matches": summary.get("dedup", {}).get("eval_matches", []),
+            "eval_set": eval_spec,
+        })
+    else:
+        report = (dataset / "report.txt").read_text()
+    log(report.rstrip())
+    stages.timed("corpus", time.perf_counter() - t0)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 2: pretraining and hashtag metrics.
+# ----------------------------------------------------------------------------------------------------
+
+
+def pretrain_config(cfg, seed: int, dataset: str):
+    pcfg = cfg.copy_and_resolve_references()
+    with pcfg.unlocked():
+        pcfg.seed = int(seed)
+        pcfg.data.synthetic = False
+        pcfg.data.dataset = str(dataset)
+    return pcfg
+
+
+def _pretrain_key(pcfg, corpus_key: Mapping) -> dict:
+    return {"seed": int(pcfg.seed), "corpus": corpus_key, **{s: pcfg[s] for s in PRETRAIN_SECTIONS}}
+
+
+def stage_pretrain(cfg, seed: int, corpus: dict, corpus_key: Mapping, workdir: Path, stages: Stages, *,
+                   progress: bool) -> dict:
+    from tagjax import evaluate as evaluate_lib
+    from tagjax import train
+
+    log = stages.log
+    pcfg = pretrain_config(cfg, seed, corpus["dataset"])
+    run_dir = workdir / f"seed{seed}" / "pretrain"
+    key = _pretrain_key(pcfg, corpus_key)
+    name = f"seed{seed}/pretrain"
+    result = stages.begin(name, run_dir, key)
+    if result is not None:
+        log(evaluate_lib.format_table(_metrics_for_table(result["heldout"]),
+                                      title=f"hashtag prediction on held-out posts (seed {seed})"))
+        return result
+    t0 = time.perf_counter()
+    bs = int(pcfg.train.batch_size)
+    log(f"pretraining {pcfg.model.name} on {corpus['stats']['records'].get('train', 0):,} cliparts, seed {seed}: "
+        f"{int(pcfg.train.total_images) // bs:,} steps of {bs} ({int(pcfg.train.total_images):,} images seen), "
+        f"{pcfg.data.image_size}px crops, {pcfg.data.sampling} resampling, {pcfg.loss} loss -> {run_dir}")
+    train_summary = train.train_and_evaluate(pcfg, run_dir)
+    train_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    metrics = evaluate_lib.evaluate_checkpoint(run_dir, corpus["dataset"], str(pcfg.data.eval_split),
+                                               progress=progress)
+    table = evaluate_lib.format_table(metrics, title=f"hashtag prediction on held-out posts (seed {seed})")
+    out = run_dir / "eval" / f"{pcfg.data.eval_split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(evaluate_lib.to_json(metrics), indent=1) + "\n")
+    out.with_suffix(".txt").write_text(table + "\n")
+    log(table)
+    heldout = {k: metrics[k] for k in ("num_images", "num_labels", "labels_with_positives", "mAP",
+                                        "precision@1", "recall@1", "precision@5", "recall@5")}
+    heldout["buckets"] = {b: {k: v for k, v in e.items()} for b, e in metrics["buckets"].items()}
+    heldout["per_label_ap"] = metrics["per_label_ap"]
+    result = {
+        "seed": seed,
+        "workdir": str(run_dir),
+        "steps": int(train_summary["step"]),
+        "images_seen": int(train_summary["images_seen"]),
+        "final_train_loss": train_summary.get("train_loss"),
+        "images_per_second": train_summary.get("train_images_per_second"),
+        "train_seconds": train_s,
+        "eval_seconds": time.perf_counter() - t1,
+        "heldout": heldout,
+    }
+    stages.timed("pretrain", train_s)
+    stages.timed("hashtag_eval", time.perf_counter() - t1)
+    return stages.finish(name, key, result)
+
+
+def _metrics_for_table(heldout: Mapping) -> dict:
+    """A stored (JSON) held-out result back in the shape ``evaluate.format_table`` reads."""
+    m = dict(heldout)
+    m["labels_without_positives"] = int(m["num_labels"]) - int(m["labels_with_positives"])
+    m = {k: (float("nan") if v is None else v) for k, v in m.items()}
+    m["buckets"] = {b: {k: (float("nan") if v is None else v) for k, v in e.items()}
+                    for b, e in heldout["buckets"].items()}
+    return m
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 3: baselines.  Stage 4: linear probes.
+# ----------------------------------------------------------------------------------------------------
+
+
+def stage_random(cfg, seed: int, corpus: dict, workdir: Path, stages: Stages) -> dict:
+    """The "no pretraining" trunk: the pretraining architecture at its initialization for this seed."""
+    from tagjax import transfer
+
+    pcfg = pretrain_config(cfg, seed, corpus["dataset"])
+    run_dir = workdir / f"seed{seed}" / "random"
+    key = {"seed": seed, "model": pcfg.model, "data": pcfg.data}
+    name = f"seed{seed}/random"
+    result = stages.begin(name, run_dir, key)
+    if result is not None:
+        return result
+    path = run_dir / "checkpoint"
+    transfer.write_random_init_checkpoint(pcfg, path, num_classes=1, seed=seed)
+    stages.log(f"random-init {pcfg.model.name} trunk (seed {seed}) -> {path}")
+    return stages.finish(name, key, {"checkpoint": str(path)})
+
+
+def scratch_config(cfg, seed: int, data_dir: str):
+    scfg = cfg.scratch.copy_and_resolve_references()
+    with scfg.unlocked():
+        scfg.seed = int(seed)
+        scfg.transfer.dataset = str(cfg.demo.downstream)
+        scfg.transfer.data_dir = data_dir
+    return scfg
+
+
+def stage_downstream_only(cfg, seed: int, random_ckpt: str, workdir: Path, stages: Stages, *,
+                          progress: bool) -> dict:
+    """The same architecture trained from the random initialization on the downstream training split."""
+    from tagjax import transfer
+
+    data_dir = _data_dir(cfg, workdir)
+    scfg = scratch_config(cfg, seed, data_dir)
+    run_dir = workdir / f"seed{seed}" / "downstream_only"
+    key = {"seed": seed, "scratch": scfg, "init": stages.key_of(f"seed{seed}/random")}
+    name = f"seed{seed}/downstream_only"
+    result = stages.begin(name, run_dir, key)
+    if result is not None:
+        return result
+    t0 = time.perf_counter()
+    stages.log(f"training the same trunk on {scfg.transfer.dataset} alone (seed {seed}): "
+               f"{int(scfg.train.total_images):,} images seen in batches of {int(scfg.train.batch_size)}, "
+               f"{scfg.data.image_size}px crops -> {run_dir}")
+    r = transfer.run_finetune(scfg, random_ckpt, run_dir, progress=progress, log_fn=stages.log)
+    stages.timed("downstream_only", time.perf_counter() - t0)
+    keep = ("test_top1", "test_top5", "step", "images_seen", "num_train", "num_test", "num_classes")
+    return stages.finish(name, key, {"checkpoint": str(run_dir), "seconds": time.perf_counter() - t0,
+                                     "finetuned_head": {k: r.get(k) for k in keep}})
+
+
+def probe_config(cfg, seed: int, data_dir: str):
+    import ml_collections
+
+    pc = ml_collections.ConfigDict()
+    pc.seed = int(seed)
+    pc.transfer = cfg.probe.transfer.copy_and_resolve_references()
+    pc.linear = cfg.probe.linear.copy_and_resolve_references()
+    pc.transfer.dataset = str(cfg.demo.downstream)
+    pc.transfer.data_dir = data_dir
+    return pc
+
+
+def stage_probe(cfg, seed: int, trunk: str, checkpoint: str, trunk_key: Mapping, workdir: Path,
+                stages: Stages, *, progress: bool) -> dict:
+    from tagjax import transfer
+
+    data_dir = _data_dir(cfg, workdir)
+    pc = probe_config(cfg, seed, data_dir)
+    run_dir = workdir / f"seed{seed}" / f"probe_{trunk}"
+    key = {"probe": pc, "trunk": trunk_key}
+    name = f"seed{seed}/probe_{trunk}"
+    result = stages.begin(name, run_dir, key)
+    if result is not None:
+        stages.log(f"{TRUNKS[trunk]:<20} test top-1 {100 * result['test_top1']:.1f}%  top-5 "
+                   f"{100 * result['test_top5']:.1f}%")
+        return result
+    t0 = time.perf_counter()
+    stages.log(f"-- linear probe, {TRUNKS[trunk]} trunk (seed {seed})")
+    r = transfer.run_linear(pc, checkpoint, run_dir, progress=progress, log_fn=stages.log)
+    stages.timed("probes", time.perf_counter() - t0)
+    keep = ("test_top1", "test_top5", "train_top1", "l2", "feature_dim", "num_train", "num_test", "num_classes",
+            "image_size")
+    return stages.finish(name, key, {k: r.get(k) for k in keep} | {"workdir": str(run_dir)})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 5: summary, plots.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _stats(values) -> dict:
+    """mean, sample standard deviation (0 for one seed), min, max, n."""
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if not len(v):
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max()), "n": len(v)}
+
+
+def _pm(s: Mapping, scale: float = 100.0, signed: bool = False) -> str:
+    if s["mean"] is None:
+        return "-"
+    sign = "+" if signed else ""
+    text = f"{scale * s['mean']:{sign}.1f}"
+    if s["n"] > 1:
+        text += f" ± {scale * s['std']:.1f}"
+    return text
+
+
+def _range(s: Mapping, scale: float = 100.0) -> str:
+    if s["mean"] is None or s["n"] < 2:
+        return ""
+    return f"{scale * s['min']:.1f}-{scale * s['max']:.1f}"
+
+
+def machine_info() -> dict:
+    import jax
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    devices = jax.devices()
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu or platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": f"{len(devices)} x {devices[0].device_kind}",
+        "load_average_at_end": [round(x, 2) for x in load] if load else None,
+    }
+
+
+def _resampled_label_share(dataset: str, num_labels: int, sampling: str, seed: int, positions: int):
+    """Share of training samples carrying each label, (a) every image equally, (b) as the trainer's sampler
+    draws positions ``[0, positions)`` (the exact stream of the run: tagjax.sampling is a pure function of
+    the seed and the position)."""
+    from tagjax import records, sampling as sampling_lib
+
+    index = records.LabelIndex.load(Path(dataset) / "train.labels.npz")
+    before = index.counts(num_labels) / max(1, index.num_records)
+    inverted = sampling_lib.InvertedIndex.in_memory(index, num_labels) if sampling != "images" else None
+    sampler = sampling_lib.make_sampler(sampling, seed, index.num_records, inverted)
+    drawn = sampler.sample(np.arange(positions, dtype=np.int64)).record
+    # Each record's labels, weighted by how often the stream drew that record.
+    times_drawn = np.bincount(drawn, minlength=index.num_records)
+    weights = np.repeat(times_drawn, np.diff(index.offsets))
+    after = np.bincount(index.labels, weights=weights, minlength=num_labels) / max(1, len(drawn))
+    return before, after
+
+
+def make_plots(cfg, workdir: Path, corpus: dict, pretrain: list[dict], scratch: list[dict], probes: dict) -> dict:
+    from tagjax import evaluate as evaluate_lib
+    from tagjax import plots
+    from tagjax import vocab as vocab_lib
+
+    out = workdir / PLOTS_DIR
+    dataset = corpus["dataset"]
+    vocab = vocab_lib.Vocabulary.load(Path(dataset) / "vocab.json")
+    names = [vocab.name_of(i) for i in range(vocab.num_labels)]
+    files = {}
+    pre_runs = [(f"seed {r['seed']}", plots.read_metrics(Path(r["workdir"]) / "metrics.jsonl")) for r in pretrain]
+    scr_runs = [(f"seed {p['seed']}", plots.read_metrics(Path(s["checkpoint"]) / "metrics.jsonl"))
+                for p, s in zip(pretrain, scratch)]
+    files["loss"] = plots.loss_curves({"hashtag pretraining (openclipart)": pre_runs,
+                                       f"downstream-only trunk ({cfg.demo.downstream})": scr_runs},
+                                      out / "loss.png")
+    first = pretrain[0]
+    before, after = _resampled_label_share(dataset, vocab.num_labels, str(cfg.data.sampling), int(first["seed"]),
+                                           int(first["images_seen"]))
+    files["tag_frequency"] = plots.tag_frequency(before, after, names, out / "tag_frequency.png",
+                                                 sampling=str(cfg.data.sampling))
+    ap = np.asarray([np.nan if v is None else v for v in first["heldout"]["per_label_ap"]], np.float64)
+    counts = evaluate_lib.label_counts_of(dataset, vocab.num_labels)
+    files["per_label_ap"] = plots.per_label_ap(ap, counts, names, out / "per_label_ap.png")
+    rows = [{"key": t, "label": TRUNKS[t], "top1": [p["test_top1"] for p in probes[t]]} for t in TRUNKS]
+    files["probe"] = plots.probe_comparison(rows, out / "probe.png",
+                                            title=f"Linear probe on {cfg.demo.downstream} "
+                                                  f"({len(pretrain)} seed{'s' if len(pretrain) > 1 else ''})")
+    return {k: str(v) for k, v in files.items()}
+
+
+def summarize(cfg, corpus: dict, pretrain: list[dict], scratch: list[dict], probes: dict, timing: dict,
+              wall: float, command: str) -> dict:
+    seeds = [r["seed"] for r in pretrain]
+    trunks = {}
+    for t in TRUNKS:
+        trunks[t] = {"label": TRUNKS[t], "top1": _stats([p["test_top1"] for p in probes[t]]),
+                     "top5": _stats([p["test_top5"] for p in probes[t]]),
+                     "per_seed_top1": [p["test_top1"] for p in probes[t]]}
+    gains = [p["test_top1"] - r["test_top1"] for p, r in zip(probes["pretrained"], probes["random"])]
+    gain = _stats(gains)
+    threshold = float(cfg.demo.target_gain)
+    hashtag = {k: _stats([r["heldout"][k] for r in pretrain])
+               for k in ("mAP", "precision@1", "precision@5", "recall@5")}
+    stats = corpus["stats"]
+    first_probe = probes["pretrained"][0]
+    return {
+        "command": command,
+        "seeds": seeds,
+        "machine": machine_info(),
+        "wall_seconds": wall,
+        "timing_seconds": timing,
+        "corpus": {
+            "posts_read": stats["posts_read"],
+            "records": stats["records"],
+            "labels": stats["labels"]["vocabulary_size"],
+            "labels_used_in_train": stats["labels"]["used_in_train"],
+            "labels_per_post": stats["labels"]["mean_per_post"],
+            "dropped": stats["dropped"],
+            "eval_near_duplicates_removed": corpus["dedup"].get("eval_removed"),
+            "dataset": corpus["dataset"],
+        },
+        "pretraining": {
+            "model": str(cfg.model.name),
+            "image_size": int(cfg.data.image_size),
+            "batch_size": int(cfg.train.batch_size),
+            "images_seen": pretrain[0]["images_seen"],
+            "steps": pretrain[0]["steps"],
+            "sampling": str(cfg.data.sampling),
+            "loss": str(cfg.loss),
+            "train_seconds": _stats([r["train_seconds"] for r in pretrain]),
+        },
+        "hashtag_prediction": {"split": str(cfg.data.eval_split), "num_images": pretrain[0]["heldout"]["num_images"],
+                               **hashtag, "per_seed": [{k: r["heldout"][k] for k in hashtag} for r in pretrain]},
+        "downstream": {
+            "dataset": str(cfg.demo.downstream),
+            "num_classes": first_probe["num_classes"],
+            "num_train": first_probe["num_train"],
+            "num_test": first_probe["num_test"],
+            "feature_dim": first_probe["feature_dim"],
+            "image_size": first_probe["image_size"],
+            "trunks": trunks,
+            "downstream_only_finetuned_head_top1": _stats([s["finetuned_head"]["test_top1"] for s in scratch]),
+            "gain_pretrained_minus_random": {**gain, "per_seed": gains},
+            "target_gain": threshold,
+            "meets_target": gain["mean"] is not None and gain["mean"] >= threshold,
+        },
+    }
+
+
+def render_table(s: Mapping) -> str:
+    """The summary table (plain text, also valid Markdown)."""
+    d = s["downstream"]
+    n = len(s["seeds"])
+    spread = "mean ± std over seeds " + ", ".join(str(x) for x in s["seeds"]) if n > 1 else f"seed {s['seeds'][0]}"
+    c, p, h = s["corpus"], s["pretraining"], s["hashtag_prediction"]
+    lines = [
+        f"corpus: {c['posts_read']:,} openclipart posts read -> {c['records'].get('train', 0):,} train + "
+        f"{c['records'].get('heldout', 0):,} held-out images, {c['labels']:,} canonical hashtags "
+        f"({c['labels_per_post']} per image); {c['eval_near_duplicates_removed']} near-duplicates of "
+        "downstream test images removed",
+        f"pretraining: {p['model']}, {p['image_size']}px, {p['steps']:,} steps x {p['batch_size']} = "
+        f"{p['images_seen']:,} images, {p['sampling']} resampling, {p['loss']} loss",
+        f"hashtag prediction on {h['num_images']:,} held-out posts ({spread}): mAP {_pm(h['mAP'])}, "
+        f"P@1 {_pm(h['precision@1'])}, P@5 {_pm(h['precision@5'])}, R@5 {_pm(h['recall@5'])} (%)",
+        "",
+        f"linear probe on {d['dataset']}: {d['num_classes']} classes, {d['num_train']:,} train / "
+        f"{d['num_test']:,} test images, {d['feature_dim']}-d pooled features at {d['image_size']}px ({spread})",
+        "",
+        "| trunk | top-1 (%) | top-5 (%) | top-1 range |",
+        "|---|---:|---:|---:|",
+    ]
+    for t in d["trunks"].values():
+        lines.append(f"| {t['label']} | {_pm(t['top1'])} | {_pm(t['top5'])} | {_range(t['top1'])} |")
+    g = d["gain_pretrained_minus_random"]
+    verdict = "meets" if d["meets_target"] else "falls short of"
+    lines += [
+        "",
+        f"hashtag-pretrained minus random init: {_pm(g, signed=True)} points top-1 "
+        f"(per seed: {', '.join(f'{100 * x:+.1f}' for x in g['per_seed'])}); {verdict} the target of "
+        f"+{100 * d['target_gain']:.0f}",
+        f"downstream-only trunk with its own trained head (not a probe): top-1 "
+        f"{_pm(d['downstream_only_finetuned_head_top1'])}%",
+        "",
+        "time: " + ", ".join(f"{k} {_duration(v)}" for k, v in s["timing_seconds"].items())
+        + f"; total {_duration(s['wall_seconds'])}",
+    ]
+    return "\n".join(lines)
+
+
+def render_markdown(s: Mapping, plots: Mapping[str, str], workdir: Path) -> str:
+    m = s["machine"]
+    rel = {k: os.path.relpath(v, workdir) for k, v in plots.items()}
+    return "\n".join([
+        "# tagjax demo: summary",
+        "",
+        f"`{s['command']}` on {m['cpu']} ({m['cpu_count']} cores, {m['devices']}, jax {m['jax']}), "
+        f"{_duration(s['wall_seconds'])} wall time.",
+        "",
+        render_table(s),
+        "",
+        "## Figures",
+        "",
+        f"![loss curves]({rel['loss']})",
+        "",
+        f"![hashtag frequency before and after resampling]({rel['tag_frequency']})",
+        "",
+        f"![per-hashtag AP]({rel['per_label_ap']})",
+        "",
+        f"![linear probe comparison]({rel['probe']})",
+        "",
+    ])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole run.
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_config(cfg) -> None:
+    for section in ("demo", "corpus", "probe", "scratch"):
+        if section not in cfg:
+            raise UserError(f"the config has no `{section}` section; start from configs/demo.py.")
+    if int(cfg.demo.seeds) < 1:
+        raise UserError(f"--seeds must be at least 1 (got {int(cfg.demo.seeds)}).")
+    if cfg.data.synthetic:
+        raise UserError("the demo trains on the openclipart corpus; set config.data.synthetic=False.")
+
+
+def run_demo(cfg, workdir: str | Path, *, fresh: bool = False, progress: bool = True,
+             log: Callable[[str], None] = print, command: str = "") -> dict:
+    """Runs every stage (reusing finished ones, see the module docstring); returns the summary dict that
+    is also written to ``WORKDIR/summary.json``."""
+    from tagjax import config as config_lib
+
+    check_config(cfg)
+    config_lib.ensure_absl_flags_parsed()
+    workdir = Path(workdir).expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config_lib.to_json(cfg) + "\n")
+    stages = Stages(workdir, fresh=fresh, log=log)
+    seeds = [int(cfg.seed) + i for i in range(int(cfg.demo.seeds))]
+    log(f"tagjax demo: workdir {workdir}, seeds {', '.join(map(str, seeds))}")
+
+    stages.banner("[1/5] corpus: openclipart -> vocabulary -> deduplicated, decontaminated shards")
+    corpus = stage_corpus(cfg, workdir, stages, progress=progress)
+    corpus_key = stages.key_of("corpus")
+
+    pretrain, randoms, scratch = [], [], []
+    probes: dict[str, list[dict]] = {t: [] for t in TRUNKS}
+    for i, seed in enumerate(seeds):
+        of = f" (seed {seed}, {i + 1} of {len(seeds)})" if len(seeds) > 1 else ""
+        stages.banner(f"[2/5] pretraining on hashtags + held-out hashtag metrics{of}")
+        pre = stage_pretrain(cfg, seed, corpus, corpus_key, workdir, stages, progress=progress)
+        pretrain.append(pre)
+
+        stages.banner(f"[3/5] baselines: random init, trunk trained on the downstream set alone{of}")
+        rnd = stage_random(cfg, seed, corpus, workdir, stages)
+        randoms.append(rnd)
+        scr = stage_downstream_only(cfg, seed, rnd["checkpoint"], workdir, stages, progress=progress)
+        scratch.append(scr)
+
+        stages.banner(f"[4/5] linear probes on {cfg.demo.downstream}{of}")
+        trunk_ckpts = {"pretrained": pre["workdir"], "random": rnd["checkpoint"], "downstream": scr["checkpoint"]}
+        for t in TRUNKS:
+            marker = {"pretrained": f"seed{seed}/pretrain", "random": f"seed{seed}/random",
+                      "downstream": f"seed{seed}/downstream_only"}[t]
+            trunk_key = stages.key_of(marker)
+            probes[t].append(stage_probe(cfg, seed, t, trunk_ckpts[t], trunk_key, workdir, stages,
+                                         progress=progress))
+
+    stages.banner("[5/5] summary and plots")
+    t0 = time.perf_counter()
+    wall = time.perf_counter() - stages.start
+    summary = summarize(cfg, corpus, pretrain, scratch, probes, stages.timing, wall, command)
+    plot_files = make_plots(cfg, workdir, corpus, pretrain, scratch, probes)
+    stages.timed("summary", time.perf_counter() - t0)
+    summary["timing_seconds"] = dict(stages.timing)
+    summary["wall_seconds"] = time.perf_counter() - stages.start
+    summary["plots"] = plot_files
+    summary = _jsonable(summary)
+    (workdir / SUMMARY_JSON).write_text(json.dumps(summary, indent=1) + "\n")
+    (workdir / SUMMARY_MD).write_text(render_markdown(summary, plot_files, workdir))
+    log(render_table(summary))
+    log(f"\nwrote {workdir / SUMMARY_JSON}, {workdir / SUMMARY_MD} and {len(plot_files)} figures in "
+        f"{workdir / PLOTS_DIR}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (parser.description or "") + (
+        ": openclipart -> WordNet hashtag vocabulary -> shards -> pretraining -> hashtag metrics -> linear "
+        "probes against a random and a downstream-only trunk -> summary and plots.")
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
+                        help=f"output directory (default {DEFAULT_WORKDIR}); rerun to reuse finished stages")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="config file (default configs/demo.py); override fields with --config.key=value")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="repeat pretraining, baselines and probes with this many seeds and report mean "
+                             "± std (default: the config's demo.seeds)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="recompute every stage (the rasterized-SVG cache is still used)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    import logging
+
+    from tagjax import config as config_lib
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = config_lib.load(args.config, args.config_overrides)
+    if args.seeds is not None:
+        with cfg.unlocked():
+            cfg.demo.seeds = int(args.seeds)
+    command = "tagjax " + " ".join(sys.argv[1:]) if sys.argv and "tagjax" in Path(sys.argv[0]).name \
+        else f"tagjax demo --workdir {args.workdir}" + (f" --seeds {args.seeds}" if args.seeds else "")
+    run_demo(cfg, args.workdir, fresh=args.fresh, progress=not args.no_progress, command=command)
+    return 0

@@ -1,0 +1,153 @@
+"""The demo's figures (PNG, matplotlib): loss curves, hashtag frequency before and after resampling,
+per-hashtag average precision, and the downstream comparison.
+
+Each function takes plain numbers (what ``summary.json`` and ``metrics.jsonl`` hold), writes one PNG and
+returns its path, so a notebook can redraw any figure from a finished run. Figures are built on
+``matplotlib.figure.Figure`` directly rather than through ``pyplot``: no global state, no GUI backend, safe
+in worker threads and on headless machines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+DPI = 110
+# One color per trunk in the comparison, the same in every figure.
+TRUNK_COLORS = {"pretrained": "#1f77b4", "random": "#7f7f7f", "downstream": "#ff7f0e"}
+
+
+def _figure(width: float, height: float, ncols: int = 1):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, ncols)
+    return fig, (np.atleast_1d(axes).tolist())
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)  # a figure is never left half-written under its final name
+    return path
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` log (tagjax.metrics_writer), [] when the file is missing."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _series(records: Sequence[Mapping], split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = [(r["step"], r[key]) for r in records
+            if r.get("split") == split and r.get(key) is not None and math.isfinite(r[key])]
+    if not rows:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*rows)
+    return np.asarray(steps, np.float64), np.asarray(values, np.float64)
+
+
+def loss_curves(panels: Mapping[str, Sequence[tuple[str, Sequence[Mapping]]]], path: str | Path) -> Path:
+    """One panel per training (title -> [(run label, metrics.jsonl records)]): training loss per logged
+    window as lines, held-out loss (where the run evaluated) as markers of the same color."""
+    fig, axes = _figure(5.2 * len(panels), 3.8, len(panels))
+    for ax, (title, runs) in zip(axes, panels.items()):
+        for i, (label, records) in enumerate(runs):
+            color = f"C{i}"
+            steps, loss = _series(records, "train", "loss")
+            ax.plot(steps, loss, color=color, label=f"{label} train")
+            steps, loss = _series(records, "eval", "loss")
+            if len(steps):
+                ax.plot(steps, loss, "o--", color=color, alpha=0.7, label=f"{label} held-out")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def tag_frequency(before: np.ndarray, after: np.ndarray, names: Sequence[str], path: str | Path, *,
+                  sampling: str = "sqrt", label_top: int = 8) -> Path:
+    """Share of training samples carrying each hashtag, hashtags ranked by their natural frequency:
+    ``before`` with every image drawn equally (the corpus as it is), ``after`` as the trainer's resampled
+    stream drew them. Resampling flattens the Zipfian head so the tail is seen far more often."""
+    before = np.asarray(before, np.float64)
+    after = np.asarray(after, np.float64)
+    order = np.argsort(-before, kind="stable")
+    order = order[before[order] > 0]
+    rank = np.arange(1, len(order) + 1)
+    fig, (ax,) = _figure(7.0, 4.2)
+    ax.plot(rank, before[order], color="#7f7f7f", lw=1.5, label="natural (every image equally)")
+    ax.plot(rank, np.maximum(after[order], 1e-6), ".", ms=3, color="#1f77b4",
+            label=f"after {sampling} resampling (as drawn in training)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for r in range(min(label_top, len(order))):
+        ax.annotate(f"#{names[order[r]]}", (rank[r], before[order[r]]), fontsize=7, rotation=30,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("hashtag rank (by images carrying it)")
+    ax.set_ylabel("share of training samples carrying the hashtag")
+    ax.set_title(f"Hashtag frequency before and after resampling ({len(order)} hashtags)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def per_label_ap(ap: np.ndarray, train_counts: np.ndarray, names: Sequence[str], path: str | Path, *,
+                 bar_labels: int = 25) -> Path:
+    """Held-out average precision per hashtag: against the hashtag's number of training images (left;
+    NaN = no held-out positive, left out), and for the most frequent hashtags by name (right)."""
+    ap = np.asarray(ap, np.float64)
+    counts = np.asarray(train_counts, np.float64)
+    valid = ~np.isnan(ap)
+    fig, (left, right) = _figure(11.0, 4.6, 2)
+    left.scatter(np.maximum(counts[valid], 0.8), 100 * ap[valid], s=10, alpha=0.6, color="#1f77b4")
+    left.set_xscale("log")
+    left.set_xlabel("training images carrying the hashtag")
+    left.set_ylabel("held-out AP (%)")
+    mean = 100 * float(np.mean(ap[valid])) if valid.any() else float("nan")
+    left.axhline(mean, color="#d62728", lw=1, ls="--", label=f"mAP {mean:.1f}")
+    left.set_title(f"Per-hashtag AP ({int(valid.sum())} hashtags with held-out positives)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    order = [i for i in np.argsort(-counts, kind="stable") if valid[i]][:bar_labels]
+    y = np.arange(len(order))
+    right.barh(y, [100 * ap[i] for i in order], color="#1f77b4")
+    right.set_yticks(y, [f"#{names[i]} ({int(counts[i])})" for i in order], fontsize=7)
+    right.invert_yaxis()
+    right.set_xlim(0, 100)
+    right.set_xlabel("held-out AP (%)")
+    right.set_title(f"The {len(order)} most frequent hashtags (training images)")
+    right.grid(alpha=0.3, axis="x")
+    return _save(fig, path)
+
+
+def probe_comparison(rows: Sequence[Mapping], path: str | Path, *, title: str = "") -> Path:
+    """Bars of mean linear-probe top-1 per trunk with the seeds' min-max as error bars and each seed as a
+    dot. ``rows``: [{"key", "label", "top1": [per-seed fractions]}]."""
+    fig, (ax,) = _figure(6.0, 3.8)
+    for i, row in enumerate(rows):
+        values = 100 * np.asarray(row["top1"], np.float64)
+        mean = float(values.mean())
+        color = TRUNK_COLORS.get(row["key"], f"C{i}")
+        ax.bar(i, mean, color=color, alpha=0.85)
+        if len(values) > 1:
+            ax.errorbar(i, mean, yerr=[[mean - values.min()], [values.max() - mean]], color="black",
+                        capsize=5)
+        ax.plot(np.full(len(values), i), values, "k.", ms=5)
+        ax.annotate(f"{mean:.1f}", (i, mean), ha="center", xytext=(0, 6), textcoords="offset points",
+                    fontsize=9)
+    ax.set_xticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
+    ax.set_ylabel("linear probe test top-1 (%)")
+    ax.set_title(title or "Downstream linear probe")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
