@@ -49,6 +49,7 @@ from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 from tagjax import __version__
 from tagjax.errors import UserError
+from tagjax.metrics_writer import as_path
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +317,8 @@ class CheckpointManager:
         install_signal_handler: bool | None = None,
     ):
         _quiet_orbax()
-        self.workdir = Path(workdir).expanduser()
+        # A local path or a URL such as gs://bucket/run (TPU pods); Path() would collapse gs:// to gs:/.
+        self.workdir = as_path(workdir)
         self.directory = self.workdir / CHECKPOINTS_DIRNAME
         self.config = config
         self.base_metadata = dict(metadata or {})
@@ -642,7 +644,7 @@ def resolve(path: str | Path) -> Path:
     A workdir or ``checkpoints/`` folder resolves to its newest *complete* checkpoint (Orbax's
     temporary directories of an interrupted save are never candidates).
     """
-    p = Path(path).expanduser()
+    p = as_path(path)
     if not p.exists():
         raise UserError(
             f"checkpoint path {str(p)!r} does not exist; pass a workdir or a checkpoint directory."

@@ -145,7 +145,7 @@ class Stages:
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     m, s = divmod(seconds, 60)
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
@@ -469,7 +469,8 @@ def _resampled_label_share(dataset: str, num_labels: int, sampling: str, seed: i
     """Share of training samples carrying each label, (a) every image equally, (b) as the trainer's sampler
     draws positions ``[0, positions)`` (the exact stream of the run: tagjax.sampling is a pure function of
     the seed and the position)."""
-    from tagjax import records, sampling as sampling_lib
+    from tagjax import records
+    from tagjax import sampling as sampling_lib
 
     index = records.LabelIndex.load(Path(dataset) / "train.labels.npz")
     before = index.counts(num_labels) / max(1, index.num_records)
