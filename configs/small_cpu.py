@@ -3,8 +3,8 @@
 Bigger than configs/tiny.py (which is sized for tests): all four stages with every downsample, grouped
 3x3 convs (groups=8), batch-norm statistics per group of 16 images as in the paper's per-GPU groups, the
 paper's schedule shape (linear warm-up, then 3 halvings) and hashtag resampling, on the synthetic tagged
-task (32 labels: colored shapes) or on a built dataset. 1,500 steps of 64 images at ~115 img/s: about
-15 minutes on 2 CPU cores::
+task (32 labels: colored shapes) or on a built dataset. 1,500 steps of 64 images at 110-270 img/s:
+6 to 15 minutes on 2 CPU cores::
 
     tagjax train --config configs/small_cpu.py --workdir /tmp/tagjax-small
     # on 8 simulated devices (data x FSDP mesh) with launch/local.sh

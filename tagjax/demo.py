@@ -653,7 +653,7 @@ def check_config(cfg) -> None:
         raise UserError("the demo trains on the openclipart corpus; set config.data.synthetic=False.")
 
 
-def run_demo(cfg, workdir: str | Path, *, fresh: bool = False, progress: bool = True,
+def run_all(cfg, workdir: str | Path, *, fresh: bool = False, progress: bool = True,
              log: Callable[[str], None] = print, command: str = "") -> dict:
     """Runs every stage (reusing finished ones, see the module docstring); returns the summary dict that
     is also written to ``WORKDIR/summary.json``."""
@@ -747,5 +747,5 @@ def run(args) -> int:
             cfg.demo.seeds = int(args.seeds)
     command = "tagjax " + " ".join(sys.argv[1:]) if sys.argv and "tagjax" in Path(sys.argv[0]).name \
         else f"tagjax demo --workdir {args.workdir}" + (f" --seeds {args.seeds}" if args.seeds else "")
-    run_demo(cfg, args.workdir, fresh=args.fresh, progress=not args.no_progress, command=command)
+    run_all(cfg, args.workdir, fresh=args.fresh, progress=not args.no_progress, command=command)
     return 0

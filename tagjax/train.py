@@ -874,8 +874,9 @@ def run(args) -> int:
     from tagjax import config as config_lib
 
     if not logging.getLogger().handlers:
+        # Libraries speak at WARNING and above; tagjax's own progress (restores, saves) at INFO.
         logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
     logging.getLogger("tagjax").setLevel(logging.INFO)
     cfg = config_lib.load(args.config, args.config_overrides)
