@@ -113,4 +113,29 @@ def get_config(arg=None):
     s.train.log_every_images = 64 * 30
     s.train.checkpoint_every_images = 64 * 200
     s.checkpoint.keep_last = 1
+
+    if arg == "tiny":  # tests/test_demo.py and a quick look: a few hundred posts, a few steps, 32px
+        c.demo.downstream = "emoji_subgroups/32px"
+        b.limit = 500
+        b.max_side = 48
+        b.heldout_fraction = 0.2
+        for cfg in (c, s):
+            cfg.data.image_size = 32
+            cfg.data.eval_resize = 36
+            cfg.data.eval_image_size = 32
+        c.model.name = "tiny_resnext"
+        c.optim.warmup_images = 16 * 2
+        c.train.batch_size = 16
+        c.train.total_images = 16 * 8
+        c.train.log_every_images = 16 * 2
+        c.train.eval_every_images = 16 * 4
+        c.train.checkpoint_every_images = 16 * 4
+        s.optim.warmup_images = 16
+        s.train.batch_size = 16
+        s.train.total_images = 16 * 6
+        s.train.log_every_images = 16 * 2
+        s.train.checkpoint_every_images = 16 * 3
+        c.probe.transfer.batch_size = 128
+        c.probe.linear.l2_sweep = (1e-3, 1e-1)
+        c.probe.linear.max_iterations = 50
     return c

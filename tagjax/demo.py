@@ -87,9 +87,9 @@ class Stages:
     """Stage banners with timings, and the record of finished stages in ``WORKDIR/stages/<name>.json``.
 
     A stage's *key* is everything its output depends on. :meth:`begin` returns the stored result when the
-    stage already finished with the same key; otherwise it prepares the stage's directory: kept when an
-    unfinished attempt had the same key (the work resumes from its checkpoints or caches), emptied when the
-    key changed (old outputs must not mix with new ones).
+    stage already finished with the same key; otherwise it returns None with the stage's directory ready:
+    kept as it is when an unfinished attempt had the same key (the work resumes from its checkpoints or
+    caches), created empty otherwise (outputs made with other settings must not mix with new ones).
     """
 
     def __init__(self, workdir: Path, *, fresh: bool, log: Callable[[str], None]):
@@ -119,12 +119,12 @@ class Stages:
                     return stored["result"]
                 if "result" not in stored:
                     self.log(f"{name}: resuming the unfinished stage in {directory}")
-                    self._started = time.perf_counter()
+                    directory.mkdir(parents=True, exist_ok=True)
                     return None
         if directory.exists():
             shutil.rmtree(directory)
+        directory.mkdir(parents=True)
         marker.write_text(json.dumps({"key": key}, indent=1, sort_keys=True) + "\n")
-        self._started = time.perf_counter()
         return None
 
     def finish(self, name: str, key: Mapping, result: Any) -> Any:
@@ -465,10 +465,11 @@ def machine_info() -> dict:
     }
 
 
-def _resampled_label_share(dataset: str, num_labels: int, sampling: str, seed: int, positions: int):
-    """Share of training samples carrying each label, (a) every image equally, (b) as the trainer's sampler
-    draws positions ``[0, positions)`` (the exact stream of the run: tagjax.sampling is a pure function of
-    the seed and the position)."""
+def resampled_label_share(dataset: str, num_labels: int, sampling: str, seed: int, positions: int):
+    """Share of training samples carrying each label (a) with every image drawn equally, (b) in the
+    trainer's stream over positions ``[0, positions)`` (exactly the run's: tagjax.sampling is a pure
+    function of the seed and the position); and (c) the probability of each hashtag being the *drawn* one
+    (None without hashtag resampling)."""
     from tagjax import records
     from tagjax import sampling as sampling_lib
 
@@ -481,7 +482,8 @@ def _resampled_label_share(dataset: str, num_labels: int, sampling: str, seed: i
     times_drawn = np.bincount(drawn, minlength=index.num_records)
     weights = np.repeat(times_drawn, np.diff(index.offsets))
     after = np.bincount(index.labels, weights=weights, minlength=num_labels) / max(1, len(drawn))
-    return before, after
+    drawn_p = sampler.label_probabilities() if inverted is not None else None
+    return before, after, drawn_p
 
 
 def make_plots(cfg, workdir: Path, corpus: dict, pretrain: list[dict], scratch: list[dict], probes: dict) -> dict:
@@ -501,10 +503,10 @@ def make_plots(cfg, workdir: Path, corpus: dict, pretrain: list[dict], scratch: 
                                        f"downstream-only trunk ({cfg.demo.downstream})": scr_runs},
                                       out / "loss.png")
     first = pretrain[0]
-    before, after = _resampled_label_share(dataset, vocab.num_labels, str(cfg.data.sampling), int(first["seed"]),
-                                           int(first["images_seen"]))
+    before, after, drawn_p = resampled_label_share(dataset, vocab.num_labels, str(cfg.data.sampling),
+                                                   int(first["seed"]), int(first["images_seen"]))
     files["tag_frequency"] = plots.tag_frequency(before, after, names, out / "tag_frequency.png",
-                                                 sampling=str(cfg.data.sampling))
+                                                 sampling=str(cfg.data.sampling), drawn=drawn_p)
     ap = np.asarray([np.nan if v is None else v for v in first["heldout"]["per_label_ap"]], np.float64)
     counts = evaluate_lib.label_counts_of(dataset, vocab.num_labels)
     files["per_label_ap"] = plots.per_label_ap(ap, counts, names, out / "per_label_ap.png")
@@ -661,6 +663,10 @@ def run_all(cfg, workdir: str | Path, *, fresh: bool = False, progress: bool = T
 
     check_config(cfg)
     config_lib.ensure_absl_flags_parsed()
+    if not progress:  # TFDS draws its own bars while preparing the downstream set
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config_lib.to_json(cfg) + "\n")
@@ -731,7 +737,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "± std (default: the config's demo.seeds)")
     parser.add_argument("--fresh", action="store_true",
                         help="recompute every stage (the rasterized-SVG cache is still used)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they are off anyway when stderr is not a terminal)")
 
 
 def run(args) -> int:
@@ -747,5 +754,6 @@ def run(args) -> int:
             cfg.demo.seeds = int(args.seeds)
     command = "tagjax " + " ".join(sys.argv[1:]) if sys.argv and "tagjax" in Path(sys.argv[0]).name \
         else f"tagjax demo --workdir {args.workdir}" + (f" --seeds {args.seeds}" if args.seeds else "")
-    run_all(cfg, args.workdir, fresh=args.fresh, progress=not args.no_progress, command=command)
+    progress = not args.no_progress and sys.stderr.isatty()
+    run_all(cfg, args.workdir, fresh=args.fresh, progress=progress, command=command)
     return 0

@@ -76,10 +76,11 @@ def loss_curves(panels: Mapping[str, Sequence[tuple[str, Sequence[Mapping]]]], p
 
 
 def tag_frequency(before: np.ndarray, after: np.ndarray, names: Sequence[str], path: str | Path, *,
-                  sampling: str = "sqrt", label_top: int = 8) -> Path:
+                  sampling: str = "sqrt", drawn: np.ndarray | None = None, label_top: int = 8) -> Path:
     """Share of training samples carrying each hashtag, hashtags ranked by their natural frequency:
     ``before`` with every image drawn equally (the corpus as it is), ``after`` as the trainer's resampled
-    stream drew them. Resampling flattens the Zipfian head so the tail is seen far more often."""
+    stream drew them, and ``drawn`` (optional) the probability of each hashtag being the one the sampler
+    draws. Resampling flattens the Zipfian head so the tail is seen far more often."""
     before = np.asarray(before, np.float64)
     after = np.asarray(after, np.float64)
     order = np.argsort(-before, kind="stable")
@@ -88,7 +89,10 @@ def tag_frequency(before: np.ndarray, after: np.ndarray, names: Sequence[str], p
     fig, (ax,) = _figure(7.0, 4.2)
     ax.plot(rank, before[order], color="#7f7f7f", lw=1.5, label="natural (every image equally)")
     ax.plot(rank, np.maximum(after[order], 1e-6), ".", ms=3, color="#1f77b4",
-            label=f"after {sampling} resampling (as drawn in training)")
+            label=f"after {sampling} resampling (the training stream)")
+    if drawn is not None:
+        ax.plot(rank, np.asarray(drawn, np.float64)[order], color="#1f77b4", lw=1, alpha=0.8,
+                label="probability of being the drawn hashtag")
     ax.set_xscale("log")
     ax.set_yscale("log")
     for r in range(min(label_top, len(order))):
