@@ -96,7 +96,7 @@ class Stages:
         self.workdir = workdir
         self.fresh = fresh
         self.log = log
-        self.timing: dict[str, float] = {}
+        self.reused = 0  # stages whose stored result this invocation used
         self.start = time.perf_counter()
         (workdir / STAGES_DIR).mkdir(parents=True, exist_ok=True)
 
@@ -116,6 +116,7 @@ class Stages:
             if stored.get("key") == key:
                 if "result" in stored and directory.exists():
                     self.log(f"{name}: reusing the finished stage in {directory} (same settings)")
+                    self.reused += 1
                     return stored["result"]
                 if "result" not in stored:
                     self.log(f"{name}: resuming the unfinished stage in {directory}")
@@ -139,9 +140,6 @@ class Stages:
     def key_of(self, name: str) -> Any:
         """The key a stage was (or is being) run with: later stages that build on it include it in theirs."""
         return json.loads(self._marker(name).read_text())["key"]
-
-    def timed(self, name: str, seconds: float) -> None:
-        self.timing[name] = self.timing.get(name, 0.0) + seconds
 
 
 def _duration(seconds: float) -> str:
@@ -230,11 +228,11 @@ def stage_corpus(cfg, workdir: Path, stages: Stages, *, progress: bool) -> dict:
             "dedup": {k: v for k, v in summary.get("dedup", {}).items() if k != "eval_matches"},
             "eval_matches": summary.get("dedup", {}).get("eval_matches", []),
             "eval_set": eval_spec,
+            "seconds": time.perf_counter() - t0,  # downstream set + build
         })
     else:
         report = (dataset / "report.txt").read_text()
     log(report.rstrip())
-    stages.timed("corpus", time.perf_counter() - t0)
     return result
 
 
@@ -302,8 +300,6 @@ def stage_pretrain(cfg, seed: int, corpus: dict, corpus_key: Mapping, workdir: P
         "eval_seconds": time.perf_counter() - t1,
         "heldout": heldout,
     }
-    stages.timed("pretrain", train_s)
-    stages.timed("hashtag_eval", time.perf_counter() - t1)
     return stages.finish(name, key, result)
 
 
@@ -333,10 +329,11 @@ def stage_random(cfg, seed: int, corpus: dict, workdir: Path, stages: Stages) ->
     result = stages.begin(name, run_dir, key)
     if result is not None:
         return result
+    t0 = time.perf_counter()
     path = run_dir / "checkpoint"
     transfer.write_random_init_checkpoint(pcfg, path, num_classes=1, seed=seed)
     stages.log(f"random-init {pcfg.model.name} trunk (seed {seed}) -> {path}")
-    return stages.finish(name, key, {"checkpoint": str(path)})
+    return stages.finish(name, key, {"checkpoint": str(path), "seconds": time.perf_counter() - t0})
 
 
 def scratch_config(cfg, seed: int, data_dir: str):
@@ -366,7 +363,6 @@ def stage_downstream_only(cfg, seed: int, random_ckpt: str, workdir: Path, stage
                f"{int(scfg.train.total_images):,} images seen in batches of {int(scfg.train.batch_size)}, "
                f"{scfg.data.image_size}px crops -> {run_dir}")
     r = transfer.run_finetune(scfg, random_ckpt, run_dir, progress=progress, log_fn=stages.log)
-    stages.timed("downstream_only", time.perf_counter() - t0)
     keep = ("test_top1", "test_top5", "step", "images_seen", "num_train", "num_test", "num_classes")
     return stages.finish(name, key, {"checkpoint": str(run_dir), "seconds": time.perf_counter() - t0,
                                      "finetuned_head": {k: r.get(k) for k in keep}})
@@ -401,10 +397,10 @@ def stage_probe(cfg, seed: int, trunk: str, checkpoint: str, trunk_key: Mapping,
     t0 = time.perf_counter()
     stages.log(f"-- linear probe, {TRUNKS[trunk]} trunk (seed {seed})")
     r = transfer.run_linear(pc, checkpoint, run_dir, progress=progress, log_fn=stages.log)
-    stages.timed("probes", time.perf_counter() - t0)
     keep = ("test_top1", "test_top5", "train_top1", "l2", "feature_dim", "num_train", "num_test", "num_classes",
             "image_size")
-    return stages.finish(name, key, {k: r.get(k) for k in keep} | {"workdir": str(run_dir)})
+    return stages.finish(name, key, {k: r.get(k) for k in keep} | {"workdir": str(run_dir),
+                                                                   "seconds": time.perf_counter() - t0})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -517,8 +513,26 @@ def make_plots(cfg, workdir: Path, corpus: dict, pretrain: list[dict], scratch: 
     return {k: str(v) for k, v in files.items()}
 
 
-def summarize(cfg, corpus: dict, pretrain: list[dict], scratch: list[dict], probes: dict, timing: dict,
-              wall: float, command: str) -> dict:
+def compute_seconds(corpus: dict, pretrain: list[dict], randoms: list[dict], scratch: list[dict],
+                    probes: dict) -> dict[str, float]:
+    """What producing the results cost, per stage, whether computed now or by an earlier invocation (the
+    stage results carry their own durations)."""
+
+    def total(results, key="seconds"):
+        return float(sum(r.get(key) or 0.0 for r in results))
+
+    return {
+        "corpus": float(corpus.get("seconds") or 0.0),
+        "pretrain": total(pretrain, "train_seconds"),
+        "hashtag_eval": total(pretrain, "eval_seconds"),
+        "random_init": total(randoms),
+        "downstream_only": total(scratch),
+        "probes": total([p for t in probes.values() for p in t]),
+    }
+
+
+def summarize(cfg, corpus: dict, pretrain: list[dict], randoms: list[dict], scratch: list[dict], probes: dict,
+              wall: float, reused: int, command: str) -> dict:
     seeds = [r["seed"] for r in pretrain]
     trunks = {}
     for t in TRUNKS:
@@ -536,8 +550,9 @@ def summarize(cfg, corpus: dict, pretrain: list[dict], scratch: list[dict], prob
         "command": command,
         "seeds": seeds,
         "machine": machine_info(),
-        "wall_seconds": wall,
-        "timing_seconds": timing,
+        "compute_seconds": compute_seconds(corpus, pretrain, randoms, scratch, probes),
+        "wall_seconds": wall,  # this invocation (less than the compute time when stages were reused)
+        "stages_reused": reused,
         "corpus": {
             "posts_read": stats["posts_read"],
             "records": stats["records"],
@@ -610,8 +625,10 @@ def render_table(s: Mapping) -> str:
         f"downstream-only trunk with its own trained head (not a probe): top-1 "
         f"{_pm(d['downstream_only_finetuned_head_top1'])}%",
         "",
-        "time: " + ", ".join(f"{k} {_duration(v)}" for k, v in s["timing_seconds"].items())
-        + f"; total {_duration(s['wall_seconds'])}",
+        "compute time: " + ", ".join(f"{k} {_duration(v)}" for k, v in s["compute_seconds"].items())
+        + f"; total {_duration(sum(s['compute_seconds'].values()))}"
+        + (f" (this invocation {_duration(s['wall_seconds'])}, reusing {s['stages_reused']} finished stages)"
+           if s["stages_reused"] else f" (wall time {_duration(s['wall_seconds'])})"),
     ]
     return "\n".join(lines)
 
@@ -623,7 +640,9 @@ def render_markdown(s: Mapping, plots: Mapping[str, str], workdir: Path) -> str:
         "# tagjax demo: summary",
         "",
         f"`{s['command']}` on {m['cpu']} ({m['cpu_count']} cores, {m['devices']}, jax {m['jax']}), "
-        f"{_duration(s['wall_seconds'])} wall time.",
+        f"{_duration(sum(s['compute_seconds'].values()))} of computation"
+        + (f" ({_duration(s['wall_seconds'])} for this invocation, which reused finished stages)."
+           if s["stages_reused"] else f", {_duration(s['wall_seconds'])} wall time."),
         "",
         render_table(s),
         "",
@@ -702,13 +721,9 @@ def run_all(cfg, workdir: str | Path, *, fresh: bool = False, progress: bool = T
                                          progress=progress))
 
     stages.banner("[5/5] summary and plots")
-    t0 = time.perf_counter()
-    wall = time.perf_counter() - stages.start
-    summary = summarize(cfg, corpus, pretrain, scratch, probes, stages.timing, wall, command)
     plot_files = make_plots(cfg, workdir, corpus, pretrain, scratch, probes)
-    stages.timed("summary", time.perf_counter() - t0)
-    summary["timing_seconds"] = dict(stages.timing)
-    summary["wall_seconds"] = time.perf_counter() - stages.start
+    summary = summarize(cfg, corpus, pretrain, randoms, scratch, probes, time.perf_counter() - stages.start,
+                        stages.reused, command)
     summary["plots"] = plot_files
     summary = _jsonable(summary)
     (workdir / SUMMARY_JSON).write_text(json.dumps(summary, indent=1) + "\n")

@@ -148,8 +148,8 @@ def probe_comparison(rows: Sequence[Mapping], path: str | Path, *, title: str = 
             ax.errorbar(i, mean, yerr=[[mean - values.min()], [values.max() - mean]], color="black",
                         capsize=5)
         ax.plot(np.full(len(values), i), values, "k.", ms=5)
-        ax.annotate(f"{mean:.1f}", (i, mean), ha="center", xytext=(0, 6), textcoords="offset points",
-                    fontsize=9)
+        ax.annotate(f"{mean:.1f}", (i, float(values.max())), ha="center", xytext=(0, 7),
+                    textcoords="offset points", fontsize=9)  # above the error bar
     ax.set_xticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
     ax.set_ylabel("linear probe test top-1 (%)")
     ax.set_title(title or "Downstream linear probe")
