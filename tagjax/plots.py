@@ -150,6 +150,8 @@ def probe_comparison(rows: Sequence[Mapping], path: str | Path, *, title: str = 
         ax.plot(np.full(len(values), i), values, "k.", ms=5)
         ax.annotate(f"{mean:.1f}", (i, float(values.max())), ha="center", xytext=(0, 7),
                     textcoords="offset points", fontsize=9)  # above the error bar
+    top = max((100 * float(np.max(r["top1"])) for r in rows), default=1.0)
+    ax.set_ylim(0, top * 1.15)  # room for the value labels under the title
     ax.set_xticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
     ax.set_ylabel("linear probe test top-1 (%)")
     ax.set_title(title or "Downstream linear probe")
