@@ -26,8 +26,28 @@ from PIL import Image
 
 from tagjax import build, images
 
-TAGS = ["dog", "cat", "beach", "car", "tree", "house", "boat", "flower", "bird", "horse", "mountain",
-        "bridge", "pizza", "guitar", "bicycle", "train", "castle", "sunset", "lake", "forest"]
+TAGS = [
+    "dog",
+    "cat",
+    "beach",
+    "car",
+    "tree",
+    "house",
+    "boat",
+    "flower",
+    "bird",
+    "horse",
+    "mountain",
+    "bridge",
+    "pizza",
+    "guitar",
+    "bicycle",
+    "train",
+    "castle",
+    "sunset",
+    "lake",
+    "forest",
+]
 
 
 def make_corpus(root: Path, n: int, width: int, height: int, seed: int = 0) -> Path:
@@ -46,8 +66,17 @@ def make_corpus(root: Path, n: int, width: int, height: int, seed: int = 0) -> P
         Image.fromarray(img).save(buf, "JPEG", quality=90)
         (root / "img" / f"{i:06d}.jpg").write_bytes(buf.getvalue())
         tags = list(rng.choice(TAGS, size=int(rng.integers(1, 4)), replace=False))
-        lines.append(json.dumps({"id": f"post{i:06d}", "image": f"img/{i:06d}.jpg", "tags": tags,
-                                 "user": f"user{i % 97}", "public": True}))
+        lines.append(
+            json.dumps(
+                {
+                    "id": f"post{i:06d}",
+                    "image": f"img/{i:06d}.jpg",
+                    "tags": tags,
+                    "user": f"user{i % 97}",
+                    "public": True,
+                }
+            )
+        )
     (root / "posts.jsonl").write_text("\n".join(lines) + "\n")
     return root / "posts.jsonl"
 
@@ -76,19 +105,25 @@ def main():
             inputs = (f"jsonl:{corpus / 'posts.jsonl'}",)
         for workers in args.workers:
             cfg = build.BuildConfig(
-                inputs=inputs, output=str(tmp / f"out{workers}"), workers=workers, progress=False,
+                inputs=inputs,
+                output=str(tmp / f"out{workers}"),
+                workers=workers,
+                progress=False,
                 images=images.ImageOptions(max_side=args.max_side),
-                raster_cache=args.raster_cache)
+                raster_cache=args.raster_cache,
+            )
             t0 = time.time()
             stats = build.build(cfg)
             total = time.time() - t0
             attempted = stats["images"]["attempted"]
             img_s = stats["timing_s"]["images"]
-            print(f"workers={workers}: {stats['posts_read']} posts read, {attempted} images, "
-                  f"{stats['posts_written']} written; total {total:.1f}s = {stats['posts_read'] / total:.0f} "
-                  f"posts/s ({stats['posts_read'] / total / workers:.0f} per core); image stage "
-                  f"{img_s:.1f}s = {attempted / img_s:.0f} img/s ({attempted / img_s / workers:.0f} per core); "
-                  f"phases {stats['timing_s']}")
+            print(
+                f"workers={workers}: {stats['posts_read']} posts read, {attempted} images, "
+                f"{stats['posts_written']} written; total {total:.1f}s = {stats['posts_read'] / total:.0f} "
+                f"posts/s ({stats['posts_read'] / total / workers:.0f} per core); image stage "
+                f"{img_s:.1f}s = {attempted / img_s:.0f} img/s ({attempted / img_s / workers:.0f} per core); "
+                f"phases {stats['timing_s']}"
+            )
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}")
 
 

@@ -37,7 +37,8 @@ def _hash_one(args):
     rng = np.random.default_rng(seed)
     scale = rng.uniform(0.5, 0.8)
     copy = Image.fromarray(p.pixels).resize(
-        (max(8, round(p.width * scale)), max(8, round(p.height * scale))), Image.Resampling.BILINEAR)
+        (max(8, round(p.width * scale)), max(8, round(p.height * scale))), Image.Resampling.BILINEAR
+    )
     buf = io.BytesIO()
     copy.save(buf, "JPEG", quality=int(rng.integers(60, 86)))
     q = images.process(buf.getvalue(), opts)
@@ -52,10 +53,13 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cache", default=str(posts.default_raster_cache()))
     ap.add_argument("--sheet", default="")
-    ap.add_argument("--apart", default="codifiedivining",
-                    help="creator whose collection is also reported apart (openclipart's ~1.4k machine-"
-                         "generated spirograph stars: thin radial lines with almost no low-frequency "
-                         "structure, the worst case for a DCT hash)")
+    ap.add_argument(
+        "--apart",
+        default="codifiedivining",
+        help="creator whose collection is also reported apart (openclipart's ~1.4k machine-"
+        "generated spirograph stars: thin radial lines with almost no low-frequency "
+        "structure, the worst case for a DCT hash)",
+    )
     args = ap.parse_args()
 
     items = [p for p in posts.read_openclipart(args.root) if p.problem is None]
@@ -83,10 +87,15 @@ def main():
     for t in range(0, 17):
         pairs = dedup.near_pairs(h, t)
         touched = len(np.unique(pairs[:, :2])) if len(pairs) else 0
-        print(f"{t:2d}  {np.mean(copy_d <= t):8.4f}  {cum[t]:10d}  ({cum[t] / pairs_total:.2e})  "
-              f"{touched:6d} ({touched / n:.3f})")
-    print("copy distance percentiles 50/90/99/max:",
-          np.percentile(copy_d, [50, 90, 99]).tolist(), int(copy_d.max()))
+        print(
+            f"{t:2d}  {np.mean(copy_d <= t):8.4f}  {cum[t]:10d}  ({cum[t] / pairs_total:.2e})  "
+            f"{touched:6d} ({touched / n:.3f})"
+        )
+    print(
+        "copy distance percentiles 50/90/99/max:",
+        np.percentile(copy_d, [50, 90, 99]).tolist(),
+        int(copy_d.max()),
+    )
     users = np.array([r[4] for r in results])
     rest = users != args.apart
     print(f"\nwithout the {(~rest).sum()} images of {args.apart!r} ({rest.sum()} images):")
@@ -94,7 +103,9 @@ def main():
     for t in range(0, 13, 2):
         pairs = dedup.near_pairs(h[rest], t)
         touched = len(np.unique(pairs[:, :2])) if len(pairs) else 0
-        print(f"{t:2d}  {np.mean(copy_d[rest] <= t):8.4f}  {len(pairs):10d}  {touched:6d} ({touched / rest.sum():.3f})")
+        print(
+            f"{t:2d}  {np.mean(copy_d[rest] <= t):8.4f}  {len(pairs):10d}  {touched:6d} ({touched / rest.sum():.3f})"
+        )
     print(f"{args.apart!r} alone: copies<=4 {np.mean(copy_d[~rest] <= 4):.4f}")
     if args.sheet:
         jpeg = {r[0]: r[3] for r in results}

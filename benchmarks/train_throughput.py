@@ -69,8 +69,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=3, help="timed windows; the median is reported"
     )
-    parser.add_argument("--num-classes", type=int, default=0, help="head size (default: 1000 for full-size "
-                        "models, the synthetic task's label count for test models)")  # fmt: skip
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=0,
+        help="head size (default: 1000 for full-size "
+        "models, the synthetic task's label count for test models)",
+    )
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
     config_lib.ensure_absl_flags_parsed()
     cfg = config_lib.load(args.config, overrides)

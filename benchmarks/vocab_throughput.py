@@ -25,7 +25,9 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))  # run from a checkout
+sys.path.insert(
+    0, str(__import__("pathlib").Path(__file__).resolve().parent.parent)
+)  # run from a checkout
 
 from tagjax import hashtags as H
 from tagjax import vocab as V
@@ -70,7 +72,7 @@ def make_universe(table: H.NounTable, size: int, rng: random.Random) -> list[str
 
 def make_posts(universe: list[str], num_tags: int, zipf: float, rng_np: np.random.Generator):
     ranks = np.arange(1, len(universe) + 1, dtype=np.float64)
-    p = ranks ** -zipf
+    p = ranks**-zipf
     p /= p.sum()
     draws = rng_np.choice(len(universe), size=num_tags, p=p)
     lengths = np.clip(rng_np.poisson(5, size=num_tags // 3), 1, 15)
@@ -78,7 +80,7 @@ def make_posts(universe: list[str], num_tags: int, zipf: float, rng_np: np.rando
     for n in lengths:
         if pos + n > num_tags:
             break
-        posts.append([universe[j] for j in draws[pos:pos + n]])
+        posts.append([universe[j] for j in draws[pos : pos + n]])
         pos += n
     return posts
 
@@ -105,7 +107,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tags", type=int, default=2_000_000, help="tags in the Zipfian stream")
     ap.add_argument("--zipf", type=float, default=1.1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--vocab", default="nouns", help="'nouns' (17k built from the stream), 'in1k', or a file")
+    ap.add_argument(
+        "--vocab", default="nouns", help="'nouns' (17k built from the stream), 'in1k', or a file"
+    )
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -156,14 +160,21 @@ def main(argv=None) -> int:
     warm_anc_rate = rate(warm_anc, posts, args.repeats)
     kept = sum(len(canon(p).label_ids) for p in posts[:100_000])
     result = {
-        "vocab": f"{args.vocab} ({vocab.num_labels} labels)", "tags": num_tags, "posts": len(posts),
-        "distinct_tags": distinct, "zipf": args.zipf, "noun_table_load_s": round(load_s, 3),
-        "warm_tags_per_cpu_s": round(warm_rate[0]), "warm_tags_per_wall_s": round(warm_rate[1]),
+        "vocab": f"{args.vocab} ({vocab.num_labels} labels)",
+        "tags": num_tags,
+        "posts": len(posts),
+        "distinct_tags": distinct,
+        "zipf": args.zipf,
+        "noun_table_load_s": round(load_s, 3),
+        "warm_tags_per_cpu_s": round(warm_rate[0]),
+        "warm_tags_per_wall_s": round(warm_rate[1]),
         "warm_posts_per_cpu_s": round(warm_rate[0] * len(posts) / num_tags),
         "warm_drop_ancestors_tags_per_cpu_s": round(warm_anc_rate[0]),
-        "cold_tags_per_cpu_s": round(cold_rate[0]), "cold_tags_per_wall_s": round(cold_rate[1]),
+        "cold_tags_per_cpu_s": round(cold_rate[0]),
+        "cold_tags_per_wall_s": round(cold_rate[1]),
         "labels_per_post": round(kept / min(len(posts), 100_000), 2),
-        "python": sys.version.split()[0], "machine": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0],
+        "machine": platform.processor() or platform.machine(),
     }
     print(json.dumps(result, indent=1))
     return 0

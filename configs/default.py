@@ -39,7 +39,9 @@ def get_config(arg=None):
     c.data.color_jitter = 0.0  # brightness/contrast/saturation strength; 0 = off
     c.data.mean = (0.485, 0.456, 0.406)  # ImageNet statistics, as the released models used
     c.data.std = (0.229, 0.224, 0.225)
-    c.data.max_labels = 16  # padded label ids per image (images with more keep a deterministic subset)
+    c.data.max_labels = (
+        16  # padded label ids per image (images with more keep a deterministic subset)
+    )
     c.data.label_noise = 0.0  # replace each label with prob p by one drawn from the label marginal
     c.data.drop_ancestors = False  # drop a label when a WordNet descendant is on the same image
     c.data.num_workers = 0  # grain worker processes per host (0 = in the main process)
@@ -47,13 +49,19 @@ def get_config(arg=None):
     c.data.max_bad_record_fraction = 0.001  # skip and count bad records; fail loudly above this
     # The fraction is enforced once this many records were read (one early bad record is not a rate).
     c.data.bad_record_min_reads = 10_000
-    c.data.max_redraws = 16  # a bad training record is redrawn; this many bad draws in a row = broken data
-    c.data.fast_jpeg = True  # libjpeg-turbo fast DCT + fast chroma upsampling (a few % faster decoding)
+    c.data.max_redraws = (
+        16  # a bad training record is redrawn; this many bad draws in a row = broken data
+    )
+    c.data.fast_jpeg = (
+        True  # libjpeg-turbo fast DCT + fast chroma upsampling (a few % faster decoding)
+    )
     # Where derived files (the hashtag -> images index, ~4 bytes per image-hashtag pair) are cached;
     # "" = inside the dataset directory when writable, else ~/.cache/tagjax/index.
     c.data.cache_dir = ""
     c.data.synthetic_num_labels = 16  # synthetic task: labels (colored shapes), at most 80
-    c.data.synthetic_labels_per_image = 3  # synthetic task: each image carries 1..this many labels (<= 4)
+    c.data.synthetic_labels_per_image = (
+        3  # synthetic task: each image carries 1..this many labels (<= 4)
+    )
     c.data.synthetic_eval_images = 512  # synthetic task: held-out images
 
     # --- model (tagjax.models) -------------------------------------------------------------------
@@ -70,7 +78,9 @@ def get_config(arg=None):
     c.model.bn_epsilon = 1e-5
 
     # --- loss (tagjax.losses) ---------------------------------------------------------------------
-    c.loss = "softmax"  # softmax CE against 1/k on each of k labels; "sigmoid" = per-label BCE baseline
+    c.loss = (
+        "softmax"  # softmax CE against 1/k on each of k labels; "sigmoid" = per-label BCE baseline
+    )
 
     # --- optimizer and schedule (tagjax.optim) ----------------------------------------------------
     c.optim = ml_collections.ConfigDict()
@@ -95,7 +105,9 @@ def get_config(arg=None):
     c.train.eval_max_images = 50_000  # held-out images per evaluation (0 = all)
     c.train.checkpoint_every_images = 10_000_000
     c.train.nan_policy = "stop"  # "stop" with a clear message, or "skip" the update and count it
-    c.train.max_consecutive_nonfinite = 20  # with nan_policy=skip: stop after this many skips in a row
+    c.train.max_consecutive_nonfinite = (
+        20  # with nan_policy=skip: stop after this many skips in a row
+    )
     c.train.profile_steps = ()  # e.g. (10, 15): trace steps [10, 15) to <workdir>/profile
     c.train.compilation_cache_dir = "~/.cache/tagjax/jax_cache"  # "" = off
 

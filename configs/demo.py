@@ -46,14 +46,22 @@ def get_config(arg=None):
     b.inputs = ("openclipart",)  # Debian's openclipart-svg (/usr/share/openclipart/svg)
     b.max_side = 96  # px: SVGs are rasterized (and stored) with the shorter side at this size
     b.min_side = 16  # px: smaller images are skipped
-    b.raster_cache = "default"  # rasterized-SVG cache: "default" = ~/.cache/tagjax/raster, "" = off, or a path
+    b.raster_cache = (
+        "default"  # rasterized-SVG cache: "default" = ~/.cache/tagjax/raster, "" = off, or a path
+    )
     b.vocab_mode = "nouns"  # vocabulary: every visual WordNet noun the corpus uses (its own counts)
     b.vocab_top_k = 0  # keep the k most frequent labels (0 = all)
     b.vocab_min_count = 2  # a label needs at least this many posts
-    b.habit_fraction = 0.5  # a hashtag on more than this share of one uploader's posts is their habit...
-    b.habit_min_posts = 20  # ... for uploaders with at least this many posts (dropped from their posts)
+    b.habit_fraction = (
+        0.5  # a hashtag on more than this share of one uploader's posts is their habit...
+    )
+    b.habit_min_posts = (
+        20  # ... for uploaders with at least this many posts (dropped from their posts)
+    )
     b.near_threshold = 4  # near-duplicate removal: Hamming distance of 64-bit perceptual hashes
-    b.eval_threshold = 6  # decontamination against the downstream test images (looser: a miss costs more)
+    b.eval_threshold = (
+        6  # decontamination against the downstream test images (looser: a miss costs more)
+    )
     b.heldout_fraction = 0.1  # share of posts held out for hashtag-prediction metrics (~230 posts)
     b.split_seed = "tagjax"  # salt of the post-id hash that splits train / held-out
     b.shard_size = 1000  # records per shard
@@ -62,7 +70,9 @@ def get_config(arg=None):
 
     # --- pretraining (tagjax.train) --------------------------------------------------------------------
     c.data.image_size = IMAGE  # random-resized crops, px
-    c.data.eval_resize = RESIZE  # held-out evaluation and probes: shorter side to RESIZE, center crop IMAGE
+    c.data.eval_resize = (
+        RESIZE  # held-out evaluation and probes: shorter side to RESIZE, center crop IMAGE
+    )
     c.data.eval_image_size = IMAGE
     c.data.crop_area_range = (0.3, 1.0)  # cliparts are centred drawings: keep most of the picture
     c.data.max_labels = 8  # a clipart keeps ~2 canonical hashtags; a handful have more
@@ -93,7 +103,9 @@ def get_config(arg=None):
     lin = transfer_linear.get_config()
     c.probe = ml_collections.ConfigDict()
     c.probe.transfer = lin.transfer
-    c.probe.transfer.image_size = 0  # 0 = the trunk's own eval_image_size (IMAGE) after resizing to RESIZE
+    c.probe.transfer.image_size = (
+        0  # 0 = the trunk's own eval_image_size (IMAGE) after resizing to RESIZE
+    )
     c.probe.transfer.dtype = "float32"
     c.probe.transfer.num_threads = 2
     c.probe.linear = lin.linear

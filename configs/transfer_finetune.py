@@ -21,11 +21,17 @@ from configs import default
 def get_config(arg=None):
     c = default.get_config(arg)
     t = c.transfer = ml_collections.ConfigDict()
-    t.dataset = "emoji_subgroups"  # a tagjax.downstream name, a TFDS name, or a class-per-folder directory
+    t.dataset = (
+        "emoji_subgroups"  # a tagjax.downstream name, a TFDS name, or a class-per-folder directory
+    )
     t.data_dir = ""  # TFDS data directory ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)
-    t.folder_test_fraction = 0.2  # single-level class folders: share of files (by path hash) in test
+    t.folder_test_fraction = (
+        0.2  # single-level class folders: share of files (by path hash) in test
+    )
     t.dtype = ""  # compute dtype ("" = the checkpoint's model.dtype)
-    t.bn_group_size = -1  # batch-norm statistics groups while fine-tuning (-1 = the checkpoint's; 0 = whole batch)
+    t.bn_group_size = (
+        -1
+    )  # batch-norm statistics groups while fine-tuning (-1 = the checkpoint's; 0 = whole batch)
     t.epochs = 30  # used when train.total_images is 0: passes over the training split
     t.label_smoothing = 0.0  # of the one-hot target
     t.num_threads = 4  # image decoding threads

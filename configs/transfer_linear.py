@@ -18,11 +18,17 @@ from configs import default
 def get_config(arg=None):
     c = default.get_config(arg)
     t = c.transfer = ml_collections.ConfigDict()
-    t.dataset = "emoji_subgroups"  # a tagjax.downstream name, a TFDS name, or a class-per-folder directory
+    t.dataset = (
+        "emoji_subgroups"  # a tagjax.downstream name, a TFDS name, or a class-per-folder directory
+    )
     t.data_dir = ""  # TFDS data directory ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)
-    t.folder_test_fraction = 0.2  # single-level class folders: share of files (by path hash) in test
+    t.folder_test_fraction = (
+        0.2  # single-level class folders: share of files (by path hash) in test
+    )
     t.image_size = 0  # center-crop side, pixels (0 = the checkpoint's data.eval_image_size)
-    t.resize = 0  # shorter side before the crop, pixels (0 = keep the checkpoint's resize/crop ratio)
+    t.resize = (
+        0  # shorter side before the crop, pixels (0 = keep the checkpoint's resize/crop ratio)
+    )
     t.dtype = ""  # compute dtype of the trunk ("" = the checkpoint's model.dtype)
     t.batch_size = 64  # images per forward pass during feature extraction
     t.num_threads = 4  # image decoding threads
@@ -30,7 +36,9 @@ def get_config(arg=None):
     t.max_bad_fraction = 0.001  # unreadable images are skipped and counted; fail above this share
 
     lin = c.linear = ml_collections.ConfigDict()
-    lin.val_fraction = 0.2  # share of each class's training examples (by variant group) held out for the sweep
+    lin.val_fraction = (
+        0.2  # share of each class's training examples (by variant group) held out for the sweep
+    )
     # L2 strengths to try, on the mean cross-entropy: loss = CE + lambda / 2 * ||W||^2 (bias not penalized).
     lin.l2_sweep = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
     lin.max_iterations = 300  # L-BFGS iterations per fit

@@ -71,12 +71,21 @@ EXACT_DUPLICATE = "exact_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
 OPTOUT_AFTER_BUILD = "optout_after_build"
 # Inputs that are broken (not merely filtered): they count against --max-failure-fraction.
-FAILURE_REASONS = frozenset(images_lib.FAILURE_REASONS | {posts_lib.MISSING_IMAGE,
-                                                            posts_lib.SVG_UNRENDERABLE})
+FAILURE_REASONS = frozenset(
+    images_lib.FAILURE_REASONS | {posts_lib.MISSING_IMAGE, posts_lib.SVG_UNRENDERABLE}
+)
 
 STAGING = ".staging"
-OUTPUT_FILES = ("vocab.json", "stats.json", "report.txt", "train.labels.npz", "heldout.labels.npz",
-                records.MANIFEST, records.MANIFEST + ".tmp", "dataset.json.pending")
+OUTPUT_FILES = (
+    "vocab.json",
+    "stats.json",
+    "report.txt",
+    "train.labels.npz",
+    "heldout.labels.npz",
+    records.MANIFEST,
+    records.MANIFEST + ".tmp",
+    "dataset.json.pending",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +96,9 @@ class BuildConfig:
     inputs: tuple[str, ...]
     output: str
     vocab: str | None = None  # vocab.json path or "in1k"; None = build one from this corpus' counts
-    vocab_mode: str = "nouns"  # when building: "nouns" (any visual noun) or "in1k" (ImageNet-aligned)
+    vocab_mode: str = (
+        "nouns"  # when building: "nouns" (any visual noun) or "in1k" (ImageNet-aligned)
+    )
     vocab_top_k: int = 0  # when building: keep the k most frequent labels (0 = all)
     vocab_min_count: int = 2  # when building: a label needs at least this many posts
     drop_ancestors: bool = False  # drop a label when a WordNet descendant is on the same post
@@ -108,9 +119,13 @@ class BuildConfig:
     shard_size: int = 10_000  # records per shard (at most)
     workers: int = 0  # image worker processes; 0 = all CPU cores, 1 = in this process
     max_failure_fraction: float = 0.05  # broken images / attempted above this stops the build
-    failure_min_images: int = 1000  # ... checked once this many images were attempted (and at the end)
+    failure_min_images: int = (
+        1000  # ... checked once this many images were attempted (and at the end)
+    )
     limit: int = 0  # read at most this many posts in total (0 = all); a quick subset
-    raster_cache: str | None = None  # rasterized-SVG cache dir; None = ~/.cache/tagjax/raster, "" = off
+    raster_cache: str | None = (
+        None  # rasterized-SVG cache dir; None = ~/.cache/tagjax/raster, "" = off
+    )
     overwrite: bool = False  # replace a previous build in `output`
     yfcc_images: str | None = None  # folder of YFCC100M photos
     progress: bool = True
@@ -187,8 +202,9 @@ def tag_forms(post: posts_lib.Post) -> tuple[str, ...]:
     return tuple(out)
 
 
-def habits_of_user(num_posts: int, form_posts: Mapping[str, int], fraction: float,
-                   min_posts: int) -> frozenset[str]:
+def habits_of_user(
+    num_posts: int, form_posts: Mapping[str, int], fraction: float, min_posts: int
+) -> frozenset[str]:
     """The hashtags one user puts on more than ``fraction`` of their posts (users with >= min_posts)."""
     if num_posts < min_posts:
         return frozenset()
@@ -240,16 +256,22 @@ class ImageResult:
     phash: int = 0
 
 
-def process_post_image(post: posts_lib.Post, options: images_lib.ImageOptions,
-                       cache: posts_lib.RasterCache | None) -> ImageResult:
+def process_post_image(
+    post: posts_lib.Post, options: images_lib.ImageOptions, cache: posts_lib.RasterCache | None
+) -> ImageResult:
     """Load, normalize and hash one post's image; every failure becomes a counted reason."""
     try:
         data = posts_lib.load_image_bytes(post, options.max_side, cache)
         p = images_lib.process(data, options)
     except images_lib.ImageSkip as e:
         return ImageResult(post.post_id, reason=e.reason, detail=e.detail[:200])
-    return ImageResult(post.post_id, jpeg=p.jpeg, source_pixels=p.source_pixels,
-                       content_hash=dedup_lib.content_hash(p.pixels), phash=dedup_lib.phash(p.pixels))
+    return ImageResult(
+        post.post_id,
+        jpeg=p.jpeg,
+        source_pixels=p.source_pixels,
+        content_hash=dedup_lib.content_hash(p.pixels),
+        phash=dedup_lib.phash(p.pixels),
+    )
 
 
 class EvalMatcher:
@@ -285,21 +307,33 @@ def build_vocabulary(cfg: BuildConfig, form_counts: Mapping[str, int]):
     if cfg.vocab:
         return vocab_lib.Vocabulary.load(cfg.vocab)
     if not form_counts:
-        raise UserError("no post has a hashtag left to build a vocabulary from; check the inputs "
-                        "(or pass --vocab in1k / --vocab FILE).")
-    return vocab_lib.build_vocabulary(form_counts, mode=cfg.vocab_mode, top_k=cfg.vocab_top_k or None,
-                                      min_count=cfg.vocab_min_count, source="tagjax build",
-                                      progress=False)
+        raise UserError(
+            "no post has a hashtag left to build a vocabulary from; check the inputs "
+            "(or pass --vocab in1k / --vocab FILE)."
+        )
+    return vocab_lib.build_vocabulary(
+        form_counts,
+        mode=cfg.vocab_mode,
+        top_k=cfg.vocab_top_k or None,
+        min_count=cfg.vocab_min_count,
+        source="tagjax build",
+        progress=False,
+    )
 
 
-def make_record(post_id: str, jpeg: bytes, labels: Sequence[int], user: str | None,
-                keep_user_ids: bool) -> bytes:
-    return records.encode(records.Record(post_id=post_id, image=jpeg, labels=tuple(labels),
-                                         user=user if keep_user_ids else None))
+def make_record(
+    post_id: str, jpeg: bytes, labels: Sequence[int], user: str | None, keep_user_ids: bool
+) -> bytes:
+    return records.encode(
+        records.Record(
+            post_id=post_id, image=jpeg, labels=tuple(labels), user=user if keep_user_ids else None
+        )
+    )
 
 
-def write_one_shard(root: Path, split: str, index: int, count: int,
-                    items: Iterable[tuple[str, bytes]]) -> tuple[str, list[list[int]]]:
+def write_one_shard(
+    root: Path, split: str, index: int, count: int, items: Iterable[tuple[str, bytes]]
+) -> tuple[str, list[list[int]]]:
     """Writes one shard from (post_id, encoded record) items in the canonical order (sorted by id hash);
     returns its file name and its records' label lists in order. Local and Beam builds both call this,
     which is why they write identical shards."""
@@ -319,7 +353,8 @@ class Stats:
         self.read = collections.Counter()  # source -> posts read
         self.dropped = collections.Counter()  # reason -> posts
         self.dropped_by_source: dict[str, collections.Counter] = collections.defaultdict(
-            collections.Counter)
+            collections.Counter
+        )
         self.kept_by_source = collections.Counter()
         self.tags_dropped = collections.Counter()  # hashtag-level reasons (tagjax.hashtags)
         self.images_attempted = 0
@@ -331,8 +366,13 @@ class Stats:
         self.dropped_by_source[source][reason] += n
 
 
-def summarize(stats: Stats, cfg_json: dict, vocab, split_labels: Mapping[str, list[list[int]]],
-              timing: Mapping[str, float]) -> dict:
+def summarize(
+    stats: Stats,
+    cfg_json: dict,
+    vocab,
+    split_labels: Mapping[str, list[list[int]]],
+    timing: Mapping[str, float],
+) -> dict:
     """stats.json content."""
     counts = {s: len(v) for s, v in split_labels.items()}
     train_counts = np.zeros(vocab.num_labels, np.int64)
@@ -350,7 +390,9 @@ def summarize(stats: Stats, cfg_json: dict, vocab, split_labels: Mapping[str, li
             "read": stats.read[source],
             "kept": stats.kept_by_source[source],
             "dropped": dict(sorted(d.items())),
-            "dedup_removal_rate": round(sum(d[r] for r in dedup_reasons) / hashed, 4) if hashed else 0.0,
+            "dedup_removal_rate": round(sum(d[r] for r in dedup_reasons) / hashed, 4)
+            if hashed
+            else 0.0,
         }
     num_labels_per_post = [len(x) for v in split_labels.values() for x in v]
     return {
@@ -364,7 +406,9 @@ def summarize(stats: Stats, cfg_json: dict, vocab, split_labels: Mapping[str, li
         "labels": {
             "vocabulary_size": vocab.num_labels,
             "used_in_train": int((train_counts > 0).sum()),
-            "mean_per_post": round(float(np.mean(num_labels_per_post)), 3) if num_labels_per_post else 0,
+            "mean_per_post": round(float(np.mean(num_labels_per_post)), 3)
+            if num_labels_per_post
+            else 0,
             "most_frequent_train": top,
         },
         **stats.extra,
@@ -379,44 +423,63 @@ def render_report(s: dict) -> str:
     lines.append(f"posts read      {s['posts_read']:>10,}")
     for split, n in s["records"].items():
         lines.append(f"{split:<15} {n:>10,}")
-    lines.append(f"kept            {s['posts_written']:>10,}  "
-                 f"({s['posts_written'] / max(1, s['posts_read']):.1%} of posts read)")
+    lines.append(
+        f"kept            {s['posts_written']:>10,}  "
+        f"({s['posts_written'] / max(1, s['posts_read']):.1%} of posts read)"
+    )
     lines += ["", "dropped, per reason:"]
     for reason, n in s["dropped"].items():
         lines.append(f"  {reason:<28} {n:>10,}")
     img = s["images"]
-    lines += ["", f"images decoded: {img['attempted']:,} attempted, {img['failed']:,} broken "
-                  f"({img['failed'] / max(1, img['attempted']):.2%})"]
+    lines += [
+        "",
+        f"images decoded: {img['attempted']:,} attempted, {img['failed']:,} broken "
+        f"({img['failed'] / max(1, img['attempted']):.2%})",
+    ]
     if "dedup" in s:
         d = s["dedup"]
-        lines += ["", f"deduplication (near threshold {d['near_threshold']}, eval threshold "
-                      f"{d['eval_threshold']}, Hamming distance of 64-bit perceptual hashes):",
-                  f"  exact duplicates removed       {d['exact_removed']:>8,}",
-                  f"  near duplicates removed        {d['near_removed']:>8,}",
-                  f"  near-duplicates of eval images {d['eval_removed']:>8,}",
-                  f"  removal rate                   {d['removal_rate']:>8.2%}"]
+        lines += [
+            "",
+            f"deduplication (near threshold {d['near_threshold']}, eval threshold "
+            f"{d['eval_threshold']}, Hamming distance of 64-bit perceptual hashes):",
+            f"  exact duplicates removed       {d['exact_removed']:>8,}",
+            f"  near duplicates removed        {d['near_removed']:>8,}",
+            f"  near-duplicates of eval images {d['eval_removed']:>8,}",
+            f"  removal rate                   {d['removal_rate']:>8.2%}",
+        ]
         for m in d.get("eval_matches", [])[:20]:
             lines.append(f"    {m['post_id']}  ~  {m['eval_image']}  (distance {m['distance']})")
         if len(d.get("eval_matches", [])) > 20:
             lines.append(f"    ... {len(d['eval_matches']) - 20} more in stats.json")
     lines += ["", "per input source:"]
     for source, ps in s["per_source"].items():
-        lines.append(f"  {source}: read {ps['read']:,}, kept {ps['kept']:,}, "
-                     f"dedup removal rate {ps['dedup_removal_rate']:.2%}")
+        lines.append(
+            f"  {source}: read {ps['read']:,}, kept {ps['kept']:,}, "
+            f"dedup removal rate {ps['dedup_removal_rate']:.2%}"
+        )
     if "habits" in s:
         h = s["habits"]
-        lines += ["", f"uploader habits: {h['users_with_habits']} users, {h['hashtags_removed']:,} "
-                      f"hashtag uses removed; most common habitual hashtags: "
-                      + ", ".join(f"#{t} ({n})" for t, n in h["top_habitual"][:10])]
+        lines += [
+            "",
+            f"uploader habits: {h['users_with_habits']} users, {h['hashtags_removed']:,} "
+            f"hashtag uses removed; most common habitual hashtags: "
+            + ", ".join(f"#{t} ({n})" for t, n in h["top_habitual"][:10]),
+        ]
     lab = s["labels"]
-    lines += ["", f"labels: {lab['vocabulary_size']:,} in the vocabulary, {lab['used_in_train']:,} used "
-                  f"in train, {lab['mean_per_post']} per post on average",
-              "most frequent labels (train images):"]
+    lines += [
+        "",
+        f"labels: {lab['vocabulary_size']:,} in the vocabulary, {lab['used_in_train']:,} used "
+        f"in train, {lab['mean_per_post']} per post on average",
+        "most frequent labels (train images):",
+    ]
     for name, n in lab["most_frequent_train"][:20]:
         lines.append(f"  #{name:<26} {n:>8,}")
     if s["hashtags_dropped"]:
-        lines += ["", "hashtags dropped, per reason: " + ", ".join(
-            f"{r} {n:,}" for r, n in s["hashtags_dropped"].items())]
+        lines += [
+            "",
+            "hashtags dropped, per reason: "
+            + ", ".join(f"{r} {n:,}" for r, n in s["hashtags_dropped"].items()),
+        ]
     lines += ["", "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["timing_s"].items()), ""]
     return "\n".join(lines)
 
@@ -425,8 +488,13 @@ def render_report(s: dict) -> str:
 
 
 def _is_output_file(name: str) -> bool:
-    return (name in OUTPUT_FILES or name == STAGING or name.endswith(".array_record")
-            or name.endswith(".array_record.tmp") or name.endswith(".tmp.npz"))
+    return (
+        name in OUTPUT_FILES
+        or name == STAGING
+        or name.endswith(".array_record")
+        or name.endswith(".array_record.tmp")
+        or name.endswith(".tmp.npz")
+    )
 
 
 def prepare_output(path: Path, overwrite: bool) -> None:
@@ -439,13 +507,17 @@ def prepare_output(path: Path, overwrite: bool) -> None:
     if not entries:
         return
     if not overwrite:
-        raise UserError(f"output directory {path} is not empty; pass --overwrite to replace the "
-                        "dataset in it, or choose another --output.")
+        raise UserError(
+            f"output directory {path} is not empty; pass --overwrite to replace the "
+            "dataset in it, or choose another --output."
+        )
     foreign = [e for e in entries if not _is_output_file(e)]
     if foreign:
-        raise UserError(f"output directory {path} holds files a build did not write ({foreign[0]!r}, "
-                        f"{len(foreign)} in all); --overwrite only replaces a dataset, choose an empty "
-                        "directory.")
+        raise UserError(
+            f"output directory {path} holds files a build did not write ({foreign[0]!r}, "
+            f"{len(foreign)} in all); --overwrite only replaces a dataset, choose an empty "
+            "directory."
+        )
     manifest = path / records.MANIFEST
     if manifest.exists():
         manifest.unlink()
@@ -457,8 +529,14 @@ def prepare_output(path: Path, overwrite: bool) -> None:
             p.unlink()
 
 
-def finalize(root: Path, cfg: BuildConfig, vocab, shards: Mapping[str, Sequence[tuple[str, list]]],
-             stats: Stats, timing: dict) -> dict:
+def finalize(
+    root: Path,
+    cfg: BuildConfig,
+    vocab,
+    shards: Mapping[str, Sequence[tuple[str, list]]],
+    stats: Stats,
+    timing: dict,
+) -> dict:
     """After every shard is written: label indexes, vocab, stats, report, and dataset.json last.
 
     ``shards``: split -> [(shard file name, label lists of its records)] in shard order.
@@ -475,9 +553,16 @@ def finalize(root: Path, cfg: BuildConfig, vocab, shards: Mapping[str, Sequence[
     (root / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
     (root / "report.txt").write_text(render_report(summary))
     manifest = records.Manifest(
-        schema_version=records.SCHEMA_VERSION, splits=splits, vocab_file="vocab.json",
+        schema_version=records.SCHEMA_VERSION,
+        splits=splits,
+        vocab_file="vocab.json",
         vocab_fingerprint=vocab.fingerprint(),
-        build={**cfg.to_json(), "tagjax_version": _version(), "records_have_user": cfg.keep_user_ids})
+        build={
+            **cfg.to_json(),
+            "tagjax_version": _version(),
+            "records_have_user": cfg.keep_user_ids,
+        },
+    )
     manifest.save(root)
     return summary
 
@@ -510,7 +595,9 @@ class _Meta:
 _WORKER: dict = {}
 
 
-def _worker_init(options: images_lib.ImageOptions, cache_dir: str | None, subprocess: bool = False) -> None:
+def _worker_init(
+    options: images_lib.ImageOptions, cache_dir: str | None, subprocess: bool = False
+) -> None:
     if subprocess:  # one image per worker at a time: OpenCV's own thread pool would only contend
         import cv2
 
@@ -552,8 +639,11 @@ def _eval_options(options: images_lib.ImageOptions) -> images_lib.ImageOptions:
 def _raster_cache_dir(cfg: BuildConfig) -> str | None:
     if cfg.raster_cache == "":
         return None
-    return str(Path(cfg.raster_cache).expanduser()) if cfg.raster_cache else str(
-        posts_lib.default_raster_cache())
+    return (
+        str(Path(cfg.raster_cache).expanduser())
+        if cfg.raster_cache
+        else str(posts_lib.default_raster_cache())
+    )
 
 
 def resolve_units(cfg: BuildConfig) -> list[posts_lib.Unit]:
@@ -565,8 +655,9 @@ def resolve_units(cfg: BuildConfig) -> list[posts_lib.Unit]:
     return units
 
 
-def iter_posts(units: Sequence[posts_lib.Unit], limit: int = 0
-               ) -> Iterator[tuple[int, int, posts_lib.Post]]:
+def iter_posts(
+    units: Sequence[posts_lib.Unit], limit: int = 0
+) -> Iterator[tuple[int, int, posts_lib.Post]]:
     """(unit index, position in the unit, post) over all units in order, at most ``limit`` posts."""
     n = 0
     for u, unit in enumerate(units):
@@ -587,10 +678,16 @@ def load_eval_hashes(cfg: BuildConfig, pool) -> list[tuple[str, int]]:
         root = Path(spec).expanduser()
         if not root.is_dir():
             raise UserError(f"evaluation set {spec!r} is neither a folder nor tfds:NAME/SPLIT.")
-        files = sorted(str(p) for p in root.rglob("*")
-                       if p.suffix.lower() in posts_lib.IMAGE_EXTENSIONS and p.is_file())
-        results = pool.imap(_worker_eval_hash, files, chunksize=16) if pool else map(
-            _worker_eval_hash, files)
+        files = sorted(
+            str(p)
+            for p in root.rglob("*")
+            if p.suffix.lower() in posts_lib.IMAGE_EXTENSIONS and p.is_file()
+        )
+        results = (
+            pool.imap(_worker_eval_hash, files, chunksize=16)
+            if pool
+            else map(_worker_eval_hash, files)
+        )
         for r in results:
             if r is not None:
                 out.append((f"{spec}:{Path(r[0]).relative_to(root).as_posix()}", r[1]))
@@ -606,7 +703,8 @@ def _check_failures(stats: Stats, cfg: BuildConfig, final: bool) -> None:
         raise UserError(
             f"{stats.image_failures} of {stats.images_attempted} images are broken ({fraction:.1%}: "
             f"{broken}), above --max-failure-fraction {cfg.max_failure_fraction}; check the inputs "
-            "or raise the threshold.")
+            "or raise the threshold."
+        )
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -632,8 +730,9 @@ def build(cfg: BuildConfig) -> dict:
     user_posts: collections.Counter = collections.Counter()
     user_forms: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     units_with_bytes: set[int] = set()
-    for u, i, post in tqdm(iter_posts(units, cfg.limit), desc="reading posts", unit="post",
-                        disable=not progress):
+    for u, i, post in tqdm(
+        iter_posts(units, cfg.limit), desc="reading posts", unit="post", disable=not progress
+    ):
         stats.read[post.source] += 1
         if post.problem is None:
             if post.post_id in seen_ids:  # ids key opt-outs and the split: they must be unique
@@ -669,7 +768,9 @@ def build(cfg: BuildConfig) -> dict:
     survivors: list[_Meta] = []
     form_counts: collections.Counter = collections.Counter()
     for m in metas:
-        user_habits = habits.get(m.post.user, frozenset()) if m.post.user is not None else frozenset()
+        user_habits = (
+            habits.get(m.post.user, frozenset()) if m.post.user is not None else frozenset()
+        )
         if user_habits:
             kept = without_habits(m.forms, user_habits)
             habit_uses.update(f for f in m.forms if f in user_habits)
@@ -722,7 +823,9 @@ def build(cfg: BuildConfig) -> dict:
     wanted = {m.post.post_id: m for m in labelled}
     pool = None
     if workers > 1:
-        pool = mp.get_context("forkserver").Pool(workers, _worker_init, (cfg.images, cache_dir, True))
+        pool = mp.get_context("forkserver").Pool(
+            workers, _worker_init, (cfg.images, cache_dir, True)
+        )
     _worker_init(cfg.images, cache_dir)
 
     def image_jobs() -> Iterator[posts_lib.Post]:
@@ -739,13 +842,27 @@ def build(cfg: BuildConfig) -> dict:
                 for m in by_unit[u]:
                     yield m.post
 
-    ids, labels_of, users_of, sources_of, ranks, chashes, phashes, offsets = [], [], [], [], [], [], [], []
+    ids, labels_of, users_of, sources_of, ranks, chashes, phashes, offsets = (
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+    )
     try:
         eval_hashes = load_eval_hashes(cfg, pool)
-        results = (_bounded_imap(pool, _worker_process, image_jobs(), window=256 * workers) if pool
-                   else map(_worker_process, image_jobs()))
-        with open(staging_dir / "images.bin", "wb") as staged, tqdm(
-                total=len(labelled), desc="images", unit="img", disable=not progress) as bar:
+        results = (
+            _bounded_imap(pool, _worker_process, image_jobs(), window=256 * workers)
+            if pool
+            else map(_worker_process, image_jobs())
+        )
+        with (
+            open(staging_dir / "images.bin", "wb") as staged,
+            tqdm(total=len(labelled), desc="images", unit="img", disable=not progress) as bar,
+        ):
             position = 0
             for r in results:
                 bar.update(1)
@@ -786,12 +903,20 @@ def build(cfg: BuildConfig) -> dict:
     by_split: dict[str, list[int]] = {s: [] for s in records.SPLITS}
     for i in range(len(ids)):
         if i not in decision.dropped:
-            by_split[split_of(decision.root_of(ids[i]), cfg.heldout_fraction, cfg.split_seed)].append(i)
+            by_split[
+                split_of(decision.root_of(ids[i]), cfg.heldout_fraction, cfg.split_seed)
+            ].append(i)
             stats.kept_by_source[sources_of[i]] += 1
     shards: dict[str, list[tuple[str, list]]] = {}
-    with open(staging_dir / "images.bin", "rb") as staged, tqdm(
-            total=sum(len(v) for v in by_split.values()), desc="writing shards", unit="rec",
-            disable=not progress) as bar:
+    with (
+        open(staging_dir / "images.bin", "rb") as staged,
+        tqdm(
+            total=sum(len(v) for v in by_split.values()),
+            desc="writing shards",
+            unit="rec",
+            disable=not progress,
+        ) as bar,
+    ):
 
         def encoded(i: int) -> tuple[str, bytes]:
             staged.seek(offsets[i][0])
@@ -804,8 +929,10 @@ def build(cfg: BuildConfig) -> dict:
             per_shard: dict[int, list[int]] = collections.defaultdict(list)
             for i in members:
                 per_shard[shard_of(ids[i], count)].append(i)
-            shards[split] = [write_one_shard(root, split, s, count, (encoded(i) for i in per_shard[s]))
-                             for s in range(count)]
+            shards[split] = [
+                write_one_shard(root, split, s, count, (encoded(i) for i in per_shard[s]))
+                for s in range(count)
+            ]
     timing["write"] = time.time() - t0
     summary = finalize(root, cfg, vocab, shards, stats, timing)
     shutil.rmtree(staging_dir)
@@ -822,9 +949,14 @@ class DedupDecision:
         return self.roots.get(post_id, post_id)
 
 
-def deduplicate(ids: Sequence[str], ranks: Sequence[tuple], chashes: Sequence[str],
-                phashes: Sequence[int], eval_hashes: Sequence[tuple[str, int]],
-                cfg: BuildConfig) -> DedupDecision:
+def deduplicate(
+    ids: Sequence[str],
+    ranks: Sequence[tuple],
+    chashes: Sequence[str],
+    phashes: Sequence[int],
+    eval_hashes: Sequence[tuple[str, int]],
+    cfg: BuildConfig,
+) -> DedupDecision:
     """Eval decontamination, exact copies, near duplicates (tagjax.dedup), in that order."""
     opts = cfg.dedup
     n = len(ids)
@@ -856,8 +988,9 @@ def deduplicate(ids: Sequence[str], ranks: Sequence[tuple], chashes: Sequence[st
                 dropped[index[pid]] = NEAR_DUPLICATE
                 near_removed += 1
         alive = [i for i in alive if i not in dropped]
-        pairs = dedup_lib.near_pairs(np.asarray([phashes[i] for i in alive], np.uint64),
-                                     opts.near_threshold)
+        pairs = dedup_lib.near_pairs(
+            np.asarray([phashes[i] for i in alive], np.uint64), opts.near_threshold
+        )
         edges = [(ids[alive[a]], ids[alive[b]], int(d)) for a, b, d in pairs]
         resolution = dedup_lib.resolve(rank, edges)
         for pid in resolution.dropped:
@@ -881,8 +1014,13 @@ def deduplicate(ids: Sequence[str], ranks: Sequence[tuple], chashes: Sequence[st
 # ---- opt-out after the fact --------------------------------------------------------------------------
 
 
-def apply_optout(dataset: str, optout: OptOut, inputs: Sequence[str] = (), yfcc_images: str | None = None,
-                 progress: bool = True) -> dict:
+def apply_optout(
+    dataset: str,
+    optout: OptOut,
+    inputs: Sequence[str] = (),
+    yfcc_images: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Rewrites a finished dataset without the opted-out posts; returns {"removed": n, ...}.
 
     User opt-outs need to know which posts a user made: from the records' ``user`` field when the
@@ -902,9 +1040,11 @@ def apply_optout(dataset: str, optout: OptOut, inputs: Sequence[str] = (), yfcc_
     drop_ids = set(optout.posts)
     if optout.users and not has_user:
         if not inputs:
-            raise UserError("this dataset does not store user ids, so user opt-outs need the original "
-                            "inputs to find their posts: pass them too (tagjax build --apply-optout DIR "
-                            "--optout-users FILE KIND:PATH ...).")
+            raise UserError(
+                "this dataset does not store user ids, so user opt-outs need the original "
+                "inputs to find their posts: pass them too (tagjax build --apply-optout DIR "
+                "--optout-users FILE KIND:PATH ...)."
+            )
         units = [u for spec in inputs for u in posts_lib.parse_source(spec, yfcc_images)]
         for _, _, post in iter_posts(units):
             if post.user is not None and post.user in optout.users:
@@ -944,13 +1084,16 @@ def apply_optout(dataset: str, optout: OptOut, inputs: Sequence[str] = (), yfcc_
         s["records"] = {k: v["num_records"] for k, v in splits.items()}
         s["posts_written"] = sum(s["records"].values())
         if "dedup" in s:  # no listing may name an opted-out post
-            s["dedup"]["eval_matches"] = [m for m in s["dedup"].get("eval_matches", [])
-                                          if m["post_id"] not in drop_ids]
+            s["dedup"]["eval_matches"] = [
+                m for m in s["dedup"].get("eval_matches", []) if m["post_id"] not in drop_ids
+            ]
         stats_path.write_text(json.dumps(s, indent=2) + "\n")
         (root / "report.txt").write_text(render_report(s))
     history = list(manifest.build.get("optouts_applied", []))
     history.append({"removed": dict(removed), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    new = dataclasses.replace(manifest, splits=splits, build={**manifest.build, "optouts_applied": history})
+    new = dataclasses.replace(
+        manifest, splits=splits, build={**manifest.build, "optouts_applied": history}
+    )
     new.save(root)
     pending.unlink()
     return {"removed": sum(removed.values()), "per_split": dict(removed)}
@@ -961,41 +1104,78 @@ def apply_optout(dataset: str, optout: OptOut, inputs: Sequence[str] = (), yfcc_
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    parser.epilog = ("Inputs are KIND:PATH with KIND one of " + ", ".join(posts_lib.SOURCE_KINDS) +
-                     "; `openclipart` alone reads Debian's openclipart-svg. Example: tagjax build "
-                     "openclipart --output /tmp/clipart --max-side 96 --limit 3000")
+    parser.epilog = (
+        "Inputs are KIND:PATH with KIND one of "
+        + ", ".join(posts_lib.SOURCE_KINDS)
+        + "; `openclipart` alone reads Debian's openclipart-svg. Example: tagjax build "
+        "openclipart --output /tmp/clipart --max-side 96 --limit 3000"
+    )
     d = BuildConfig(inputs=(), output="")
     io_ = parser.add_argument_group("inputs and output")
     io_.add_argument("inputs", nargs="*", help="post sources, KIND:PATH")
     io_.add_argument("--output", "-o", help="dataset directory to create")
-    io_.add_argument("--overwrite", action="store_true", help="replace a previous build in --output")
+    io_.add_argument(
+        "--overwrite", action="store_true", help="replace a previous build in --output"
+    )
     io_.add_argument("--limit", type=int, default=d.limit, help="read at most N posts (0 = all)")
-    io_.add_argument("--workers", type=int, default=d.workers,
-                     help="image worker processes (0 = one per CPU core, 1 = no subprocesses)")
+    io_.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="image worker processes (0 = one per CPU core, 1 = no subprocesses)",
+    )
     io_.add_argument("--yfcc-images", default=None, help="folder of YFCC100M photos (yfcc inputs)")
-    io_.add_argument("--raster-cache", default=None,
-                     help="cache of rasterized SVGs (default ~/.cache/tagjax/raster; '' = off)")
+    io_.add_argument(
+        "--raster-cache",
+        default=None,
+        help="cache of rasterized SVGs (default ~/.cache/tagjax/raster; '' = off)",
+    )
     io_.add_argument("--no-progress", action="store_true", help="no progress bars")
-    io_.add_argument("--beam", action="store_true",
-                     help="run as an Apache Beam pipeline (tagjax.build_beam) instead of local workers")
-    io_.add_argument("--beam-options", default="",
-                     help="Beam pipeline options, e.g. '--runner=FlinkRunner --flink_master=host:8081'")
+    io_.add_argument(
+        "--beam",
+        action="store_true",
+        help="run as an Apache Beam pipeline (tagjax.build_beam) instead of local workers",
+    )
+    io_.add_argument(
+        "--beam-options",
+        default="",
+        help="Beam pipeline options, e.g. '--runner=FlinkRunner --flink_master=host:8081'",
+    )
     pv = parser.add_argument_group("privacy")
-    pv.add_argument("--assume-public", action="store_true",
-                    help="use posts whose source does not record visibility (only your own data)")
-    pv.add_argument("--optout-posts", default=None, help="file of post ids to exclude, one per line")
-    pv.add_argument("--optout-users", default=None, help="file of user ids to exclude, one per line")
-    pv.add_argument("--keep-user-ids", action="store_true", help="store the uploader id in each record")
-    pv.add_argument("--apply-optout", metavar="DATASET", default=None,
-                    help="instead of building: remove the opted-out posts/users from DATASET")
+    pv.add_argument(
+        "--assume-public",
+        action="store_true",
+        help="use posts whose source does not record visibility (only your own data)",
+    )
+    pv.add_argument(
+        "--optout-posts", default=None, help="file of post ids to exclude, one per line"
+    )
+    pv.add_argument(
+        "--optout-users", default=None, help="file of user ids to exclude, one per line"
+    )
+    pv.add_argument(
+        "--keep-user-ids", action="store_true", help="store the uploader id in each record"
+    )
+    pv.add_argument(
+        "--apply-optout",
+        metavar="DATASET",
+        default=None,
+        help="instead of building: remove the opted-out posts/users from DATASET",
+    )
     lb = parser.add_argument_group("labels")
-    lb.add_argument("--vocab", default=None,
-                    help="vocab.json to label with, or 'in1k' (default: build one from the corpus)")
+    lb.add_argument(
+        "--vocab",
+        default=None,
+        help="vocab.json to label with, or 'in1k' (default: build one from the corpus)",
+    )
     lb.add_argument("--vocab-mode", default=d.vocab_mode, choices=("nouns", "in1k"))
     lb.add_argument("--vocab-top-k", type=int, default=d.vocab_top_k)
     lb.add_argument("--vocab-min-count", type=int, default=d.vocab_min_count)
-    lb.add_argument("--drop-ancestors", action="store_true",
-                    help="keep #goldenretriever, drop #dog when both are on a post")
+    lb.add_argument(
+        "--drop-ancestors",
+        action="store_true",
+        help="keep #goldenretriever, drop #dog when both are on a post",
+    )
     lb.add_argument("--habit-fraction", type=float, default=d.habit_fraction)
     lb.add_argument("--habit-min-posts", type=int, default=d.habit_min_posts)
     lb.add_argument("--habit-action", default=d.habit_action, choices=("drop", "keep"))
@@ -1003,17 +1183,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     im = parser.add_argument_group("images")
     o = d.images
     im.add_argument("--max-side", type=int, default=o.max_side, help="shorter side at most, px")
-    im.add_argument("--min-side", type=int, default=o.min_side, help="smaller sources are skipped, px")
+    im.add_argument(
+        "--min-side", type=int, default=o.min_side, help="smaller sources are skipped, px"
+    )
     im.add_argument("--max-pixels", type=int, default=o.max_pixels, help="decompression-bomb limit")
     im.add_argument("--max-aspect", type=float, default=o.max_aspect)
     im.add_argument("--jpeg-quality", type=int, default=o.jpeg_quality)
     im.add_argument("--max-failure-fraction", type=float, default=d.max_failure_fraction)
     dd = parser.add_argument_group("deduplication and split")
-    dd.add_argument("--near-dup-threshold", type=int, default=d.dedup.near_threshold,
-                    help="Hamming distance of 64-bit perceptual hashes; -1 = off")
+    dd.add_argument(
+        "--near-dup-threshold",
+        type=int,
+        default=d.dedup.near_threshold,
+        help="Hamming distance of 64-bit perceptual hashes; -1 = off",
+    )
     dd.add_argument("--no-exact-dedup", action="store_true")
-    dd.add_argument("--eval-set", action="append", default=[],
-                    help="folder or tfds:NAME/SPLIT whose near duplicates are removed (repeatable)")
+    dd.add_argument(
+        "--eval-set",
+        action="append",
+        default=[],
+        help="folder or tfds:NAME/SPLIT whose near duplicates are removed (repeatable)",
+    )
     dd.add_argument("--eval-threshold", type=int, default=d.dedup.eval_threshold)
     dd.add_argument("--tfds-data-dir", default=None)
     dd.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
@@ -1024,8 +1214,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args) -> BuildConfig:
     try:
         image_options = images_lib.ImageOptions(
-            max_side=args.max_side, min_side=args.min_side, max_pixels=args.max_pixels,
-            max_aspect=args.max_aspect, jpeg_quality=args.jpeg_quality)
+            max_side=args.max_side,
+            min_side=args.min_side,
+            max_pixels=args.max_pixels,
+            max_aspect=args.max_aspect,
+            jpeg_quality=args.jpeg_quality,
+        )
     except ValueError as e:
         raise UserError(f"bad image option: {e}.") from None
     for name in ("near_dup_threshold", "eval_threshold"):
@@ -1033,20 +1227,40 @@ def config_from_args(args) -> BuildConfig:
         if not -1 <= t < dedup_lib.HASH_BITS // 2:
             raise UserError(f"--{name.replace('_', '-')} must be in [-1, 31], got {t}.")
     return BuildConfig(
-        inputs=tuple(args.inputs), output=args.output, vocab=args.vocab, vocab_mode=args.vocab_mode,
-        vocab_top_k=args.vocab_top_k, vocab_min_count=args.vocab_min_count,
-        drop_ancestors=args.drop_ancestors, images=image_options,
-        dedup=dedup_lib.DedupOptions(exact=not args.no_exact_dedup, near_threshold=args.near_dup_threshold,
-                                     eval_threshold=args.eval_threshold),
-        eval_sets=tuple(args.eval_set), tfds_data_dir=args.tfds_data_dir,
-        assume_public=args.assume_public, optout_posts=args.optout_posts,
-        optout_users=args.optout_users, keep_user_ids=args.keep_user_ids,
-        max_posts_per_user=args.max_posts_per_user, habit_fraction=args.habit_fraction,
-        habit_min_posts=args.habit_min_posts, habit_action=args.habit_action,
-        heldout_fraction=args.heldout_fraction, split_seed=args.split_seed, shard_size=args.shard_size,
-        workers=args.workers, max_failure_fraction=args.max_failure_fraction, limit=args.limit,
-        raster_cache=args.raster_cache, overwrite=args.overwrite, yfcc_images=args.yfcc_images,
-        progress=not args.no_progress)
+        inputs=tuple(args.inputs),
+        output=args.output,
+        vocab=args.vocab,
+        vocab_mode=args.vocab_mode,
+        vocab_top_k=args.vocab_top_k,
+        vocab_min_count=args.vocab_min_count,
+        drop_ancestors=args.drop_ancestors,
+        images=image_options,
+        dedup=dedup_lib.DedupOptions(
+            exact=not args.no_exact_dedup,
+            near_threshold=args.near_dup_threshold,
+            eval_threshold=args.eval_threshold,
+        ),
+        eval_sets=tuple(args.eval_set),
+        tfds_data_dir=args.tfds_data_dir,
+        assume_public=args.assume_public,
+        optout_posts=args.optout_posts,
+        optout_users=args.optout_users,
+        keep_user_ids=args.keep_user_ids,
+        max_posts_per_user=args.max_posts_per_user,
+        habit_fraction=args.habit_fraction,
+        habit_min_posts=args.habit_min_posts,
+        habit_action=args.habit_action,
+        heldout_fraction=args.heldout_fraction,
+        split_seed=args.split_seed,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        max_failure_fraction=args.max_failure_fraction,
+        limit=args.limit,
+        raster_cache=args.raster_cache,
+        overwrite=args.overwrite,
+        yfcc_images=args.yfcc_images,
+        progress=not args.no_progress,
+    )
 
 
 def run(args) -> int:
@@ -1054,9 +1268,12 @@ def run(args) -> int:
         optout = OptOut.load(args.optout_posts, args.optout_users)
         if not optout.posts and not optout.users:
             raise UserError("--apply-optout needs --optout-posts and/or --optout-users.")
-        result = apply_optout(args.apply_optout, optout, args.inputs, args.yfcc_images,
-                              progress=not args.no_progress)
-        print(f"removed {result['removed']} records ({result['per_split']}) from {args.apply_optout}")
+        result = apply_optout(
+            args.apply_optout, optout, args.inputs, args.yfcc_images, progress=not args.no_progress
+        )
+        print(
+            f"removed {result['removed']} records ({result['per_split']}) from {args.apply_optout}"
+        )
         return 0
     if not args.output:
         raise UserError("pass --output DIR for the dataset.")

@@ -50,8 +50,10 @@ def _beam():
     try:
         import apache_beam as beam
     except ImportError:
-        raise UserError("the Beam build needs apache-beam: install tagjax with the `beam` extra "
-                        "(pip install 'tagjax[beam]').") from None
+        raise UserError(
+            "the Beam build needs apache-beam: install tagjax with the `beam` extra "
+            "(pip install 'tagjax[beam]')."
+        ) from None
     return beam
 
 
@@ -137,8 +139,9 @@ def _canonicalizer(vocab_json, drop_ancestors):
     key = (vocab_json["fingerprint"], drop_ancestors)
     if key not in _CANON:
         _CANON.clear()
-        _CANON[key] = vocab_lib.Canonicalizer(vocab_lib.Vocabulary.from_json(vocab_json),
-                                              drop_ancestors=drop_ancestors)
+        _CANON[key] = vocab_lib.Canonicalizer(
+            vocab_lib.Vocabulary.from_json(vocab_json), drop_ancestors=drop_ancestors
+        )
     return _CANON[key]
 
 
@@ -197,7 +200,9 @@ def _decontaminate(item, eval_hashes, threshold):
         yield item
         return
     yield beam.pvalue.TaggedOutput(DROP, (item[3], B.EVAL_DUPLICATE))
-    yield beam.pvalue.TaggedOutput(EVAL_MATCH, {"post_id": item[0], "eval_image": m[0], "distance": m[1]})
+    yield beam.pvalue.TaggedOutput(
+        EVAL_MATCH, {"post_id": item[0], "eval_image": m[0], "distance": m[1]}
+    )
 
 
 def _keep_best(kv, reason):
@@ -221,7 +226,7 @@ def _pairs_in_group(kv, threshold):
     members = sorted(members)
     for i in range(len(members)):
         a_id, a_h, a_rank = members[i]
-        for b_id, b_h, b_rank in members[i + 1:]:
+        for b_id, b_h, b_rank in members[i + 1 :]:
             d = dedup_lib.hamming(a_h, b_h)
             if d <= threshold:
                 yield (a_id, b_id, d, tuple(a_rank), tuple(b_rank))
@@ -257,8 +262,22 @@ def _write_shard(kv, output, keep_user_ids):
     return split, index, count, name, label_lists
 
 
-def _finalize(shard_results, cfg, vocab_json, drops, tag_drops, habit_uses, habit_users, eval_matches,
-              read_counts, kept_counts, images_attempted, images_hashed, eval_count, started):
+def _finalize(
+    shard_results,
+    cfg,
+    vocab_json,
+    drops,
+    tag_drops,
+    habit_uses,
+    habit_users,
+    eval_matches,
+    read_counts,
+    kept_counts,
+    images_attempted,
+    images_hashed,
+    eval_count,
+    started,
+):
     from tagjax import vocab as vocab_lib
 
     stats = B.Stats()
@@ -276,7 +295,9 @@ def _finalize(shard_results, cfg, vocab_json, drops, tag_drops, habit_uses, habi
     stats.extra["habits"] = {
         "users_with_habits": int(habit_users),
         "hashtags_removed": sum(habit_counter.values()),
-        "top_habitual": [[t, n] for t, n in sorted(habit_counter.items(), key=lambda kv: (-kv[1], kv[0]))[:20]],
+        "top_habitual": [
+            [t, n] for t, n in sorted(habit_counter.items(), key=lambda kv: (-kv[1], kv[0]))[:20]
+        ],
     }
     d = stats.dropped
     hashed = int(images_hashed)
@@ -292,7 +313,9 @@ def _finalize(shard_results, cfg, vocab_json, drops, tag_drops, habit_uses, habi
         "removal_rate": round(removed / hashed, 4) if hashed else 0.0,
         "eval_matches": sorted(eval_matches, key=lambda m: m["post_id"]),
     }
-    B._check_failures(stats, cfg, final=True)  # raises: the run fails and no dataset.json is written
+    B._check_failures(
+        stats, cfg, final=True
+    )  # raises: the run fails and no dataset.json is written
     by_split: dict[str, dict[int, tuple]] = collections.defaultdict(dict)
     counts = {}
     for split, index, count, name, label_lists in shard_results:
@@ -303,7 +326,9 @@ def _finalize(shard_results, cfg, vocab_json, drops, tag_drops, habit_uses, habi
         for index in range(count):
             # A shard whose hash range received no record has no group: write it empty, as the
             # local builder does, so both builds list the same files.
-            entry = by_split[split].get(index) or B.write_one_shard(Path(cfg.output), split, index, count, [])
+            entry = by_split[split].get(index) or B.write_one_shard(
+                Path(cfg.output), split, index, count, []
+            )
             shards[split].append(entry)
     vocab = vocab_lib.Vocabulary.from_json(vocab_json)
     timing = {"beam_pipeline": time.time() - started}
@@ -314,7 +339,9 @@ def _finalize(shard_results, cfg, vocab_json, drops, tag_drops, habit_uses, habi
 # ---- the pipeline --------------------------------------------------------------------------------
 
 
-def build_pipeline(p, cfg: B.BuildConfig, units, eval_hashes, optout: B.OptOut, given_vocab_json=None):
+def build_pipeline(
+    p, cfg: B.BuildConfig, units, eval_hashes, optout: B.OptOut, given_vocab_json=None
+):
     """Adds the build's stages to pipeline ``p``."""
     beam = _beam()
     started = time.time()
@@ -325,101 +352,166 @@ def build_pipeline(p, cfg: B.BuildConfig, units, eval_hashes, optout: B.OptOut, 
         drops.append(out[DROP])
         return out
 
-    units_pc = (p | "units" >> beam.Create(list(enumerate(units)))
-                | "spread units" >> beam.Reshuffle())
+    units_pc = (
+        p | "units" >> beam.Create(list(enumerate(units))) | "spread units" >> beam.Reshuffle()
+    )
     posts_pc = units_pc | "read" >> beam.FlatMap(_read_unit)
-    read_counts = (posts_pc | "source of read" >> beam.Map(lambda x: x[1].source)
-                   | "count read" >> beam.combiners.Count.PerElement())
+    read_counts = (
+        posts_pc
+        | "source of read" >> beam.Map(lambda x: x[1].source)
+        | "count read" >> beam.combiners.Count.PerElement()
+    )
     keyed = split_outputs(posts_pc, "problems", _problem_or_post)
-    unique = split_outputs(keyed.main | "group ids" >> beam.GroupByKey(), "first occurrence",
-                           _first_occurrence)
-    with_forms = split_outputs(unique.main, "privacy + hashtags", _admit_and_forms, optout,
-                               cfg.assume_public)
+    unique = split_outputs(
+        keyed.main | "group ids" >> beam.GroupByKey(), "first occurrence", _first_occurrence
+    )
+    with_forms = split_outputs(
+        unique.main, "privacy + hashtags", _admit_and_forms, optout, cfg.assume_public
+    )
 
     if cfg.habit_action == "drop":
-        habits = (with_forms.main
-                  | "users" >> beam.Filter(lambda x: x[0].user is not None)
-                  | "user forms" >> beam.Map(lambda x: (x[0].user, x[1]))
-                  | "group users" >> beam.GroupByKey()
-                  | "habits" >> beam.FlatMap(_user_habits, cfg.habit_fraction, cfg.habit_min_posts))
+        habits = (
+            with_forms.main
+            | "users" >> beam.Filter(lambda x: x[0].user is not None)
+            | "user forms" >> beam.Map(lambda x: (x[0].user, x[1]))
+            | "group users" >> beam.GroupByKey()
+            | "habits" >> beam.FlatMap(_user_habits, cfg.habit_fraction, cfg.habit_min_posts)
+        )
     else:
         habits = p | "no habits" >> beam.Create([])
     habits_dict = beam.pvalue.AsDict(habits)
     habit_users = habits | "count habit users" >> beam.combiners.Count.Globally()
-    no_habits = split_outputs(with_forms.main, "remove habits", _remove_habits, habits_dict,
-                              tags=(DROP, HABIT_USE))
+    no_habits = split_outputs(
+        with_forms.main, "remove habits", _remove_habits, habits_dict, tags=(DROP, HABIT_USE)
+    )
     habit_uses = no_habits[HABIT_USE] | "count habit uses" >> beam.combiners.Count.PerElement()
 
     if given_vocab_json is not None:
         vocab = p | "given vocab" >> beam.Create([given_vocab_json])
     else:
-        counts = (no_habits.main
-                  | "forms" >> beam.FlatMap(lambda x: x[1])
-                  | "count forms" >> beam.combiners.Count.PerElement()
-                  | "to dict" >> beam.combiners.ToDict())
+        counts = (
+            no_habits.main
+            | "forms" >> beam.FlatMap(lambda x: x[1])
+            | "count forms" >> beam.combiners.Count.PerElement()
+            | "to dict" >> beam.combiners.ToDict()
+        )
         vocab = counts | "build vocab" >> beam.Map(_vocab_from_counts, cfg)
     vocab_side = beam.pvalue.AsSingleton(vocab)
-    labelled = split_outputs(no_habits.main, "canonicalize", _canonicalize, vocab_side,
-                             cfg.drop_ancestors, tags=(DROP, TAGDROP))
+    labelled = split_outputs(
+        no_habits.main,
+        "canonicalize",
+        _canonicalize,
+        vocab_side,
+        cfg.drop_ancestors,
+        tags=(DROP, TAGDROP),
+    )
     tag_drops = labelled[TAGDROP] | "sum tag drops" >> beam.CombinePerKey(sum)
     to_images = labelled.main
     if cfg.max_posts_per_user > 0:
         with_user = to_images | "has user" >> beam.Filter(lambda x: x[0].user is not None)
         without_user = to_images | "no user" >> beam.Filter(lambda x: x[0].user is None)
         capped_out = split_outputs(
-            with_user | "by user" >> beam.Map(lambda x: (x[0].user, x)) | "group for cap" >> beam.GroupByKey(),
-            "cap", _cap_user, cfg.max_posts_per_user)
+            with_user
+            | "by user" >> beam.Map(lambda x: (x[0].user, x))
+            | "group for cap" >> beam.GroupByKey(),
+            "cap",
+            _cap_user,
+            cfg.max_posts_per_user,
+        )
         to_images = (capped_out.main, without_user) | "after cap" >> beam.Flatten()
     images_attempted = to_images | "count attempted" >> beam.combiners.Count.Globally()
-    processed = split_outputs(to_images, "images", _process_image, cfg.images, B._raster_cache_dir(cfg))
+    processed = split_outputs(
+        to_images, "images", _process_image, cfg.images, B._raster_cache_dir(cfg)
+    )
     images_hashed = processed.main | "count hashed" >> beam.combiners.Count.Globally()
 
     eval_side = beam.pvalue.AsList(p | "eval hashes" >> beam.Create([list(x) for x in eval_hashes]))
-    clean = split_outputs(processed.main, "decontaminate", _decontaminate, eval_side,
-                          cfg.dedup.eval_threshold, tags=(DROP, EVAL_MATCH))
+    clean = split_outputs(
+        processed.main,
+        "decontaminate",
+        _decontaminate,
+        eval_side,
+        cfg.dedup.eval_threshold,
+        tags=(DROP, EVAL_MATCH),
+    )
     eval_matches = clean[EVAL_MATCH] | "list eval matches" >> beam.combiners.ToList()
     items = clean.main
     if cfg.dedup.exact:
         items = split_outputs(
-            items | "by content" >> beam.Map(lambda it: (it[5], it)) | "group content" >> beam.GroupByKey(),
-            "exact", _keep_best, B.EXACT_DUPLICATE).main
+            items
+            | "by content" >> beam.Map(lambda it: (it[5], it))
+            | "group content" >> beam.GroupByKey(),
+            "exact",
+            _keep_best,
+            B.EXACT_DUPLICATE,
+        ).main
     if cfg.dedup.near_threshold >= 0:
         t = cfg.dedup.near_threshold
         reps = split_outputs(
-            items | "by phash" >> beam.Map(lambda it: (it[6], it)) | "group phash" >> beam.GroupByKey(),
-            "same phash", _keep_best, B.NEAR_DUPLICATE).main
-        edges = (reps
-                 | "chunk keys" >> beam.FlatMap(_chunk_keyed, t)
-                 | "group chunks" >> beam.GroupByKey()
-                 | "pairs" >> beam.FlatMap(_pairs_in_group, t)
-                 | "distinct pairs" >> beam.Distinct()
-                 | "all pairs" >> beam.combiners.ToList())
+            items
+            | "by phash" >> beam.Map(lambda it: (it[6], it))
+            | "group phash" >> beam.GroupByKey(),
+            "same phash",
+            _keep_best,
+            B.NEAR_DUPLICATE,
+        ).main
+        edges = (
+            reps
+            | "chunk keys" >> beam.FlatMap(_chunk_keyed, t)
+            | "group chunks" >> beam.GroupByKey()
+            | "pairs" >> beam.FlatMap(_pairs_in_group, t)
+            | "distinct pairs" >> beam.Distinct()
+            | "all pairs" >> beam.combiners.ToList()
+        )
         resolution = edges | "keep rule" >> beam.Map(_resolve_edges)
         items = reps
     else:
         resolution = p | "no near dedup" >> beam.Create([{"dropped": {}, "root": {}}])
-    split_items = split_outputs(items, "split", _assign_split, beam.pvalue.AsSingleton(resolution),
-                                cfg.heldout_fraction, cfg.split_seed)
+    split_items = split_outputs(
+        items,
+        "split",
+        _assign_split,
+        beam.pvalue.AsSingleton(resolution),
+        cfg.heldout_fraction,
+        cfg.split_seed,
+    )
     kept = split_items.main
-    kept_counts = (kept | "source of kept" >> beam.Map(lambda x: x[1][3])
-                   | "count kept" >> beam.combiners.Count.PerElement())
-    split_counts = (kept | "split names" >> beam.Map(lambda x: x[0])
-                    | "count splits" >> beam.combiners.Count.PerElement())
-    shard_results = (kept
-                     | "shard keys" >> beam.Map(_shard_keyed, beam.pvalue.AsDict(split_counts),
-                                                cfg.shard_size)
-                     | "group shards" >> beam.GroupByKey()
-                     | "write shards" >> beam.Map(_write_shard, cfg.output, cfg.keep_user_ids)
-                     | "shard list" >> beam.combiners.ToList())
-    all_drops = (drops | "all drops" >> beam.Flatten()
-                 | "count drops" >> beam.combiners.Count.PerElement())
+    kept_counts = (
+        kept
+        | "source of kept" >> beam.Map(lambda x: x[1][3])
+        | "count kept" >> beam.combiners.Count.PerElement()
+    )
+    split_counts = (
+        kept
+        | "split names" >> beam.Map(lambda x: x[0])
+        | "count splits" >> beam.combiners.Count.PerElement()
+    )
+    shard_results = (
+        kept
+        | "shard keys" >> beam.Map(_shard_keyed, beam.pvalue.AsDict(split_counts), cfg.shard_size)
+        | "group shards" >> beam.GroupByKey()
+        | "write shards" >> beam.Map(_write_shard, cfg.output, cfg.keep_user_ids)
+        | "shard list" >> beam.combiners.ToList()
+    )
+    all_drops = (
+        drops | "all drops" >> beam.Flatten() | "count drops" >> beam.combiners.Count.PerElement()
+    )
     return shard_results | "finalize" >> beam.Map(
-        _finalize, cfg, vocab_side,
-        beam.pvalue.AsList(all_drops), beam.pvalue.AsList(tag_drops), beam.pvalue.AsList(habit_uses),
-        beam.pvalue.AsSingleton(habit_users), beam.pvalue.AsSingleton(eval_matches),
-        beam.pvalue.AsList(read_counts), beam.pvalue.AsList(kept_counts),
-        beam.pvalue.AsSingleton(images_attempted), beam.pvalue.AsSingleton(images_hashed),
-        len(eval_hashes), started)
+        _finalize,
+        cfg,
+        vocab_side,
+        beam.pvalue.AsList(all_drops),
+        beam.pvalue.AsList(tag_drops),
+        beam.pvalue.AsList(habit_uses),
+        beam.pvalue.AsSingleton(habit_users),
+        beam.pvalue.AsSingleton(eval_matches),
+        beam.pvalue.AsList(read_counts),
+        beam.pvalue.AsList(kept_counts),
+        beam.pvalue.AsSingleton(images_attempted),
+        beam.pvalue.AsSingleton(images_hashed),
+        len(eval_hashes),
+        started,
+    )
 
 
 def build(cfg: B.BuildConfig, pipeline_args=()) -> dict:
@@ -430,7 +522,9 @@ def build(cfg: B.BuildConfig, pipeline_args=()) -> dict:
     from tagjax import vocab as vocab_lib
 
     if cfg.limit:
-        raise UserError("--limit is not supported by the Beam build; use the local builder for subsets.")
+        raise UserError(
+            "--limit is not supported by the Beam build; use the local builder for subsets."
+        )
     root = Path(cfg.output).expanduser()
     units = B.resolve_units(cfg)
     optout = B.OptOut.load(cfg.optout_posts, cfg.optout_users)
@@ -443,5 +537,7 @@ def build(cfg: B.BuildConfig, pipeline_args=()) -> dict:
         build_pipeline(p, cfg, units, eval_hashes, optout, given)
     manifest = root / records.MANIFEST
     if not manifest.is_file():
-        raise UserError(f"the Beam pipeline finished but wrote no {manifest}; see the runner's log.")
+        raise UserError(
+            f"the Beam pipeline finished but wrote no {manifest}; see the runner's log."
+        )
     return json.loads((root / "stats.json").read_text())

@@ -24,13 +24,25 @@ COMMANDS = {
     "vocab": ("tagjax.vocab", "build, show and look up hashtag vocabularies (WordNet synsets)"),
     "build": ("tagjax.build", "tagged posts -> filtered, deduplicated ArrayRecord shards"),
     "train": ("tagjax.train", "pretrain a model on hashtags (config file + overrides)"),
-    "evaluate": ("tagjax.evaluate", "hashtag metrics on held-out shards; top-1/5 of a classifier on a dataset"),
+    "evaluate": (
+        "tagjax.evaluate",
+        "hashtag metrics on held-out shards; top-1/5 of a classifier on a dataset",
+    ),
     "transfer": ("tagjax.transfer", "linear probe or fine-tuning on a downstream dataset"),
     "predict": ("tagjax.predict", "top hashtags for images"),
     "embed": ("tagjax.predict", "pooled trunk features for images or shards, to .npy"),
-    "decontaminate": ("tagjax.downstream", "training images near evaluation images in feature space -> exclude list"),
-    "import-weights": ("tagjax.interop.torchvision", "PyTorch WSL/torchvision ResNeXt weights -> checkpoint"),
-    "export-weights": ("tagjax.interop.torchvision", "checkpoint -> torchvision-layout .safetensors"),
+    "decontaminate": (
+        "tagjax.downstream",
+        "training images near evaluation images in feature space -> exclude list",
+    ),
+    "import-weights": (
+        "tagjax.interop.torchvision",
+        "PyTorch WSL/torchvision ResNeXt weights -> checkpoint",
+    ),
+    "export-weights": (
+        "tagjax.interop.torchvision",
+        "checkpoint -> torchvision-layout .safetensors",
+    ),
     "demo": ("tagjax.demo", "the whole system end to end on the openclipart corpus, on CPU"),
 }
 
@@ -85,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.config_overrides = overrides
     if overrides and not hasattr(args, "config"):
-        print(f"tagjax {args.command}: error: this command takes no --config overrides", file=sys.stderr)
+        print(
+            f"tagjax {args.command}: error: this command takes no --config overrides",
+            file=sys.stderr,
+        )
         return 2
     from tagjax.config import ensure_absl_flags_parsed
 

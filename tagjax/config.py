@@ -30,7 +30,9 @@ def resolve_path(config: str) -> str:
         if candidate.is_file():
             path = str(candidate)
         else:
-            raise UserError(f"config file {path!r} does not exist (pass a path, or a name in configs/).")
+            raise UserError(
+                f"config file {path!r} does not exist (pass a path, or a name in configs/)."
+            )
     return path + (":" + arg if arg else "")
 
 

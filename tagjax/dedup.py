@@ -49,7 +49,9 @@ class DedupOptions:
     # nearly all matching distinct files are recoloured or re-exported variants of one drawing; from 6
     # on, different playing cards and flags start to match. Distances are nearly always even (a hash of
     # a non-blank image has exactly 32 bits set, one per coefficient above the median).
-    near_threshold: int = 4  # near duplicates: distance <= this; -1 turns near-duplicate removal off
+    near_threshold: int = (
+        4  # near duplicates: distance <= this; -1 turns near-duplicate removal off
+    )
     # Looser for evaluation images: a false match costs one training image, a miss inflates held-out
     # numbers.
     eval_threshold: int = 6
@@ -119,8 +121,11 @@ def near_pairs(hashes: Sequence[int] | np.ndarray, threshold: int) -> np.ndarray
     p+1, p+2, ... while they share the value; the active set shrinks each step, so the work is the number
     of same-chunk pairs, vectorized.
     """
-    h = np.asarray([int(x) for x in hashes], dtype=np.uint64) if not isinstance(hashes, np.ndarray) \
+    h = (
+        np.asarray([int(x) for x in hashes], dtype=np.uint64)
+        if not isinstance(hashes, np.ndarray)
         else hashes.astype(np.uint64)
+    )
     n = len(h)
     found = []
     if n < 2 or threshold < 0:
@@ -178,7 +183,9 @@ class Resolution:
     root: dict  # node -> its group's best node (nodes absent here are their own root)
 
 
-def resolve(ranks: Mapping[Hashable, tuple], edges: Iterable[tuple[Hashable, Hashable, int]]) -> Resolution:
+def resolve(
+    ranks: Mapping[Hashable, tuple], edges: Iterable[tuple[Hashable, Hashable, int]]
+) -> Resolution:
     """Greedy best-first keep rule inside each connected group of near duplicates (module docstring).
 
     ``ranks`` must hold every node that appears in ``edges``; nodes without edges need not be given
@@ -236,7 +243,9 @@ def best_of_groups(keys: Mapping[Hashable, Hashable], ranks: Mapping[Hashable, t
 # ---- evaluation sets ------------------------------------------------------------------------------
 
 
-def load_eval_hashes(spec: str, image_options, data_dir: str | None = None) -> list[tuple[str, int]]:
+def load_eval_hashes(
+    spec: str, image_options, data_dir: str | None = None
+) -> list[tuple[str, int]]:
     """(name, phash) of every image of an evaluation set.
 
     ``spec`` is a folder of images (searched recursively) or ``tfds:NAME/SPLIT`` (read with
@@ -255,9 +264,11 @@ def load_eval_hashes(spec: str, image_options, data_dir: str | None = None) -> l
     out: list[tuple[str, int]] = []
     if spec.startswith("tfds:"):
         # The split is after the last '/': names may carry a config (tfds:emoji_subgroups/64px/test).
-        name, _, split = spec[len("tfds:"):].rpartition("/")
+        name, _, split = spec[len("tfds:") :].rpartition("/")
         if not name or not split:
-            raise UserError(f"evaluation set {spec!r}: write tfds:NAME/SPLIT, e.g. tfds:imagenet2012/validation.")
+            raise UserError(
+                f"evaluation set {spec!r}: write tfds:NAME/SPLIT, e.g. tfds:imagenet2012/validation."
+            )
         try:
             import tensorflow_datasets as tfds
 
@@ -266,13 +277,17 @@ def load_eval_hashes(spec: str, image_options, data_dir: str | None = None) -> l
             # download=False: an unprepared dataset is an error to report, never a download to start.
             source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:
-            raise UserError(f"cannot open TFDS split {name}/{split} ({type(e).__name__}: {e}); prepare it "
-                            "first (tfds build) or pass a folder of images.") from None
+            raise UserError(
+                f"cannot open TFDS split {name}/{split} ({type(e).__name__}: {e}); prepare it "
+                "first (tfds build) or pass a folder of images."
+            ) from None
         for i in range(len(source)):
             example = source[i]
             image = example.get("image")
             if image is None:
-                raise UserError(f"TFDS dataset {name} has no 'image' feature; pass a folder of images.")
+                raise UserError(
+                    f"TFDS dataset {name} has no 'image' feature; pass a folder of images."
+                )
             pixels = np.asarray(image)
             if pixels.ndim == 3 and pixels.shape[-1] == 1:
                 pixels = pixels[..., 0]
@@ -288,7 +303,9 @@ def load_eval_hashes(spec: str, image_options, data_dir: str | None = None) -> l
     root = Path(spec).expanduser()
     if not root.is_dir():
         raise UserError(f"evaluation set {spec!r} is neither a folder nor tfds:NAME/SPLIT.")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
     for p in files:
         try:
             processed = images_lib.process(p.read_bytes(), image_options)

@@ -154,7 +154,11 @@ def _duration(seconds: float) -> str:
 
 
 def _data_dir(cfg, workdir: Path) -> str:
-    return str(Path(cfg.demo.data_dir).expanduser()) if str(cfg.demo.data_dir) else str(workdir / "tensorflow_datasets")
+    return (
+        str(Path(cfg.demo.data_dir).expanduser())
+        if str(cfg.demo.data_dir)
+        else str(workdir / "tensorflow_datasets")
+    )
 
 
 def _eval_set_spec(name: str, data_dir: str) -> tuple[str, Any]:
@@ -187,7 +191,9 @@ def build_config(cfg, workdir: Path, eval_spec: str, data_dir: str, *, progress:
         vocab_top_k=int(c.vocab_top_k),
         vocab_min_count=int(c.vocab_min_count),
         images=images,
-        dedup=dedup_lib.DedupOptions(near_threshold=int(c.near_threshold), eval_threshold=int(c.eval_threshold)),
+        dedup=dedup_lib.DedupOptions(
+            near_threshold=int(c.near_threshold), eval_threshold=int(c.eval_threshold)
+        ),
         eval_sets=(eval_spec,),
         tfds_data_dir=data_dir,
         habit_fraction=float(c.habit_fraction),
@@ -210,26 +216,45 @@ def stage_corpus(cfg, workdir: Path, stages: Stages, *, progress: bool) -> dict:
     data_dir = _data_dir(cfg, workdir)
     t0 = time.perf_counter()
     eval_spec, test = _eval_set_spec(str(cfg.demo.downstream), data_dir)
-    log(f"downstream set {cfg.demo.downstream}: {test.num_classes} classes, {len(test.source):,} test images "
-        f"(in {data_dir}); its test split is what the corpus is decontaminated against ({eval_spec})")
+    log(
+        f"downstream set {cfg.demo.downstream}: {test.num_classes} classes, {len(test.source):,} test images "
+        f"(in {data_dir}); its test split is what the corpus is decontaminated against ({eval_spec})"
+    )
     bcfg = build_config(cfg, workdir, eval_spec, data_dir, progress=progress)
     key = {"build": bcfg.to_json()}
     dataset = Path(bcfg.output)
     result = stages.begin("corpus", dataset, key)
     if result is None or not (dataset / "dataset.json").is_file():
-        log(f"building the corpus from {', '.join(bcfg.inputs)} into {dataset} (SVGs rasterized at "
-            f"{bcfg.images.max_side}px through the raster cache)")
+        log(
+            f"building the corpus from {', '.join(bcfg.inputs)} into {dataset} (SVGs rasterized at "
+            f"{bcfg.images.max_side}px through the raster cache)"
+        )
         summary = build_lib.build(bcfg)
         report = build_lib.render_report(summary)
-        result = stages.finish("corpus", key, {
-            "dataset": str(dataset),
-            "stats": {k: summary[k] for k in ("posts_read", "posts_written", "records", "dropped", "labels",
-                                             "images", "timing_s") if k in summary},
-            "dedup": {k: v for k, v in summary.get("dedup", {}).items() if k != "eval_matches"},
-            "eval_matches": summary.get("dedup", {}).get("eval_matches", []),
-            "eval_set": eval_spec,
-            "seconds": time.perf_counter() - t0,  # downstream set + build
-        })
+        result = stages.finish(
+            "corpus",
+            key,
+            {
+                "dataset": str(dataset),
+                "stats": {
+                    k: summary[k]
+                    for k in (
+                        "posts_read",
+                        "posts_written",
+                        "records",
+                        "dropped",
+                        "labels",
+                        "images",
+                        "timing_s",
+                    )
+                    if k in summary
+                },
+                "dedup": {k: v for k, v in summary.get("dedup", {}).items() if k != "eval_matches"},
+                "eval_matches": summary.get("dedup", {}).get("eval_matches", []),
+                "eval_set": eval_spec,
+                "seconds": time.perf_counter() - t0,  # downstream set + build
+            },
+        )
     else:
         report = (dataset / "report.txt").read_text()
     log(report.rstrip())
@@ -254,8 +279,16 @@ def _pretrain_key(pcfg, corpus_key: Mapping) -> dict:
     return {"seed": int(pcfg.seed), "corpus": corpus_key, **{s: pcfg[s] for s in PRETRAIN_SECTIONS}}
 
 
-def stage_pretrain(cfg, seed: int, corpus: dict, corpus_key: Mapping, workdir: Path, stages: Stages, *,
-                   progress: bool) -> dict:
+def stage_pretrain(
+    cfg,
+    seed: int,
+    corpus: dict,
+    corpus_key: Mapping,
+    workdir: Path,
+    stages: Stages,
+    *,
+    progress: bool,
+) -> dict:
     from tagjax import evaluate as evaluate_lib
     from tagjax import train
 
@@ -266,27 +299,47 @@ def stage_pretrain(cfg, seed: int, corpus: dict, corpus_key: Mapping, workdir: P
     name = f"seed{seed}/pretrain"
     result = stages.begin(name, run_dir, key)
     if result is not None:
-        log(evaluate_lib.format_table(_metrics_for_table(result["heldout"]),
-                                      title=f"hashtag prediction on held-out posts (seed {seed})"))
+        log(
+            evaluate_lib.format_table(
+                _metrics_for_table(result["heldout"]),
+                title=f"hashtag prediction on held-out posts (seed {seed})",
+            )
+        )
         return result
     t0 = time.perf_counter()
     bs = int(pcfg.train.batch_size)
-    log(f"pretraining {pcfg.model.name} on {corpus['stats']['records'].get('train', 0):,} cliparts, seed {seed}: "
+    log(
+        f"pretraining {pcfg.model.name} on {corpus['stats']['records'].get('train', 0):,} cliparts, seed {seed}: "
         f"{int(pcfg.train.total_images) // bs:,} steps of {bs} ({int(pcfg.train.total_images):,} images seen), "
-        f"{pcfg.data.image_size}px crops, {pcfg.data.sampling} resampling, {pcfg.loss} loss -> {run_dir}")
+        f"{pcfg.data.image_size}px crops, {pcfg.data.sampling} resampling, {pcfg.loss} loss -> {run_dir}"
+    )
     train_summary = train.train_and_evaluate(pcfg, run_dir)
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    metrics = evaluate_lib.evaluate_checkpoint(run_dir, corpus["dataset"], str(pcfg.data.eval_split),
-                                               progress=progress)
-    table = evaluate_lib.format_table(metrics, title=f"hashtag prediction on held-out posts (seed {seed})")
+    metrics = evaluate_lib.evaluate_checkpoint(
+        run_dir, corpus["dataset"], str(pcfg.data.eval_split), progress=progress
+    )
+    table = evaluate_lib.format_table(
+        metrics, title=f"hashtag prediction on held-out posts (seed {seed})"
+    )
     out = run_dir / "eval" / f"{pcfg.data.eval_split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(evaluate_lib.to_json(metrics), indent=1) + "\n")
     out.with_suffix(".txt").write_text(table + "\n")
     log(table)
-    heldout = {k: metrics[k] for k in ("num_images", "num_labels", "labels_with_positives", "mAP",
-                                        "precision@1", "recall@1", "precision@5", "recall@5")}
+    heldout = {
+        k: metrics[k]
+        for k in (
+            "num_images",
+            "num_labels",
+            "labels_with_positives",
+            "mAP",
+            "precision@1",
+            "recall@1",
+            "precision@5",
+            "recall@5",
+        )
+    }
     heldout["buckets"] = {b: {k: v for k, v in e.items()} for b, e in metrics["buckets"].items()}
     heldout["per_label_ap"] = metrics["per_label_ap"]
     result = {
@@ -308,8 +361,10 @@ def _metrics_for_table(heldout: Mapping) -> dict:
     m = dict(heldout)
     m["labels_without_positives"] = int(m["num_labels"]) - int(m["labels_with_positives"])
     m = {k: (float("nan") if v is None else v) for k, v in m.items()}
-    m["buckets"] = {b: {k: (float("nan") if v is None else v) for k, v in e.items()}
-                    for b, e in heldout["buckets"].items()}
+    m["buckets"] = {
+        b: {k: (float("nan") if v is None else v) for k, v in e.items()}
+        for b, e in heldout["buckets"].items()
+    }
     return m
 
 
@@ -345,8 +400,9 @@ def scratch_config(cfg, seed: int, data_dir: str):
     return scfg
 
 
-def stage_downstream_only(cfg, seed: int, random_ckpt: str, workdir: Path, stages: Stages, *,
-                          progress: bool) -> dict:
+def stage_downstream_only(
+    cfg, seed: int, random_ckpt: str, workdir: Path, stages: Stages, *, progress: bool
+) -> dict:
     """The same architecture trained from the random initialization on the downstream training split."""
     from tagjax import transfer
 
@@ -359,13 +415,22 @@ def stage_downstream_only(cfg, seed: int, random_ckpt: str, workdir: Path, stage
     if result is not None:
         return result
     t0 = time.perf_counter()
-    stages.log(f"training the same trunk on {scfg.transfer.dataset} alone (seed {seed}): "
-               f"{int(scfg.train.total_images):,} images seen in batches of {int(scfg.train.batch_size)}, "
-               f"{scfg.data.image_size}px crops -> {run_dir}")
+    stages.log(
+        f"training the same trunk on {scfg.transfer.dataset} alone (seed {seed}): "
+        f"{int(scfg.train.total_images):,} images seen in batches of {int(scfg.train.batch_size)}, "
+        f"{scfg.data.image_size}px crops -> {run_dir}"
+    )
     r = transfer.run_finetune(scfg, random_ckpt, run_dir, progress=progress, log_fn=stages.log)
     keep = ("test_top1", "test_top5", "step", "images_seen", "num_train", "num_test", "num_classes")
-    return stages.finish(name, key, {"checkpoint": str(run_dir), "seconds": time.perf_counter() - t0,
-                                     "finetuned_head": {k: r.get(k) for k in keep}})
+    return stages.finish(
+        name,
+        key,
+        {
+            "checkpoint": str(run_dir),
+            "seconds": time.perf_counter() - t0,
+            "finetuned_head": {k: r.get(k) for k in keep},
+        },
+    )
 
 
 def probe_config(cfg, seed: int, data_dir: str):
@@ -380,8 +445,17 @@ def probe_config(cfg, seed: int, data_dir: str):
     return pc
 
 
-def stage_probe(cfg, seed: int, trunk: str, checkpoint: str, trunk_key: Mapping, workdir: Path,
-                stages: Stages, *, progress: bool) -> dict:
+def stage_probe(
+    cfg,
+    seed: int,
+    trunk: str,
+    checkpoint: str,
+    trunk_key: Mapping,
+    workdir: Path,
+    stages: Stages,
+    *,
+    progress: bool,
+) -> dict:
     from tagjax import transfer
 
     data_dir = _data_dir(cfg, workdir)
@@ -391,16 +465,31 @@ def stage_probe(cfg, seed: int, trunk: str, checkpoint: str, trunk_key: Mapping,
     name = f"seed{seed}/probe_{trunk}"
     result = stages.begin(name, run_dir, key)
     if result is not None:
-        stages.log(f"{TRUNKS[trunk]:<20} test top-1 {100 * result['test_top1']:.1f}%  top-5 "
-                   f"{100 * result['test_top5']:.1f}%")
+        stages.log(
+            f"{TRUNKS[trunk]:<20} test top-1 {100 * result['test_top1']:.1f}%  top-5 "
+            f"{100 * result['test_top5']:.1f}%"
+        )
         return result
     t0 = time.perf_counter()
     stages.log(f"-- linear probe, {TRUNKS[trunk]} trunk (seed {seed})")
     r = transfer.run_linear(pc, checkpoint, run_dir, progress=progress, log_fn=stages.log)
-    keep = ("test_top1", "test_top5", "train_top1", "l2", "feature_dim", "num_train", "num_test", "num_classes",
-            "image_size")
-    return stages.finish(name, key, {k: r.get(k) for k in keep} | {"workdir": str(run_dir),
-                                                                   "seconds": time.perf_counter() - t0})
+    keep = (
+        "test_top1",
+        "test_top5",
+        "train_top1",
+        "l2",
+        "feature_dim",
+        "num_train",
+        "num_test",
+        "num_classes",
+        "image_size",
+    )
+    return stages.finish(
+        name,
+        key,
+        {k: r.get(k) for k in keep}
+        | {"workdir": str(run_dir), "seconds": time.perf_counter() - t0},
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -413,8 +502,13 @@ def _stats(values) -> dict:
     v = np.asarray([x for x in values if x is not None], np.float64)
     if not len(v):
         return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-            "min": float(v.min()), "max": float(v.max()), "n": len(v)}
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "n": len(v),
+    }
 
 
 def _pm(s: Mapping, scale: float = 100.0, signed: bool = False) -> str:
@@ -471,7 +565,9 @@ def resampled_label_share(dataset: str, num_labels: int, sampling: str, seed: in
 
     index = records.LabelIndex.load(Path(dataset) / "train.labels.npz")
     before = index.counts(num_labels) / max(1, index.num_records)
-    inverted = sampling_lib.InvertedIndex.in_memory(index, num_labels) if sampling != "images" else None
+    inverted = (
+        sampling_lib.InvertedIndex.in_memory(index, num_labels) if sampling != "images" else None
+    )
     sampler = sampling_lib.make_sampler(sampling, seed, index.num_records, inverted)
     drawn = sampler.sample(np.arange(positions, dtype=np.int64)).record
     # Each record's labels, weighted by how often the stream drew that record.
@@ -482,7 +578,9 @@ def resampled_label_share(dataset: str, num_labels: int, sampling: str, seed: in
     return before, after, drawn_p
 
 
-def make_plots(cfg, workdir: Path, corpus: dict, pretrain: list[dict], scratch: list[dict], probes: dict) -> dict:
+def make_plots(
+    cfg, workdir: Path, corpus: dict, pretrain: list[dict], scratch: list[dict], probes: dict
+) -> dict:
     from tagjax import evaluate as evaluate_lib
     from tagjax import plots
     from tagjax import vocab as vocab_lib
@@ -492,29 +590,57 @@ def make_plots(cfg, workdir: Path, corpus: dict, pretrain: list[dict], scratch: 
     vocab = vocab_lib.Vocabulary.load(Path(dataset) / "vocab.json")
     names = [vocab.name_of(i) for i in range(vocab.num_labels)]
     files = {}
-    pre_runs = [(f"seed {r['seed']}", plots.read_metrics(Path(r["workdir"]) / "metrics.jsonl")) for r in pretrain]
-    scr_runs = [(f"seed {p['seed']}", plots.read_metrics(Path(s["checkpoint"]) / "metrics.jsonl"))
-                for p, s in zip(pretrain, scratch)]
-    files["loss"] = plots.loss_curves({"hashtag pretraining (openclipart)": pre_runs,
-                                       f"downstream-only trunk ({cfg.demo.downstream})": scr_runs},
-                                      out / "loss.png")
+    pre_runs = [
+        (f"seed {r['seed']}", plots.read_metrics(Path(r["workdir"]) / "metrics.jsonl"))
+        for r in pretrain
+    ]
+    scr_runs = [
+        (f"seed {p['seed']}", plots.read_metrics(Path(s["checkpoint"]) / "metrics.jsonl"))
+        for p, s in zip(pretrain, scratch)
+    ]
+    files["loss"] = plots.loss_curves(
+        {
+            "hashtag pretraining (openclipart)": pre_runs,
+            f"downstream-only trunk ({cfg.demo.downstream})": scr_runs,
+        },
+        out / "loss.png",
+    )
     first = pretrain[0]
-    before, after, drawn_p = resampled_label_share(dataset, vocab.num_labels, str(cfg.data.sampling),
-                                                   int(first["seed"]), int(first["images_seen"]))
-    files["tag_frequency"] = plots.tag_frequency(before, after, names, out / "tag_frequency.png",
-                                                 sampling=str(cfg.data.sampling), drawn=drawn_p)
-    ap = np.asarray([np.nan if v is None else v for v in first["heldout"]["per_label_ap"]], np.float64)
+    before, after, drawn_p = resampled_label_share(
+        dataset,
+        vocab.num_labels,
+        str(cfg.data.sampling),
+        int(first["seed"]),
+        int(first["images_seen"]),
+    )
+    files["tag_frequency"] = plots.tag_frequency(
+        before,
+        after,
+        names,
+        out / "tag_frequency.png",
+        sampling=str(cfg.data.sampling),
+        drawn=drawn_p,
+    )
+    ap = np.asarray(
+        [np.nan if v is None else v for v in first["heldout"]["per_label_ap"]], np.float64
+    )
     counts = evaluate_lib.label_counts_of(dataset, vocab.num_labels)
     files["per_label_ap"] = plots.per_label_ap(ap, counts, names, out / "per_label_ap.png")
-    rows = [{"key": t, "label": TRUNKS[t], "top1": [p["test_top1"] for p in probes[t]]} for t in TRUNKS]
-    files["probe"] = plots.probe_comparison(rows, out / "probe.png",
-                                            title=f"Linear probe on {cfg.demo.downstream} "
-                                                  f"({len(pretrain)} seed{'s' if len(pretrain) > 1 else ''})")
+    rows = [
+        {"key": t, "label": TRUNKS[t], "top1": [p["test_top1"] for p in probes[t]]} for t in TRUNKS
+    ]
+    files["probe"] = plots.probe_comparison(
+        rows,
+        out / "probe.png",
+        title=f"Linear probe on {cfg.demo.downstream} "
+        f"({len(pretrain)} seed{'s' if len(pretrain) > 1 else ''})",
+    )
     return {k: str(v) for k, v in files.items()}
 
 
-def compute_seconds(corpus: dict, pretrain: list[dict], randoms: list[dict], scratch: list[dict],
-                    probes: dict) -> dict[str, float]:
+def compute_seconds(
+    corpus: dict, pretrain: list[dict], randoms: list[dict], scratch: list[dict], probes: dict
+) -> dict[str, float]:
     """What producing the results cost, per stage, whether computed now or by an earlier invocation (the
     stage results carry their own durations)."""
 
@@ -531,19 +657,35 @@ def compute_seconds(corpus: dict, pretrain: list[dict], randoms: list[dict], scr
     }
 
 
-def summarize(cfg, corpus: dict, pretrain: list[dict], randoms: list[dict], scratch: list[dict], probes: dict,
-              wall: float, reused: int, command: str) -> dict:
+def summarize(
+    cfg,
+    corpus: dict,
+    pretrain: list[dict],
+    randoms: list[dict],
+    scratch: list[dict],
+    probes: dict,
+    wall: float,
+    reused: int,
+    command: str,
+) -> dict:
     seeds = [r["seed"] for r in pretrain]
     trunks = {}
     for t in TRUNKS:
-        trunks[t] = {"label": TRUNKS[t], "top1": _stats([p["test_top1"] for p in probes[t]]),
-                     "top5": _stats([p["test_top5"] for p in probes[t]]),
-                     "per_seed_top1": [p["test_top1"] for p in probes[t]]}
-    gains = [p["test_top1"] - r["test_top1"] for p, r in zip(probes["pretrained"], probes["random"])]
+        trunks[t] = {
+            "label": TRUNKS[t],
+            "top1": _stats([p["test_top1"] for p in probes[t]]),
+            "top5": _stats([p["test_top5"] for p in probes[t]]),
+            "per_seed_top1": [p["test_top1"] for p in probes[t]],
+        }
+    gains = [
+        p["test_top1"] - r["test_top1"] for p, r in zip(probes["pretrained"], probes["random"])
+    ]
     gain = _stats(gains)
     threshold = float(cfg.demo.target_gain)
-    hashtag = {k: _stats([r["heldout"][k] for r in pretrain])
-               for k in ("mAP", "precision@1", "precision@5", "recall@5")}
+    hashtag = {
+        k: _stats([r["heldout"][k] for r in pretrain])
+        for k in ("mAP", "precision@1", "precision@5", "recall@5")
+    }
     stats = corpus["stats"]
     first_probe = probes["pretrained"][0]
     return {
@@ -573,8 +715,12 @@ def summarize(cfg, corpus: dict, pretrain: list[dict], randoms: list[dict], scra
             "loss": str(cfg.loss),
             "train_seconds": _stats([r["train_seconds"] for r in pretrain]),
         },
-        "hashtag_prediction": {"split": str(cfg.data.eval_split), "num_images": pretrain[0]["heldout"]["num_images"],
-                               **hashtag, "per_seed": [{k: r["heldout"][k] for k in hashtag} for r in pretrain]},
+        "hashtag_prediction": {
+            "split": str(cfg.data.eval_split),
+            "num_images": pretrain[0]["heldout"]["num_images"],
+            **hashtag,
+            "per_seed": [{k: r["heldout"][k] for k in hashtag} for r in pretrain],
+        },
         "downstream": {
             "dataset": str(cfg.demo.downstream),
             "num_classes": first_probe["num_classes"],
@@ -583,7 +729,9 @@ def summarize(cfg, corpus: dict, pretrain: list[dict], randoms: list[dict], scra
             "feature_dim": first_probe["feature_dim"],
             "image_size": first_probe["image_size"],
             "trunks": trunks,
-            "downstream_only_finetuned_head_top1": _stats([s["finetuned_head"]["test_top1"] for s in scratch]),
+            "downstream_only_finetuned_head_top1": _stats(
+                [s["finetuned_head"]["test_top1"] for s in scratch]
+            ),
             "gain_pretrained_minus_random": {**gain, "per_seed": gains},
             "target_gain": threshold,
             "meets_target": gain["mean"] is not None and gain["mean"] >= threshold,
@@ -595,7 +743,11 @@ def render_table(s: Mapping) -> str:
     """The summary table (plain text, also valid Markdown)."""
     d = s["downstream"]
     n = len(s["seeds"])
-    spread = "mean ± std over seeds " + ", ".join(str(x) for x in s["seeds"]) if n > 1 else f"seed {s['seeds'][0]}"
+    spread = (
+        "mean ± std over seeds " + ", ".join(str(x) for x in s["seeds"])
+        if n > 1
+        else f"seed {s['seeds'][0]}"
+    )
     c, p, h = s["corpus"], s["pretraining"], s["hashtag_prediction"]
     lines = [
         f"corpus: {c['posts_read']:,} openclipart posts read -> {c['records'].get('train', 0):,} train + "
@@ -614,7 +766,9 @@ def render_table(s: Mapping) -> str:
         "|---|---:|---:|---:|",
     ]
     for t in d["trunks"].values():
-        lines.append(f"| {t['label']} | {_pm(t['top1'])} | {_pm(t['top5'])} | {_range(t['top1'])} |")
+        lines.append(
+            f"| {t['label']} | {_pm(t['top1'])} | {_pm(t['top5'])} | {_range(t['top1'])} |"
+        )
     g = d["gain_pretrained_minus_random"]
     verdict = "meets" if d["meets_target"] else "falls short of"
     lines += [
@@ -625,10 +779,14 @@ def render_table(s: Mapping) -> str:
         f"downstream-only trunk with its own trained head (not a probe): top-1 "
         f"{_pm(d['downstream_only_finetuned_head_top1'])}%",
         "",
-        "compute time: " + ", ".join(f"{k} {_duration(v)}" for k, v in s["compute_seconds"].items())
+        "compute time: "
+        + ", ".join(f"{k} {_duration(v)}" for k, v in s["compute_seconds"].items())
         + f"; total {_duration(sum(s['compute_seconds'].values()))}"
-        + (f" (this invocation {_duration(s['wall_seconds'])}, reusing {s['stages_reused']} finished stages)"
-           if s["stages_reused"] else f" (wall time {_duration(s['wall_seconds'])})"),
+        + (
+            f" (this invocation {_duration(s['wall_seconds'])}, reusing {s['stages_reused']} finished stages)"
+            if s["stages_reused"]
+            else f" (wall time {_duration(s['wall_seconds'])})"
+        ),
     ]
     return "\n".join(lines)
 
@@ -636,27 +794,32 @@ def render_table(s: Mapping) -> str:
 def render_markdown(s: Mapping, plots: Mapping[str, str], workdir: Path) -> str:
     m = s["machine"]
     rel = {k: os.path.relpath(v, workdir) for k, v in plots.items()}
-    return "\n".join([
-        "# tagjax demo: summary",
-        "",
-        f"`{s['command']}` on {m['cpu']} ({m['cpu_count']} cores, {m['devices']}, jax {m['jax']}), "
-        f"{_duration(sum(s['compute_seconds'].values()))} of computation"
-        + (f" ({_duration(s['wall_seconds'])} for this invocation, which reused finished stages)."
-           if s["stages_reused"] else f", {_duration(s['wall_seconds'])} wall time."),
-        "",
-        render_table(s),
-        "",
-        "## Figures",
-        "",
-        f"![loss curves]({rel['loss']})",
-        "",
-        f"![hashtag frequency before and after resampling]({rel['tag_frequency']})",
-        "",
-        f"![per-hashtag AP]({rel['per_label_ap']})",
-        "",
-        f"![linear probe comparison]({rel['probe']})",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# tagjax demo: summary",
+            "",
+            f"`{s['command']}` on {m['cpu']} ({m['cpu_count']} cores, {m['devices']}, jax {m['jax']}), "
+            f"{_duration(sum(s['compute_seconds'].values()))} of computation"
+            + (
+                f" ({_duration(s['wall_seconds'])} for this invocation, which reused finished stages)."
+                if s["stages_reused"]
+                else f", {_duration(s['wall_seconds'])} wall time."
+            ),
+            "",
+            render_table(s),
+            "",
+            "## Figures",
+            "",
+            f"![loss curves]({rel['loss']})",
+            "",
+            f"![hashtag frequency before and after resampling]({rel['tag_frequency']})",
+            "",
+            f"![per-hashtag AP]({rel['per_label_ap']})",
+            "",
+            f"![linear probe comparison]({rel['probe']})",
+            "",
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -671,11 +834,20 @@ def check_config(cfg) -> None:
     if int(cfg.demo.seeds) < 1:
         raise UserError(f"--seeds must be at least 1 (got {int(cfg.demo.seeds)}).")
     if cfg.data.synthetic:
-        raise UserError("the demo trains on the openclipart corpus; set config.data.synthetic=False.")
+        raise UserError(
+            "the demo trains on the openclipart corpus; set config.data.synthetic=False."
+        )
 
 
-def run_all(cfg, workdir: str | Path, *, fresh: bool = False, progress: bool = True,
-             log: Callable[[str], None] = print, command: str = "") -> dict:
+def run_all(
+    cfg,
+    workdir: str | Path,
+    *,
+    fresh: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    command: str = "",
+) -> dict:
     """Runs every stage (reusing finished ones, see the module docstring); returns the summary dict that
     is also written to ``WORKDIR/summary.json``."""
     from tagjax import config as config_lib
@@ -705,32 +877,57 @@ def run_all(cfg, workdir: str | Path, *, fresh: bool = False, progress: bool = T
         pre = stage_pretrain(cfg, seed, corpus, corpus_key, workdir, stages, progress=progress)
         pretrain.append(pre)
 
-        stages.banner(f"[3/5] baselines: random init, trunk trained on the downstream set alone{of}")
+        stages.banner(
+            f"[3/5] baselines: random init, trunk trained on the downstream set alone{of}"
+        )
         rnd = stage_random(cfg, seed, corpus, workdir, stages)
         randoms.append(rnd)
-        scr = stage_downstream_only(cfg, seed, rnd["checkpoint"], workdir, stages, progress=progress)
+        scr = stage_downstream_only(
+            cfg, seed, rnd["checkpoint"], workdir, stages, progress=progress
+        )
         scratch.append(scr)
 
         stages.banner(f"[4/5] linear probes on {cfg.demo.downstream}{of}")
-        trunk_ckpts = {"pretrained": pre["workdir"], "random": rnd["checkpoint"], "downstream": scr["checkpoint"]}
+        trunk_ckpts = {
+            "pretrained": pre["workdir"],
+            "random": rnd["checkpoint"],
+            "downstream": scr["checkpoint"],
+        }
         for t in TRUNKS:
-            marker = {"pretrained": f"seed{seed}/pretrain", "random": f"seed{seed}/random",
-                      "downstream": f"seed{seed}/downstream_only"}[t]
+            marker = {
+                "pretrained": f"seed{seed}/pretrain",
+                "random": f"seed{seed}/random",
+                "downstream": f"seed{seed}/downstream_only",
+            }[t]
             trunk_key = stages.key_of(marker)
-            probes[t].append(stage_probe(cfg, seed, t, trunk_ckpts[t], trunk_key, workdir, stages,
-                                         progress=progress))
+            probes[t].append(
+                stage_probe(
+                    cfg, seed, t, trunk_ckpts[t], trunk_key, workdir, stages, progress=progress
+                )
+            )
 
     stages.banner("[5/5] summary and plots")
     plot_files = make_plots(cfg, workdir, corpus, pretrain, scratch, probes)
-    summary = summarize(cfg, corpus, pretrain, randoms, scratch, probes, time.perf_counter() - stages.start,
-                        stages.reused, command)
+    summary = summarize(
+        cfg,
+        corpus,
+        pretrain,
+        randoms,
+        scratch,
+        probes,
+        time.perf_counter() - stages.start,
+        stages.reused,
+        command,
+    )
     summary["plots"] = plot_files
     summary = _jsonable(summary)
     (workdir / SUMMARY_JSON).write_text(json.dumps(summary, indent=1) + "\n")
     (workdir / SUMMARY_MD).write_text(render_markdown(summary, plot_files, workdir))
     log(render_table(summary))
-    log(f"\nwrote {workdir / SUMMARY_JSON}, {workdir / SUMMARY_MD} and {len(plot_files)} figures in "
-        f"{workdir / PLOTS_DIR}")
+    log(
+        f"\nwrote {workdir / SUMMARY_JSON}, {workdir / SUMMARY_MD} and {len(plot_files)} figures in "
+        f"{workdir / PLOTS_DIR}"
+    )
     return summary
 
 
@@ -742,18 +939,35 @@ def run_all(cfg, workdir: str | Path, *, fresh: bool = False, progress: bool = T
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (parser.description or "") + (
         ": openclipart -> WordNet hashtag vocabulary -> shards -> pretraining -> hashtag metrics -> linear "
-        "probes against a random and a downstream-only trunk -> summary and plots.")
-    parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
-                        help=f"output directory (default {DEFAULT_WORKDIR}); rerun to reuse finished stages")
-    parser.add_argument("--config", default=DEFAULT_CONFIG,
-                        help="config file (default configs/demo.py); override fields with --config.key=value")
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="repeat pretraining, baselines and probes with this many seeds and report mean "
-                             "± std (default: the config's demo.seeds)")
-    parser.add_argument("--fresh", action="store_true",
-                        help="recompute every stage (the rasterized-SVG cache is still used)")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bars (they are off anyway when stderr is not a terminal)")
+        "probes against a random and a downstream-only trunk -> summary and plots."
+    )
+    parser.add_argument(
+        "--workdir",
+        default=DEFAULT_WORKDIR,
+        help=f"output directory (default {DEFAULT_WORKDIR}); rerun to reuse finished stages",
+    )
+    parser.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help="config file (default configs/demo.py); override fields with --config.key=value",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="repeat pretraining, baselines and probes with this many seeds and report mean "
+        "± std (default: the config's demo.seeds)",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="recompute every stage (the rasterized-SVG cache is still used)",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (they are off anyway when stderr is not a terminal)",
+    )
 
 
 def run(args) -> int:
@@ -767,8 +981,12 @@ def run(args) -> int:
     if args.seeds is not None:
         with cfg.unlocked():
             cfg.demo.seeds = int(args.seeds)
-    command = "tagjax " + " ".join(sys.argv[1:]) if sys.argv and "tagjax" in Path(sys.argv[0]).name \
-        else f"tagjax demo --workdir {args.workdir}" + (f" --seeds {args.seeds}" if args.seeds else "")
+    command = (
+        "tagjax " + " ".join(sys.argv[1:])
+        if sys.argv and "tagjax" in Path(sys.argv[0]).name
+        else f"tagjax demo --workdir {args.workdir}"
+        + (f" --seeds {args.seeds}" if args.seeds else "")
+    )
     progress = not args.no_progress and sys.stderr.isatty()
     run_all(cfg, args.workdir, fresh=args.fresh, progress=progress, command=command)
     return 0

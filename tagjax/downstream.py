@@ -86,7 +86,9 @@ def read_image(data: bytes, *, svg_size: int = 256) -> bytes | np.ndarray:
         except Exception as e:  # cairosvg raises many parser errors for broken SVG
             raise BadImage(f"unreadable SVG ({type(e).__name__}: {e})") from None
     try:
-        image, _, _ = images.decode(data, images.ImageOptions(max_side=1 << 15, min_side=1, max_aspect=1e9))
+        image, _, _ = images.decode(
+            data, images.ImageOptions(max_side=1 << 15, min_side=1, max_aspect=1e9)
+        )
     except images.ImageSkip as e:
         raise BadImage(str(e)) from None
     return np.asarray(image, np.uint8)
@@ -119,20 +121,30 @@ class StockDataset:
 
 STOCK: dict[str, StockDataset] = {
     "imagenet2012": StockDataset(
-        "imagenet2012", "train", "validation",
+        "imagenet2012",
+        "train",
+        "validation",
         prepare="manual download: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
         "DATA_DIR/downloads/manual, then prepare",
     ),
     "caltech_birds2011": StockDataset(
-        "caltech_birds2011", "train", "test", skip_decoding=("segmentation_mask",),
+        "caltech_birds2011",
+        "train",
+        "test",
+        skip_decoding=("segmentation_mask",),
         prepare="downloads ~1.2 GB from Caltech's server when prepared",
     ),
     "places365_small": StockDataset(
-        "places365_small", "train", "validation",
+        "places365_small",
+        "train",
+        "validation",
         prepare="downloads ~24 GB (256x256 images); its test split has no labels, so 'test' is validation",
     ),
     "oxford_iiit_pet": StockDataset(
-        "oxford_iiit_pet", "train", "test", skip_decoding=("segmentation_mask",),
+        "oxford_iiit_pet",
+        "train",
+        "test",
+        skip_decoding=("segmentation_mask",),
         prepare="downloads ~800 MB from the Oxford VGG server when prepared",
     ),
     "cifar10": StockDataset("cifar10", "train", "test", prepare="downloads 163 MB when prepared"),
@@ -145,8 +157,17 @@ class TfdsSource:
     Opens ``tfds.data_source`` lazily, so the object pickles into grain worker processes cheaply.
     """
 
-    def __init__(self, name: str, split: str, data_dir: str | None, *, label_key: str = "label",
-                 group_key: str | None = None, skip_decoding: Sequence[str] = (), builder_dir: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        data_dir: str | None,
+        *,
+        label_key: str = "label",
+        group_key: str | None = None,
+        skip_decoding: Sequence[str] = (),
+        builder_dir: str | None = None,
+    ):
         self.name, self.split, self.data_dir = name, split, data_dir
         self.label_key, self.group_key = label_key, group_key
         self.skip_decoding = tuple(skip_decoding)
@@ -163,7 +184,11 @@ class TfdsSource:
                 self._source = builder.as_data_source(split=self.split, decoders=decoders)
             else:
                 self._source = tfds.data_source(
-                    self.name, split=self.split, data_dir=self.data_dir, download=False, decoders=decoders
+                    self.name,
+                    split=self.split,
+                    data_dir=self.data_dir,
+                    download=False,
+                    decoders=decoders,
                 )
         return self._source
 
@@ -202,7 +227,12 @@ class FolderSource:
 
     def __getitem__(self, index: int) -> dict:
         path, label = self.files[int(index)]
-        return {"image": read_image_file(path, svg_size=self.svg_size), "label": label, "group": "", "path": path}
+        return {
+            "image": read_image_file(path, svg_size=self.svg_size),
+            "label": label,
+            "group": "",
+            "path": path,
+        }
 
 
 @dataclasses.dataclass
@@ -221,8 +251,12 @@ class Downstream:
 
     def identity(self) -> dict:
         """What the feature cache is keyed on (a different dataset or split never reuses features)."""
-        return {"name": self.name, "split": self.split, "num_examples": len(self.source),
-                "num_classes": self.num_classes}
+        return {
+            "name": self.name,
+            "split": self.split,
+            "num_examples": len(self.source),
+            "num_classes": self.num_classes,
+        }
 
 
 def _folder_split(root: Path, split: str, test_fraction: float) -> Downstream:
@@ -237,6 +271,7 @@ def _folder_split(root: Path, split: str, test_fraction: float) -> Downstream:
         all_files = _list_class_files(root, classes)
         if not 0 < test_fraction < 1:
             raise UserError(f"test fraction {test_fraction} must lie strictly between 0 and 1.")
+
         # Deterministic, order-free split: a file's side depends only on its path inside the dataset.
         def is_test(path: str) -> bool:
             digest = hashlib.sha1(os.path.relpath(path, root).encode()).digest()
@@ -249,8 +284,12 @@ def _folder_split(root: Path, split: str, test_fraction: float) -> Downstream:
             "or DIR/<class>/*.jpg."
         )
     if not files:
-        raise UserError(f"{root} has no images for the {split} split (extensions: {', '.join(IMAGE_EXTENSIONS)}).")
-    return Downstream(f"folder:{root}", split, FolderSource(files), classes, f"class-per-folder images in {root}")
+        raise UserError(
+            f"{root} has no images for the {split} split (extensions: {', '.join(IMAGE_EXTENSIONS)})."
+        )
+    return Downstream(
+        f"folder:{root}", split, FolderSource(files), classes, f"class-per-folder images in {root}"
+    )
 
 
 def _list_class_files(base: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
@@ -275,7 +314,9 @@ def _tfds_split(name: str, split: str, data_dir: str | None) -> Downstream:
         builder_dir = prepare_own(name, data_dir)
         builder = tfds.builder_from_directory(builder_dir)
         split_name = {"train": "train", "test": "test"}[split]
-        source = TfdsSource(name, split_name, data_dir, group_key="group", builder_dir=str(builder_dir))
+        source = TfdsSource(
+            name, split_name, data_dir, group_key="group", builder_dir=str(builder_dir)
+        )
     else:
         try:
             builder = tfds.builder(name, data_dir=data_dir)
@@ -292,13 +333,22 @@ def _tfds_split(name: str, split: str, data_dir: str | None) -> Downstream:
                 f"data_dir='{data_dir or default_data_dir()}').download_and_prepare(file_format='array_record')\"`"
                 " once (README: Transfer)."
             )
-        split_name = (stock.train_split if split == "train" else stock.test_split) if stock else split
+        split_name = (
+            (stock.train_split if split == "train" else stock.test_split) if stock else split
+        )
         source = TfdsSource(
-            name, split_name, data_dir, label_key=stock.label_key if stock else "label",
+            name,
+            split_name,
+            data_dir,
+            label_key=stock.label_key if stock else "label",
             skip_decoding=stock.skip_decoding if stock else (),
         )
     label = builder.info.features["label"]
-    names = list(label.names) if getattr(label, "names", None) else [str(i) for i in range(label.num_classes)]
+    names = (
+        list(label.names)
+        if getattr(label, "names", None)
+        else [str(i) for i in range(label.num_classes)]
+    )
     return Downstream(name, split, source, names, builder.info.description or "")
 
 
@@ -312,8 +362,13 @@ def _tfds_ready(builder) -> bool:
     return getattr(reader, "__module__", "") != "tensorflow_datasets.core.dataset_builder"
 
 
-def open_split(name: str, split: str, data_dir: str | None = None, *,
-               folder_test_fraction: float = DEFAULT_FOLDER_TEST_FRACTION) -> Downstream:
+def open_split(
+    name: str,
+    split: str,
+    data_dir: str | None = None,
+    *,
+    folder_test_fraction: float = DEFAULT_FOLDER_TEST_FRACTION,
+) -> Downstream:
     """One split ("train" or "test") of a downstream dataset by name (see the module docstring)."""
     if split not in ("train", "test"):
         raise UserError(f"split {split!r}: downstream datasets have 'train' and 'test'.")
@@ -337,8 +392,14 @@ EMOJI_STRIKE = 109
 _SKIN_TONES = frozenset(range(0x1F3FB, 0x1F400))
 _GENDER_SIGNS = frozenset({0x2640, 0x2642})
 # man / woman -> person, boy / girl -> child, old man / old woman -> older person: variants of one picture.
-_GENDERED = {0x1F468: 0x1F9D1, 0x1F469: 0x1F9D1, 0x1F466: 0x1F9D2, 0x1F467: 0x1F9D2,
-             0x1F474: 0x1F9D3, 0x1F475: 0x1F9D3}  # fmt: skip
+_GENDERED = {
+    0x1F468: 0x1F9D1,
+    0x1F469: 0x1F9D1,
+    0x1F466: 0x1F9D2,
+    0x1F467: 0x1F9D2,
+    0x1F474: 0x1F9D3,
+    0x1F475: 0x1F9D3,
+}
 _ZWJ, _VS16 = 0x200D, 0xFE0F
 
 
@@ -378,7 +439,9 @@ class Emoji:
 def _require_file(path: str, package: str) -> Path:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{path} is missing: install Debian's {package} (`apt-get install {package}`).")
+        raise UserError(
+            f"{path} is missing: install Debian's {package} (`apt-get install {package}`)."
+        )
     return p
 
 
@@ -413,7 +476,9 @@ def emoji_classes(emoji: Sequence[Emoji], min_groups: int) -> list[str]:
     return [s for s, g in groups.items() if len(g) >= min_groups]
 
 
-def emoji_split(emoji: Sequence[Emoji], classes: Sequence[str], test_fraction: float, seed: int) -> dict[str, str]:
+def emoji_split(
+    emoji: Sequence[Emoji], classes: Sequence[str], test_fraction: float, seed: int
+) -> dict[str, str]:
     """variant group -> "train" | "test", stratified by subgroup: in each subgroup the groups are ordered
     by a seeded hash and the first ``round(test_fraction * n)`` (at least one) go to test."""
     by_class: dict[str, list[str]] = {}
@@ -435,13 +500,17 @@ class EmojiNotRendered(ValueError):
     """The font has no single glyph for this emoji (it would draw several)."""
 
 
-def render_emoji(text: str, font, size: int, margin: float = 0.06, background=(255, 255, 255)) -> np.ndarray:
+def render_emoji(
+    text: str, font, size: int, margin: float = 0.06, background=(255, 255, 255)
+) -> np.ndarray:
     """One emoji -> RGB uint8 [size, size, 3]: drawn at the font's strike, cropped to its pixels, centred
     on a square ``background`` canvas with ``margin`` (fraction of the side) around it, resized (Lanczos)."""
     from PIL import Image, ImageDraw
 
     left, _, right, bottom = font.getbbox(text)
-    if right - left > 1.5 * font.size * 1.25 or right <= left:  # several glyphs side by side: not in font
+    if (
+        right - left > 1.5 * font.size * 1.25 or right <= left
+    ):  # several glyphs side by side: not in font
         raise EmojiNotRendered(text)
     canvas = Image.new("RGBA", (right + 8, bottom + 8), (0, 0, 0, 0))
     ImageDraw.Draw(canvas).text((0, 0), text, font=font, embedded_color=True)
@@ -452,7 +521,9 @@ def render_emoji(text: str, font, size: int, margin: float = 0.06, background=(2
     side = math.ceil(max(glyph.size) / (1 - 2 * margin))
     square = Image.new("RGBA", (side, side), (*background, 255))
     square.alpha_composite(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
-    return np.asarray(square.convert("RGB").resize((size, size), Image.Resampling.LANCZOS), np.uint8)
+    return np.asarray(
+        square.convert("RGB").resize((size, size), Image.Resampling.LANCZOS), np.uint8
+    )
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -487,7 +558,9 @@ def _emoji_builder_class():
         """
 
         VERSION = tfds.core.Version("1.0.0")
-        RELEASE_NOTES: ClassVar[dict] = {"1.0.0": "Emoji 15.0 subgroups; skin-tone and gender variants grouped."}
+        RELEASE_NOTES: ClassVar[dict] = {
+            "1.0.0": "Emoji 15.0 subgroups; skin-tone and gender variants grouped."
+        }
         BUILDER_CONFIGS: ClassVar[list] = [
             EmojiSubgroupsConfig(name="64px", description="64 x 64 images", image_size=64),
             EmojiSubgroupsConfig(name="32px", description="32 x 32 images", image_size=32),
@@ -504,8 +577,10 @@ def _emoji_builder_class():
             return epath.Path(__file__)
 
         def _paths(self) -> tuple[str, str]:
-            return (os.environ.get("TAGJAX_EMOJI_FONT", EMOJI_FONT),
-                    os.environ.get("TAGJAX_EMOJI_TEST", EMOJI_TEST))  # fmt: skip
+            return (
+                os.environ.get("TAGJAX_EMOJI_FONT", EMOJI_FONT),
+                os.environ.get("TAGJAX_EMOJI_TEST", EMOJI_TEST),
+            )
 
         def _info(self):
             _, test_path = self._paths()
@@ -518,13 +593,15 @@ def _emoji_builder_class():
                     "Color emoji rendered from Noto Color Emoji, labelled by Unicode emoji subgroup "
                     f"({len(classes)} classes); skin-tone and gender variants share a group and a split."
                 ),
-                features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
-                    "label": tfds.features.ClassLabel(names=classes),
-                    "group": tfds.features.Text(),  # variant group (code points without tones/gender)
-                    "name": tfds.features.Text(),  # CLDR short name, e.g. "waving hand: medium skin tone"
-                    "emoji": tfds.features.Text(),  # the characters themselves
-                }),
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
+                        "label": tfds.features.ClassLabel(names=classes),
+                        "group": tfds.features.Text(),  # variant group (code points without tones/gender)
+                        "name": tfds.features.Text(),  # CLDR short name, e.g. "waving hand: medium skin tone"
+                        "emoji": tfds.features.Text(),  # the characters themselves
+                    }
+                ),
                 supervised_keys=("image", "label"),
                 homepage="https://unicode.org/emoji/charts/emoji-list.html",
             )
@@ -556,13 +633,18 @@ def _emoji_builder_class():
                     pixels = render_emoji(e.text, font, cfg.image_size, cfg.margin)
                 except EmojiNotRendered:
                     continue  # an older font without this emoji: it is left out
-                yield e.key, {
-                    "image": _png(pixels),  # encoded bytes: TFDS stores them as is (no TensorFlow)
-                    "label": index[e.subgroup],
-                    "group": e.variant_group,
-                    "name": e.name,
-                    "emoji": e.text,
-                }
+                yield (
+                    e.key,
+                    {
+                        "image": _png(
+                            pixels
+                        ),  # encoded bytes: TFDS stores them as is (no TensorFlow)
+                        "label": index[e.subgroup],
+                        "group": e.variant_group,
+                        "name": e.name,
+                        "emoji": e.text,
+                    },
+                )
 
     _EMOJI_BUILDER = EmojiSubgroups
     return EmojiSubgroups
@@ -581,7 +663,9 @@ def prepare_own(name: str, data_dir: str | None = None) -> Path:
     """
     base, _, config = name.partition("/")
     if base not in OWN_BUILDERS:
-        raise UserError(f"{name!r} is not one of tagjax's own datasets ({', '.join(OWN_BUILDERS)}).")
+        raise UserError(
+            f"{name!r} is not one of tagjax's own datasets ({', '.join(OWN_BUILDERS)})."
+        )
     cls = OWN_BUILDERS[base]()
     configs = {c.name: c for c in cls.BUILDER_CONFIGS}
     if config and config not in configs:
@@ -610,11 +694,19 @@ class NearDuplicates:
     threshold: float
     num_train: int
     num_eval: int
-    nearest: np.ndarray  # [num_eval]: each evaluation image's highest similarity (to choose a threshold)
+    nearest: (
+        np.ndarray
+    )  # [num_eval]: each evaluation image's highest similarity (to choose a threshold)
 
 
-def nearest_neighbours(queries: np.ndarray, keys: np.ndarray, k: int, *, chunk: int = 4096,
-                       center: np.ndarray | None = None):  # fmt: skip
+def nearest_neighbours(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    k: int,
+    *,
+    chunk: int = 4096,
+    center: np.ndarray | None = None,
+):
     """Cosine top-``k`` neighbours of each query among ``keys`` -> (similarities [Q, k], indices [Q, k]).
 
     ``center`` (e.g. the mean key) is subtracted from both sides first, then rows are L2-normalized; keys
@@ -648,7 +740,9 @@ def nearest_neighbours(queries: np.ndarray, keys: np.ndarray, k: int, *, chunk: 
 
     for start in range(0, len(keys), chunk):
         block = normalize(keys[start : start + chunk])
-        if len(block) < chunk and len(keys) > chunk:  # keep one compiled shape: pad with zero vectors
+        if (
+            len(block) < chunk and len(keys) > chunk
+        ):  # keep one compiled shape: pad with zero vectors
             block = np.pad(block, ((0, chunk - len(block)), (0, 0)))
         best_s, best_i = merge(best_s, best_i, jnp.asarray(block), jnp.int32(start))
     s, i = np.asarray(best_s), np.asarray(best_i)
@@ -664,9 +758,16 @@ def mean_embedding(embeddings: np.ndarray, chunk: int = 65536) -> np.ndarray:
     return (total / max(len(embeddings), 1)).astype(np.float32)
 
 
-def find_near_duplicates(eval_embeddings: np.ndarray, train_embeddings: np.ndarray, train_ids: Sequence[str], *,
-                         threshold: float, k: int = 5, eval_names: Sequence[str] | None = None,
-                         center: bool = True) -> NearDuplicates:  # fmt: skip
+def find_near_duplicates(
+    eval_embeddings: np.ndarray,
+    train_embeddings: np.ndarray,
+    train_ids: Sequence[str],
+    *,
+    threshold: float,
+    k: int = 5,
+    eval_names: Sequence[str] | None = None,
+    center: bool = True,
+) -> NearDuplicates:
     """Training images among the ``k`` nearest neighbours of some evaluation image with cosine similarity
     >= ``threshold``. The paper removed such images (after inspecting them) before pretraining.
 
@@ -685,13 +786,22 @@ def find_near_duplicates(eval_embeddings: np.ndarray, train_embeddings: np.ndarr
                 best[int(t)] = (float(s), q)
     order = sorted(best, key=lambda t: -best[t][0])
     pairs = [
-        {"train_id": str(train_ids[t]), "eval_index": best[t][1],
-         "eval_name": str(eval_names[best[t][1]]) if eval_names is not None else str(best[t][1]),
-         "similarity": round(best[t][0], 6)}
+        {
+            "train_id": str(train_ids[t]),
+            "eval_index": best[t][1],
+            "eval_name": str(eval_names[best[t][1]]) if eval_names is not None else str(best[t][1]),
+            "similarity": round(best[t][0], 6),
+        }
         for t in order
-    ]  # fmt: skip
-    return NearDuplicates([str(train_ids[t]) for t in order], pairs, threshold,
-                          len(train_embeddings), len(eval_embeddings), sims[:, 0].copy())  # fmt: skip
+    ]
+    return NearDuplicates(
+        [str(train_ids[t]) for t in order],
+        pairs,
+        threshold,
+        len(train_embeddings),
+        len(eval_embeddings),
+        sims[:, 0].copy(),
+    )
 
 
 def write_exclude_list(result: NearDuplicates, path: str | Path) -> Path:
@@ -699,8 +809,10 @@ def write_exclude_list(result: NearDuplicates, path: str | Path) -> Path:
     it, ``<path>.pairs.jsonl`` with every (train, eval, similarity) pair for inspection."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"# tagjax decontamination: {len(result.train_ids)} of {result.num_train} training images within "
-              f"cosine similarity {result.threshold} of one of {result.num_eval} evaluation images\n")
+    header = (
+        f"# tagjax decontamination: {len(result.train_ids)} of {result.num_train} training images within "
+        f"cosine similarity {result.threshold} of one of {result.num_eval} evaluation images\n"
+    )
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(header + "".join(f"{i}\n" for i in result.train_ids))
     os.replace(tmp, path)
@@ -715,30 +827,63 @@ def read_id_list(path: str | Path) -> list[str]:
     return [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # tagjax decontaminate
 # ----------------------------------------------------------------------------------------------------
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="the trunk whose features define similarity (a trained "
-                        "or imported checkpoint; the better the features, the better the matches)")
-    parser.add_argument("--train", required=True, help="the pretraining images: a dataset built by `tagjax build` "
-                        "(ids are post ids) or a folder of images (ids are relative paths)")
-    parser.add_argument("--train-split", default="train", help="split of a built dataset (default train)")
-    parser.add_argument("--eval", required=True, action="append", dest="evals", metavar="EVAL",
-                        help="evaluation images: a downstream dataset name (cifar10, emoji_subgroups, ...), "
-                        "a class-per-folder directory or a folder of images; repeat for several")
-    parser.add_argument("--eval-split", default="test", help="split of each downstream dataset (default test)")
-    parser.add_argument("--data-dir", default=None, help="TFDS data directory for downstream datasets")
-    parser.add_argument("--threshold", type=float, default=0.95, help="cosine similarity (of mean-centred "
-                        "features) at or above which a training image is excluded (default 0.95)")
-    parser.add_argument("--neighbours", type=int, default=5, help="neighbours examined per evaluation image")
-    parser.add_argument("--output", required=True, help="the exclude list (one post id per line) for "
-                        "`tagjax build`; PATH.pairs.jsonl lists every match for inspection")
-    parser.add_argument("--embeddings-dir", default=None, help="where embeddings are cached (default: beside "
-                        "--output); an interrupted run resumes")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="the trunk whose features define similarity (a trained "
+        "or imported checkpoint; the better the features, the better the matches)",
+    )
+    parser.add_argument(
+        "--train",
+        required=True,
+        help="the pretraining images: a dataset built by `tagjax build` "
+        "(ids are post ids) or a folder of images (ids are relative paths)",
+    )
+    parser.add_argument(
+        "--train-split", default="train", help="split of a built dataset (default train)"
+    )
+    parser.add_argument(
+        "--eval",
+        required=True,
+        action="append",
+        dest="evals",
+        metavar="EVAL",
+        help="evaluation images: a downstream dataset name (cifar10, emoji_subgroups, ...), "
+        "a class-per-folder directory or a folder of images; repeat for several",
+    )
+    parser.add_argument(
+        "--eval-split", default="test", help="split of each downstream dataset (default test)"
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="TFDS data directory for downstream datasets"
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.95,
+        help="cosine similarity (of mean-centred "
+        "features) at or above which a training image is excluded (default 0.95)",
+    )
+    parser.add_argument(
+        "--neighbours", type=int, default=5, help="neighbours examined per evaluation image"
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="the exclude list (one post id per line) for "
+        "`tagjax build`; PATH.pairs.jsonl lists every match for inspection",
+    )
+    parser.add_argument(
+        "--embeddings-dir",
+        default=None,
+        help="where embeddings are cached (default: beside --output); an interrupted run resumes",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
 
 
@@ -746,9 +891,15 @@ def run(args) -> int:
     from tagjax import predict
 
     if not -1.0 <= args.threshold <= 1.0:
-        raise UserError(f"--threshold {args.threshold} is not a cosine similarity (between -1 and 1).")
+        raise UserError(
+            f"--threshold {args.threshold} is not a cosine similarity (between -1 and 1)."
+        )
     output = Path(args.output).expanduser()
-    cache = Path(args.embeddings_dir).expanduser() if args.embeddings_dir else output.parent / f"{output.name}.embeddings"
+    cache = (
+        Path(args.embeddings_dir).expanduser()
+        if args.embeddings_dir
+        else output.parent / f"{output.name}.embeddings"
+    )
     inference = predict.Inference(args.checkpoint, head=False)
 
     def embed(spec: str, split: str | None, prefix: Path):
@@ -767,13 +918,26 @@ def run(args) -> int:
         eval_parts.append(np.asarray(emb)[ok])
         eval_names.extend(np.asarray(ids)[ok].tolist())
     rows = np.flatnonzero(train_ok)
-    result = find_near_duplicates(np.concatenate(eval_parts), np.asarray(train_emb)[rows],
-                                  [train_ids[r] for r in rows], threshold=args.threshold, k=args.neighbours,
-                                  eval_names=eval_names)  # fmt: skip
+    result = find_near_duplicates(
+        np.concatenate(eval_parts),
+        np.asarray(train_emb)[rows],
+        [train_ids[r] for r in rows],
+        threshold=args.threshold,
+        k=args.neighbours,
+        eval_names=eval_names,
+    )
     write_exclude_list(result, output)
-    q = np.percentile(result.nearest, [50, 90, 99, 100]) if len(result.nearest) else [float("nan")] * 4
-    print(f"nearest training image per evaluation image, cosine similarity: median {q[0]:.3f}, p90 {q[1]:.3f}, "
-          f"p99 {q[2]:.3f}, max {q[3]:.3f}")
-    print(f"{len(result.train_ids):,} of {result.num_train:,} training images are within {args.threshold} of one of "
-          f"{result.num_eval:,} evaluation images -> {output} (pairs for inspection: {output}.pairs.jsonl)")
+    q = (
+        np.percentile(result.nearest, [50, 90, 99, 100])
+        if len(result.nearest)
+        else [float("nan")] * 4
+    )
+    print(
+        f"nearest training image per evaluation image, cosine similarity: median {q[0]:.3f}, p90 {q[1]:.3f}, "
+        f"p99 {q[2]:.3f}, max {q[3]:.3f}"
+    )
+    print(
+        f"{len(result.train_ids):,} of {result.num_train:,} training images are within {args.threshold} of one of "
+        f"{result.num_eval:,} evaluation images -> {output} (pairs for inspection: {output}.pairs.jsonl)"
+    )
     return 0

@@ -90,10 +90,14 @@ def _as_padded_labels(labels, num_labels: int) -> np.ndarray:
     """int32 [N, M] label ids padded with -1, from padded ids or a dense bool matrix [N, num_labels]."""
     labels = np.asarray(labels)
     if labels.ndim != 2:
-        raise ValueError(f"labels must be 2-D ([N, max_labels] ids or [N, num_labels] bool), got {labels.shape}")
+        raise ValueError(
+            f"labels must be 2-D ([N, max_labels] ids or [N, num_labels] bool), got {labels.shape}"
+        )
     if labels.dtype == bool:  # dense [N, num_labels] multi-hot; integers always mean label ids
         if labels.shape[1] != num_labels:
-            raise ValueError(f"a bool label matrix needs {num_labels} columns, got {labels.shape[1]}")
+            raise ValueError(
+                f"a bool label matrix needs {num_labels} columns, got {labels.shape[1]}"
+            )
         dense = labels.astype(bool)
         width = max(int(dense.sum(axis=1).max(initial=0)), 1)
         out = np.full((dense.shape[0], width), -1, np.int32)
@@ -134,7 +138,9 @@ def _ap_chunk(scores, labels, first, *, chunk: int):
     return jnp.where(positives > 0, ap, jnp.nan), positives
 
 
-def average_precision(scores, labels, num_labels: int | None = None, *, label_chunk: int = 512) -> np.ndarray:
+def average_precision(
+    scores, labels, num_labels: int | None = None, *, label_chunk: int = 512
+) -> np.ndarray:
     """Per-label AP, float64 [L]; NaN for labels without positives (see the module docstring).
 
     ``scores`` [N, L]; ``labels`` [N, M] ids padded with -1, or a dense bool matrix [N, L].
@@ -156,7 +162,9 @@ def average_precision(scores, labels, num_labels: int | None = None, *, label_ch
     for first in range(0, num_labels, chunk):
         block = scores[:, first : first + chunk].astype(np.float32)
         width = block.shape[1]
-        if width < chunk:  # pad the last chunk to the compiled width; padded columns have no positives
+        if (
+            width < chunk
+        ):  # pad the last chunk to the compiled width; padded columns have no positives
             block = np.pad(block, ((0, 0), (0, chunk - width)))
         ap, _ = _ap_chunk(jnp.asarray(block), ids_dev, jnp.int32(first), chunk=chunk)
         out[first : first + width] = np.asarray(ap, np.float64)[:width]
@@ -183,7 +191,9 @@ def topk_predictions(scores, labels, k: int, batch: int = 4096) -> tuple[np.ndar
     k = min(k, scores.shape[1])
     tops, hits = [], []
     for i in range(0, scores.shape[0], batch):
-        t, h = _topk_hits(jnp.asarray(scores[i : i + batch], jnp.float32), jnp.asarray(labels[i : i + batch]), k=k)
+        t, h = _topk_hits(
+            jnp.asarray(scores[i : i + batch], jnp.float32), jnp.asarray(labels[i : i + batch]), k=k
+        )
         tops.append(np.asarray(t))
         hits.append(np.asarray(h))
     if not tops:
@@ -302,7 +312,9 @@ def hashtag_metrics(
             kk = min(k, kmax)
             pred_in_b = pred_bucket[:, :kk] == b
             found = int((hits[:, :kk] & pred_in_b).sum())
-            entry[f"precision@{k}"] = found / int(pred_in_b.sum()) if pred_in_b.any() else float("nan")
+            entry[f"precision@{k}"] = (
+                found / int(pred_in_b.sum()) if pred_in_b.any() else float("nan")
+            )
             entry[f"recall@{k}"] = found / true_in_b if true_in_b else float("nan")
         buckets[name] = entry
     out["buckets"] = buckets
@@ -334,7 +346,9 @@ class MetricsAccumulator:
         scores = np.asarray(scores)
         labels = np.asarray(labels, np.int32)
         if scores.shape[-1] != self.num_labels:
-            raise ValueError(f"scores have {scores.shape[-1]} labels, the accumulator {self.num_labels}")
+            raise ValueError(
+                f"scores have {scores.shape[-1]} labels, the accumulator {self.num_labels}"
+            )
         if mask is not None:
             mask = np.asarray(mask, bool)
             scores, labels = scores[mask], labels[mask]
@@ -393,7 +407,9 @@ def scalar_summary(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, fl
                 for k, v in entry.items():
                     if k in ("mAP",) or "@" in k:
                         out[f"{prefix}{b}/{k}"] = float(v)
-        elif isinstance(value, int | float | np.floating | np.integer) and not isinstance(value, bool):
+        elif isinstance(value, int | float | np.floating | np.integer) and not isinstance(
+            value, bool
+        ):
             out[f"{prefix}{key}"] = float(value)
     return out
 
@@ -402,7 +418,9 @@ def _pct(x) -> str:
     return "    -" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}"
 
 
-def format_table(metrics: Mapping[str, Any], ks: Sequence[int] = DEFAULT_KS, title: str = "") -> str:
+def format_table(
+    metrics: Mapping[str, Any], ks: Sequence[int] = DEFAULT_KS, title: str = ""
+) -> str:
     """A readable table of ``hashtag_metrics`` output (percentages)."""
     cols = ["mAP"] + [f"{m}@{k}" for k in ks for m in ("precision", "recall")]
     short = {c: c.replace("precision", "P").replace("recall", "R") for c in cols}
@@ -414,15 +432,25 @@ def format_table(metrics: Mapping[str, Any], ks: Sequence[int] = DEFAULT_KS, tit
         f"({metrics['labels_with_positives']:,} with positives; "
         f"{metrics['labels_without_positives']:,} without, left out of mAP)"
     )
-    header = f"{'':8s}" + "".join(f"{short[c]:>7s}" for c in cols) + f"{'labels':>9s}  train images/label"
+    header = (
+        f"{'':8s}"
+        + "".join(f"{short[c]:>7s}" for c in cols)
+        + f"{'labels':>9s}  train images/label"
+    )
     lines.append(header)
     lines.append("-" * len(header))
-    lines.append(f"{'all':8s}" + "".join(f"{_pct(metrics[c]):>7s}" for c in cols) + f"{metrics['num_labels']:>9,d}")
+    lines.append(
+        f"{'all':8s}"
+        + "".join(f"{_pct(metrics[c]):>7s}" for c in cols)
+        + f"{metrics['num_labels']:>9,d}"
+    )
     for name in BUCKETS:
         e = metrics["buckets"][name]
         span = f"{e['min_count']:,}-{e['max_count']:,}" if e["num_labels"] else ""
         lines.append(
-            f"{name:8s}" + "".join(f"{_pct(e[c]):>7s}" for c in cols) + f"{e['num_labels']:>9,d}  {span}"
+            f"{name:8s}"
+            + "".join(f"{_pct(e[c]):>7s}" for c in cols)
+            + f"{e['num_labels']:>9,d}  {span}"
         )
     lines.append(
         f"(percent; buckets by {metrics.get('bucket_counts_source', 'training images')}: labels sorted by "
@@ -436,7 +464,9 @@ def format_table(metrics: Mapping[str, Any], ks: Sequence[int] = DEFAULT_KS, tit
 # ----------------------------------------------------------------------------------------------------
 
 
-def label_counts_of(dataset_dir: str | Path, num_labels: int, split: str = "train") -> np.ndarray | None:
+def label_counts_of(
+    dataset_dir: str | Path, num_labels: int, split: str = "train"
+) -> np.ndarray | None:
     """Training images per label from the dataset's label index (``<split>.labels.npz``), if present."""
     from tagjax import records
 
@@ -452,11 +482,19 @@ def _default_output(step_dir: Path, dataset: str, split: str, step: int) -> Path
     return workdir / "eval" / f"{name}-{split}-step{step}.json"
 
 
-def evaluate_checkpoint(checkpoint_path: str | Path, dataset: str, split: str = "heldout", *,
-                        max_images: int = 0, batch_size: int = 256, image_size: int | None = None,
-                        resize: int | None = None,
-                        ks: Sequence[int] = DEFAULT_KS, bucket_fractions: Sequence[float] = DEFAULT_BUCKET_FRACTIONS,
-                        progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def evaluate_checkpoint(
+    checkpoint_path: str | Path,
+    dataset: str,
+    split: str = "heldout",
+    *,
+    max_images: int = 0,
+    batch_size: int = 256,
+    image_size: int | None = None,
+    resize: int | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    bucket_fractions: Sequence[float] = DEFAULT_BUCKET_FRACTIONS,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Hashtag metrics of a checkpoint on one split of a built dataset (``"synthetic"``: the synthetic task
     of the checkpoint's config). Returns the :func:`hashtag_metrics` dict plus where it came from."""
     from tqdm import tqdm
@@ -487,8 +525,15 @@ def evaluate_checkpoint(checkpoint_path: str | Path, dataset: str, split: str = 
             f"the checkpoint predicts {inference.num_classes} labels but {dataset} has "
             f"{input_pipeline.num_labels(config, dataset_dir)}; evaluate on the dataset it was trained on."
         )
-    it = input_pipeline.make_eval_iterator(config, dataset_dir, split, batch_size=batch_size,
-                                           max_images=max_images, process_index=0, process_count=1)
+    it = input_pipeline.make_eval_iterator(
+        config,
+        dataset_dir,
+        split,
+        batch_size=batch_size,
+        max_images=max_images,
+        process_index=0,
+        process_count=1,
+    )
     acc = MetricsAccumulator(inference.num_classes)
     loss = str(config.get("loss", "softmax"))
     start = time.perf_counter()
@@ -499,19 +544,23 @@ def evaluate_checkpoint(checkpoint_path: str | Path, dataset: str, split: str = 
         bar.update(int(np.asarray(batch["mask"]).sum()))
     bar.close()
     if synthetic:
-        counts = input_pipeline.synthetic_task(config, "train").label_index.counts(inference.num_classes)
+        counts = input_pipeline.synthetic_task(config, "train").label_index.counts(
+            inference.num_classes
+        )
     else:
         counts = label_counts_of(dataset_dir, inference.num_classes, config.data.train_split)
     metrics = acc.result(label_counts=counts, ks=ks, bucket_fractions=bucket_fractions)
-    metrics.update({
-        "checkpoint": inference.path,
-        "step": inference.meta.get("step"),
-        "images_seen": inference.meta.get("images_seen"),
-        "dataset": str(dataset),
-        "split": split,
-        "bad_records": int(it.bad_records),
-        "seconds": round(time.perf_counter() - start, 2),
-    })  # fmt: skip
+    metrics.update(
+        {
+            "checkpoint": inference.path,
+            "step": inference.meta.get("step"),
+            "images_seen": inference.meta.get("images_seen"),
+            "dataset": str(dataset),
+            "split": split,
+            "bad_records": int(it.bad_records),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    )
     return metrics
 
 
@@ -522,7 +571,9 @@ def evaluate_checkpoint(checkpoint_path: str | Path, dataset: str, split: str = 
 # --split names of a downstream dataset -> tagjax.downstream's split. "test" is the dataset's labelled
 # evaluation split (ImageNet's and Places365's "validation", a folder's test/, val/ or validation/).
 CLASSIFICATION_SPLITS = {"train": "train", "test": "test", "validation": "test", "val": "test"}
-DEFAULT_MAX_BAD_FRACTION = 0.001  # unreadable images tolerated before the pass fails (as tagjax embed)
+DEFAULT_MAX_BAD_FRACTION = (
+    0.001  # unreadable images tolerated before the pass fails (as tagjax embed)
+)
 
 
 def is_hashtag_dataset(dataset: str) -> bool:
@@ -553,8 +604,12 @@ class ClassMapping:
         return self.num_outputs - len(np.unique(self.to_checkpoint))
 
 
-def map_classes(meta: Mapping[str, Any], num_outputs: int, dataset_classes: Sequence[str],
-                dataset: str = "the dataset") -> ClassMapping:  # fmt: skip
+def map_classes(
+    meta: Mapping[str, Any],
+    num_outputs: int,
+    dataset_classes: Sequence[str],
+    dataset: str = "the dataset",
+) -> ClassMapping:
     """Places each of a dataset's classes (by name) on a classifier checkpoint's outputs, from its metadata.
 
     Tried in order: ``class_wnids`` (ImageNet-1k imports; TFDS's imagenet2012 names its classes by wnid,
@@ -564,10 +619,17 @@ def map_classes(meta: Mapping[str, Any], num_outputs: int, dataset_classes: Sequ
     in another order is remapped rather than silently misread. Raises UserError naming the classes no list
     places (or a name the checkpoint lists twice, which would be ambiguous).
     """
-    lists = [(by, meta[key]) for by, key in (("wnid", "class_wnids"), ("name", "class_names")) if meta.get(key)]
+    lists = [
+        (by, meta[key])
+        for by, key in (("wnid", "class_wnids"), ("name", "class_names"))
+        if meta.get(key)
+    ]
     if not lists:
-        what = ("a hashtag model (its head predicts a hashtag vocabulary)" if meta.get("vocab_fingerprint")
-                else f"a {num_outputs}-way head without class names in its metadata")  # fmt: skip
+        what = (
+            "a hashtag model (its head predicts a hashtag vocabulary)"
+            if meta.get("vocab_fingerprint")
+            else f"a {num_outputs}-way head without class names in its metadata"
+        )
         raise UserError(
             f"the checkpoint is {what}, so its outputs cannot be matched to the classes of {dataset}: evaluate a "
             "classifier (an ImageNet-1k checkpoint from `tagjax import-weights`, or one from `tagjax transfer "
@@ -589,7 +651,9 @@ def map_classes(meta: Mapping[str, Any], num_outputs: int, dataset_classes: Sequ
             position.setdefault(name, i)
         missing = [c for c in dataset_classes if c not in position or c in repeated]
         if not missing:
-            return ClassMapping(np.asarray([position[c] for c in dataset_classes], np.int32), int(num_outputs), by)
+            return ClassMapping(
+                np.asarray([position[c] for c in dataset_classes], np.int32), int(num_outputs), by
+            )
         if best is None or len(missing) < len(best[1]):
             best = (by, missing, repeated)
     by, missing, repeated = best
@@ -601,12 +665,21 @@ def map_classes(meta: Mapping[str, Any], num_outputs: int, dataset_classes: Sequ
     )
 
 
-def evaluate_classification(checkpoint_path: str | Path, dataset: str, split: str = "test", *,
-                            data_dir: str | None = None, max_images: int = 0, batch_size: int = 256,
-                            image_size: int | None = None, resize: int | None = None,
-                            ks: Sequence[int] = DEFAULT_KS, num_threads: int | None = None,
-                            max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-                            progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def evaluate_classification(
+    checkpoint_path: str | Path,
+    dataset: str,
+    split: str = "test",
+    *,
+    data_dir: str | None = None,
+    max_images: int = 0,
+    batch_size: int = 256,
+    image_size: int | None = None,
+    resize: int | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    num_threads: int | None = None,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Top-k accuracy of a classifier checkpoint on one split of a downstream dataset (module docstring).
 
     ``dataset``: a tagjax.downstream name (imagenet2012, emoji_subgroups, ...) or a class-per-folder
@@ -621,12 +694,16 @@ def evaluate_classification(checkpoint_path: str | Path, dataset: str, split: st
     from tagjax.predict import DEFAULT_THREADS, BadImageCounter, Inference, image_batches
 
     if split not in CLASSIFICATION_SPLITS:
-        raise UserError(f"split {split!r}: a downstream dataset has 'train' and 'test' (also called 'validation').")
+        raise UserError(
+            f"split {split!r}: a downstream dataset has 'train' and 'test' (also called 'validation')."
+        )
     ds = downstream.open_split(dataset, CLASSIFICATION_SPLITS[split], data_dir)
     inference = Inference(checkpoint_path, head=True, image_size=image_size, resize=resize)
     if "fc" not in inference.variables["params"]:
-        raise UserError(f"{inference.path} has no classifier head (imported with --no-head?); evaluate a checkpoint "
-                        "with one, or measure its features with `tagjax transfer --mode linear`.")  # fmt: skip
+        raise UserError(
+            f"{inference.path} has no classifier head (imported with --no-head?); evaluate a checkpoint "
+            "with one, or measure its features with `tagjax transfer --mode linear`."
+        )
     mapping = map_classes(inference.meta, inference.num_classes, ds.class_names, ds.name)
     num = len(ds.source) if max_images <= 0 else min(max_images, len(ds.source))
     tf = inference.transform
@@ -640,8 +717,14 @@ def evaluate_classification(checkpoint_path: str | Path, dataset: str, split: st
     hits, labels = [], []
     start = time.perf_counter()
     bar = tqdm(total=num, unit="img", desc=f"evaluate {ds.name} {split}", disable=not progress)
-    for batch in image_batches(load, range(num), preprocess=lambda image, out: augment.eval_image(image, out, tf),
-                               size=tf.size, batch_size=batch_size, num_threads=num_threads or DEFAULT_THREADS):
+    for batch in image_batches(
+        load,
+        range(num),
+        preprocess=lambda image, out: augment.eval_image(image, out, tf),
+        size=tf.size,
+        batch_size=batch_size,
+        num_threads=num_threads or DEFAULT_THREADS,
+    ):
         # Every row goes through top-k (one compiled shape per batch size); unreadable rows are dropped after.
         y = np.asarray([e if ok else 0 for e, ok in zip(batch.extras, batch.valid)], np.int64)
         target = np.where(batch.valid, mapping.to_checkpoint[y], -1).astype(np.int32)
@@ -654,43 +737,57 @@ def evaluate_classification(checkpoint_path: str | Path, dataset: str, split: st
     counter.check(final=True)
     hits = np.concatenate(hits) if hits else np.zeros((0, kmax), bool)
     metrics: dict[str, Any] = {
-        f"top{k}": float(hits[:, : min(k, kmax)].any(axis=1).mean()) if len(hits) else float("nan") for k in ks
+        f"top{k}": float(hits[:, : min(k, kmax)].any(axis=1).mean()) if len(hits) else float("nan")
+        for k in ks
     }
-    metrics.update({
-        "task": "classification",
-        "num_images": len(hits),
-        "bad_images": int(counter.bad),
-        "num_classes": int(ds.num_classes),
-        "checkpoint_outputs": int(mapping.num_outputs),
-        "class_mapping": {"by": mapping.by, "same_order": mapping.identity,
-                          "outputs_outside_dataset": mapping.outputs_outside_dataset},
-        "checkpoint": inference.path,
-        "step": inference.meta.get("step"),
-        "images_seen": inference.meta.get("images_seen"),
-        "dataset": ds.name,
-        "split": split,
-        "image_size": int(tf.size),
-        "resize": int(tf.resize),
-        "mean": [float(x) for x in inference.mean],
-        "std": [float(x) for x in inference.std],
-        "seconds": round(time.perf_counter() - start, 2),
-    })  # fmt: skip
+    metrics.update(
+        {
+            "task": "classification",
+            "num_images": len(hits),
+            "bad_images": int(counter.bad),
+            "num_classes": int(ds.num_classes),
+            "checkpoint_outputs": int(mapping.num_outputs),
+            "class_mapping": {
+                "by": mapping.by,
+                "same_order": mapping.identity,
+                "outputs_outside_dataset": mapping.outputs_outside_dataset,
+            },
+            "checkpoint": inference.path,
+            "step": inference.meta.get("step"),
+            "images_seen": inference.meta.get("images_seen"),
+            "dataset": ds.name,
+            "split": split,
+            "image_size": int(tf.size),
+            "resize": int(tf.resize),
+            "mean": [float(x) for x in inference.mean],
+            "std": [float(x) for x in inference.std],
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    )
     return metrics
 
 
-def format_classification_table(metrics: Mapping[str, Any], ks: Sequence[int] = DEFAULT_KS, title: str = "") -> str:
+def format_classification_table(
+    metrics: Mapping[str, Any], ks: Sequence[int] = DEFAULT_KS, title: str = ""
+) -> str:
     """A readable table of :func:`evaluate_classification` output (percentages)."""
     m = metrics["class_mapping"]
     mapping = f"matched by {m['by']}, {'same order' if m['same_order'] else 'remapped'}"
     if m["outputs_outside_dataset"]:
-        mapping += f", {m['outputs_outside_dataset']:,} of the checkpoint's outputs not in the dataset"
+        mapping += (
+            f", {m['outputs_outside_dataset']:,} of the checkpoint's outputs not in the dataset"
+        )
     lines = [title] if title else []
     lines.append(
         f"{metrics['num_images']:,} images, {metrics['num_classes']:,} classes ({mapping}); "
         f"resize {metrics['resize']}, center crop {metrics['image_size']}"
     )
     header = f"{'':10s}" + "".join(f"{f'top-{k}':>7s}" for k in ks)
-    lines += [header, "-" * len(header), f"{'accuracy':10s}" + "".join(f"{_pct(metrics[f'top{k}']):>7s}" for k in ks)]
+    lines += [
+        header,
+        "-" * len(header),
+        f"{'accuracy':10s}" + "".join(f"{_pct(metrics[f'top{k}']):>7s}" for k in ks),
+    ]
     lines.append(
         f"(percent of images whose class is among the checkpoint's k highest outputs; "
         f"{metrics['bad_images']:,} unreadable images skipped)"
@@ -711,14 +808,27 @@ def _classification_output(step_dir: Path, dataset: str, split: str, step: int) 
 
 def run_classification(args) -> int:
     """``tagjax evaluate`` on a downstream dataset: writes the JSON and the table, prints the table."""
-    metrics = evaluate_classification(args.checkpoint, args.dataset, args.split or "test", data_dir=args.data_dir,
-                                      max_images=args.max_images, batch_size=args.batch_size,
-                                      image_size=args.image_size, resize=args.resize)  # fmt: skip
+    metrics = evaluate_classification(
+        args.checkpoint,
+        args.dataset,
+        args.split or "test",
+        data_dir=args.data_dir,
+        max_images=args.max_images,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        resize=args.resize,
+    )
     step = int(metrics.get("step") or 0)
-    out = Path(args.output) if args.output else _classification_output(Path(metrics["checkpoint"]), args.dataset,
-                                                                        metrics["split"], step)  # fmt: skip
+    out = (
+        Path(args.output)
+        if args.output
+        else _classification_output(
+            Path(metrics["checkpoint"]), args.dataset, metrics["split"], step
+        )
+    )
     table = format_classification_table(
-        metrics, title=f"{metrics['checkpoint']} on {metrics['dataset']} ({metrics['split']}), step {step:,}"
+        metrics,
+        title=f"{metrics['checkpoint']} on {metrics['dataset']} ({metrics['split']}), step {step:,}",
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(to_json(metrics), indent=1) + "\n")
@@ -729,25 +839,56 @@ def run_classification(args) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a training workdir (newest checkpoint), its "
-                        "checkpoints/ folder, or one checkpoint directory")
-    parser.add_argument("--dataset", required=True, help="a dataset built by `tagjax build` (its vocabulary must "
-                        "be the checkpoint's), 'synthetic' for the checkpoint config's synthetic task, or, for a "
-                        "classifier checkpoint (ImageNet import, fine-tuned), a downstream dataset (imagenet2012, "
-                        "emoji_subgroups, any prepared TFDS name) or class-per-folder directory: top-1/top-5")
-    parser.add_argument("--split", default=None, help="split to evaluate (default heldout for built datasets; "
-                        "test for downstream ones, where validation and val name the same split)")
-    parser.add_argument("--data-dir", default=None, help="TFDS data directory of a downstream dataset "
-                        "(default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    parser.add_argument("--max-images", type=int, default=0, help="evaluate the first N images (0 = all)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a training workdir (newest checkpoint), its "
+        "checkpoints/ folder, or one checkpoint directory",
+    )
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="a dataset built by `tagjax build` (its vocabulary must "
+        "be the checkpoint's), 'synthetic' for the checkpoint config's synthetic task, or, for a "
+        "classifier checkpoint (ImageNet import, fine-tuned), a downstream dataset (imagenet2012, "
+        "emoji_subgroups, any prepared TFDS name) or class-per-folder directory: top-1/top-5",
+    )
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="split to evaluate (default heldout for built datasets; "
+        "test for downstream ones, where validation and val name the same split)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="TFDS data directory of a downstream dataset "
+        "(default $TFDS_DATA_DIR or ~/tensorflow_datasets)",
+    )
+    parser.add_argument(
+        "--max-images", type=int, default=0, help="evaluate the first N images (0 = all)"
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    parser.add_argument("--image-size", type=int, default=None, help="center-crop side (default: the checkpoint's "
-                        "data.eval_image_size)")
-    parser.add_argument("--resize", type=int, default=None, help="shorter side before the crop (default: the "
-                        "checkpoint's data.eval_resize, scaled with --image-size)")
-    parser.add_argument("--output", default=None, help="JSON file to write (default: WORKDIR/eval/"
-                        "<dataset>-<split>-step<N>.json, or eval/<checkpoint>-<dataset>-<split>.json beside a "
-                        "standalone checkpoint directory); the table is written beside it as .txt")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="center-crop side (default: the checkpoint's data.eval_image_size)",
+    )
+    parser.add_argument(
+        "--resize",
+        type=int,
+        default=None,
+        help="shorter side before the crop (default: the "
+        "checkpoint's data.eval_resize, scaled with --image-size)",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="JSON file to write (default: WORKDIR/eval/"
+        "<dataset>-<split>-step<N>.json, or eval/<checkpoint>-<dataset>-<split>.json beside a "
+        "standalone checkpoint directory); the table is written beside it as .txt",
+    )
 
 
 def run(args) -> int:
@@ -756,12 +897,24 @@ def run(args) -> int:
     if not is_hashtag_dataset(args.dataset):
         return run_classification(args)
     split = args.split or "heldout"
-    metrics = evaluate_checkpoint(args.checkpoint, args.dataset, split, max_images=args.max_images,
-                                  batch_size=args.batch_size, image_size=args.image_size, resize=args.resize)
+    metrics = evaluate_checkpoint(
+        args.checkpoint,
+        args.dataset,
+        split,
+        max_images=args.max_images,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        resize=args.resize,
+    )
     step = int(metrics.get("step") or 0)
-    out = Path(args.output) if args.output else _default_output(Path(metrics["checkpoint"]), args.dataset,
-                                                                 split, step)
-    table = format_table(metrics, title=f"{metrics['checkpoint']} on {args.dataset} ({split}), step {step:,}")
+    out = (
+        Path(args.output)
+        if args.output
+        else _default_output(Path(metrics["checkpoint"]), args.dataset, split, step)
+    )
+    table = format_table(
+        metrics, title=f"{metrics['checkpoint']} on {args.dataset} ({split}), step {step:,}"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(to_json(metrics), indent=1) + "\n")
     out.with_suffix(".txt").write_text(table + "\n")

@@ -63,8 +63,15 @@ NOUN_TABLE_VERSION = 1
 
 # WordNet's detachment rules for nouns (wndb(5WN) "morphy"; nltk MORPHOLOGICAL_SUBSTITUTIONS[NOUN]).
 NOUN_SUBSTITUTIONS = (
-    ("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"),
-    ("ches", "ch"), ("shes", "sh"), ("men", "man"), ("ies", "y"),
+    ("s", ""),
+    ("ses", "s"),
+    ("ves", "f"),
+    ("xes", "x"),
+    ("zes", "z"),
+    ("ches", "ch"),
+    ("shes", "sh"),
+    ("men", "man"),
+    ("ies", "y"),
 )
 
 # Drop reasons (the keys of CanonResult.dropped and of build statistics).
@@ -72,7 +79,9 @@ EMPTY = "empty"  # nothing left after normalization ("#", "#!!!")
 META = "meta_hashtag"  # on the meta-hashtag list
 NOT_A_NOUN = "not_a_noun"  # no WordNet noun synset for the form or its base forms
 NON_VISUAL = "non_visual"  # refused by the visual rule
-NOT_IN_VOCAB = "not_in_vocab"  # a visual noun, but its synset set is not one of the vocabulary's labels
+NOT_IN_VOCAB = (
+    "not_in_vocab"  # a visual noun, but its synset set is not one of the vocabulary's labels
+)
 DUPLICATE = "duplicate"  # its label was already on the post (#dog #dogs)
 ANCESTOR = "ancestor"  # dropped by the specificity option: a descendant label is on the same post
 DROP_REASONS = (EMPTY, META, NOT_A_NOUN, NON_VISUAL, NOT_IN_VOCAB, DUPLICATE, ANCESTOR)
@@ -122,8 +131,19 @@ class NounTable:
     lemmas' tag counts), which orders senses and weights the visual rule.
     """
 
-    def __init__(self, *, names, offsets, lexnames, lexname_ids, counts, hypernyms, keys, exceptions,
-                 key_counts):
+    def __init__(
+        self,
+        *,
+        names,
+        offsets,
+        lexnames,
+        lexname_ids,
+        counts,
+        hypernyms,
+        keys,
+        exceptions,
+        key_counts,
+    ):
         self.names: list[str] = names
         self.offsets: list[int] = offsets
         self.lexnames: list[str] = lexnames
@@ -151,7 +171,9 @@ class NounTable:
         lexnames = [name for name, pos in wordnet_lib.LEXNAMES if pos == 1]
         lexname_index = {name: i for i, name in enumerate(lexnames)}
         names, offsets, lexname_ids, counts, hypernyms = [], [], [], [], []
-        lemma_count: dict[tuple[int, str], int] = {}  # (synset index, lemma name lowercased) -> count
+        lemma_count: dict[
+            tuple[int, str], int
+        ] = {}  # (synset index, lemma name lowercased) -> count
         for i, s in enumerate(synsets):
             names.append(s.name())
             offsets.append(s.offset())
@@ -183,7 +205,9 @@ class NounTable:
             for _, lemma, idxs in sorted(by_form[form], key=lambda t: (t[0], t[1])):
                 merged.extend(i for i in idxs if i not in merged)
                 for i in idxs:
-                    sense_counts[i] = sense_counts.get(i, 0) + lemma_count.get((i, lemma.lower()), 0)
+                    sense_counts[i] = sense_counts.get(i, 0) + lemma_count.get(
+                        (i, lemma.lower()), 0
+                    )
             keys[form] = merged
             if any(sense_counts.values()):
                 key_counts[form] = [sense_counts[i] for i in merged]
@@ -193,25 +217,53 @@ class NounTable:
             base_forms = sorted({normalize(b) for b in bases} & keys.keys() - {form})
             if form and base_forms:
                 exceptions[form] = base_forms
-        table = cls(names=names, offsets=offsets, lexnames=lexnames, lexname_ids=lexname_ids,
-                    counts=counts, hypernyms=hypernyms, keys=keys, exceptions=exceptions,
-                    key_counts=key_counts)
+        table = cls(
+            names=names,
+            offsets=offsets,
+            lexnames=lexnames,
+            lexname_ids=lexname_ids,
+            counts=counts,
+            hypernyms=hypernyms,
+            keys=keys,
+            exceptions=exceptions,
+            key_counts=key_counts,
+        )
         table._glosses = [s.definition() for s in synsets]
         return table
 
     def save(self, path: Path, gloss_path: Path | None = None) -> None:
-        _write_json_gz(path, {
-            "format": NOUN_TABLE_FORMAT, "version": NOUN_TABLE_VERSION, "wordnet": "3.0",
-            "lexnames": self.lexnames,
-            "synsets": {"name": self.names, "offset": self.offsets, "lexname": self.lexname_ids,
-                        "count": self.counts, "hypernyms": self.hypernyms},
-            "keys": self.keys, "key_counts": self.key_counts, "exceptions": self.exceptions,
-        })
+        _write_json_gz(
+            path,
+            {
+                "format": NOUN_TABLE_FORMAT,
+                "version": NOUN_TABLE_VERSION,
+                "wordnet": "3.0",
+                "lexnames": self.lexnames,
+                "synsets": {
+                    "name": self.names,
+                    "offset": self.offsets,
+                    "lexname": self.lexname_ids,
+                    "count": self.counts,
+                    "hypernyms": self.hypernyms,
+                },
+                "keys": self.keys,
+                "key_counts": self.key_counts,
+                "exceptions": self.exceptions,
+            },
+        )
         if gloss_path is not None:
             if self._glosses is None:
-                raise ValueError("this table has no glosses to save (it was not built from WordNet)")
-            _write_json_gz(gloss_path, {"format": NOUN_TABLE_FORMAT + "-glosses",
-                                        "version": NOUN_TABLE_VERSION, "gloss": self._glosses})
+                raise ValueError(
+                    "this table has no glosses to save (it was not built from WordNet)"
+                )
+            _write_json_gz(
+                gloss_path,
+                {
+                    "format": NOUN_TABLE_FORMAT + "-glosses",
+                    "version": NOUN_TABLE_VERSION,
+                    "gloss": self._glosses,
+                },
+            )
 
     @classmethod
     def load(cls, path: Path | None = None) -> NounTable:
@@ -226,12 +278,22 @@ class NounTable:
             )
         d = _read_json_gz(path)
         if d.get("format") != NOUN_TABLE_FORMAT or d.get("version") != NOUN_TABLE_VERSION:
-            raise UserError(f"{path} is not a version-{NOUN_TABLE_VERSION} tagjax WordNet noun table; "
-                            "rebuild it with `tagjax vocab rebuild-data`.")
+            raise UserError(
+                f"{path} is not a version-{NOUN_TABLE_VERSION} tagjax WordNet noun table; "
+                "rebuild it with `tagjax vocab rebuild-data`."
+            )
         s = d["synsets"]
-        table = cls(names=s["name"], offsets=s["offset"], lexnames=d["lexnames"],
-                    lexname_ids=s["lexname"], counts=s["count"], hypernyms=s["hypernyms"],
-                    keys=d["keys"], exceptions=d["exceptions"], key_counts=d["key_counts"])
+        table = cls(
+            names=s["name"],
+            offsets=s["offset"],
+            lexnames=d["lexnames"],
+            lexname_ids=s["lexname"],
+            counts=s["count"],
+            hypernyms=s["hypernyms"],
+            keys=d["keys"],
+            exceptions=d["exceptions"],
+            key_counts=d["key_counts"],
+        )
         table._gloss_path = path.with_name(GLOSS_FILE)
         return table
 
@@ -287,7 +349,9 @@ class NounTable:
         try:
             return self._index_of_name[name]
         except KeyError:
-            raise UserError(f"{name!r} is not a WordNet 3.0 noun synset name (e.g. 'dog.n.01').") from None
+            raise UserError(
+                f"{name!r} is not a WordNet 3.0 noun synset name (e.g. 'dog.n.01')."
+            ) from None
 
     def wnid(self, i: int) -> str:
         return f"n{self.offsets[i]:08d}"
@@ -321,8 +385,10 @@ class NounTable:
         if self._glosses is None:
             path = getattr(self, "_gloss_path", DATA_DIR / GLOSS_FILE)
             if not Path(path).is_file():
-                raise UserError(f"WordNet gloss file {path} is missing; rebuild tagjax's package data "
-                                "with `tagjax vocab rebuild-data`.")
+                raise UserError(
+                    f"WordNet gloss file {path} is missing; rebuild tagjax's package data "
+                    "with `tagjax vocab rebuild-data`."
+                )
             self._glosses = _read_json_gz(path)["gloss"]
         return self._glosses
 
@@ -358,16 +424,33 @@ def default_meta_hashtags() -> frozenset[str]:
 # Lexicographer files whose synsets are things a photo shows: creatures, objects, substances, foods,
 # places, people, body parts and physical phenomena (clouds, snow, rainbows' neighbours).
 VISUAL_LEXNAMES = (
-    "noun.animal", "noun.artifact", "noun.body", "noun.food", "noun.object", "noun.person",
-    "noun.phenomenon", "noun.plant", "noun.substance", "noun.location",
+    "noun.animal",
+    "noun.artifact",
+    "noun.body",
+    "noun.food",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.substance",
+    "noun.location",
 )
 # Synsets outside those files whose hyponyms are visible all the same: events that happen in the picture
 # (a wedding is noun.event, a concert noun.communication), facial expressions (smile), colours, sports
 # being played, fire (noun.event), dance, shapes. A synset is visual if it or any hypernym is listed.
 VISUAL_ANCHORS = (
-    "social_event.n.01", "facial_expression.n.01", "color.n.01", "athletic_game.n.01",
-    "sport.n.01", "fire.n.01", "dance.n.01", "dancing.n.01", "exercise.n.01", "shape.n.02",
-    "visual_communication.n.01", "precipitation.n.03",
+    "social_event.n.01",
+    "facial_expression.n.01",
+    "color.n.01",
+    "athletic_game.n.01",
+    "sport.n.01",
+    "fire.n.01",
+    "dance.n.01",
+    "dancing.n.01",
+    "exercise.n.01",
+    "shape.n.02",
+    "visual_communication.n.01",
+    "precipitation.n.03",
 )
 
 
@@ -393,8 +476,13 @@ class VisualRule:
     enabled: bool = True
 
     def to_dict(self) -> dict:
-        return {"lexnames": list(self.lexnames), "anchors": list(self.anchors),
-                "threshold": self.threshold, "smoothing": self.smoothing, "enabled": self.enabled}
+        return {
+            "lexnames": list(self.lexnames),
+            "anchors": list(self.anchors),
+            "threshold": self.threshold,
+            "smoothing": self.smoothing,
+            "enabled": self.enabled,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> VisualRule:
@@ -402,8 +490,10 @@ class VisualRule:
             return cls()
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise UserError(f"unknown visual-rule setting(s) {sorted(unknown)}; known: "
-                            "lexnames, anchors, threshold, smoothing, enabled.")
+            raise UserError(
+                f"unknown visual-rule setting(s) {sorted(unknown)}; known: "
+                "lexnames, anchors, threshold, smoothing, enabled."
+            )
         d = dict(d)
         for k in ("lexnames", "anchors"):
             if k in d:
@@ -419,8 +509,10 @@ class _VisualJudge:
         lex = set(rule.lexnames)
         unknown = lex - set(table.lexnames)
         if unknown:
-            raise UserError(f"unknown WordNet lexicographer file(s) {sorted(unknown)} in the visual rule; "
-                            f"noun files are: {', '.join(table.lexnames)}.")
+            raise UserError(
+                f"unknown WordNet lexicographer file(s) {sorted(unknown)} in the visual rule; "
+                f"noun files are: {', '.join(table.lexnames)}."
+            )
         self._lex_ok = [name in lex for name in table.lexnames]
         self._anchors = frozenset(table.index_of_name(n) for n in rule.anchors)
         self._memo: dict[int, bool] = {}
@@ -429,8 +521,11 @@ class _VisualJudge:
         v = self._memo.get(i)
         if v is None:
             t = self.table
-            v = self._lex_ok[t.lexname_ids[i]] or i in self._anchors or not self._anchors.isdisjoint(
-                t.ancestors(i))
+            v = (
+                self._lex_ok[t.lexname_ids[i]]
+                or i in self._anchors
+                or not self._anchors.isdisjoint(t.ancestors(i))
+            )
             self._memo[i] = v
         return v
 
@@ -482,14 +577,21 @@ class HashtagOptions:
 
     def __post_init__(self):
         if self.sense_policy not in SENSE_POLICIES:
-            raise UserError(f"unknown sense policy {self.sense_policy!r}; use one of {SENSE_POLICIES}.")
+            raise UserError(
+                f"unknown sense policy {self.sense_policy!r}; use one of {SENSE_POLICIES}."
+            )
         if self.split_min_part < 1 or self.split_max_parts < 2:
             raise UserError("split_min_part must be >= 1 and split_max_parts >= 2.")
 
     def to_dict(self) -> dict:
-        return {"sense_policy": self.sense_policy, "visual": self.visual.to_dict(),
-                "meta_hashtags": self.meta_hashtags, "split_compounds": self.split_compounds,
-                "split_min_part": self.split_min_part, "split_max_parts": self.split_max_parts}
+        return {
+            "sense_policy": self.sense_policy,
+            "visual": self.visual.to_dict(),
+            "meta_hashtags": self.meta_hashtags,
+            "split_compounds": self.split_compounds,
+            "split_min_part": self.split_min_part,
+            "split_max_parts": self.split_max_parts,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> HashtagOptions:
@@ -541,8 +643,11 @@ class HashtagAnalyzer:
             parts = self.split(form)
             if parts:
                 meanings = tuple(self.meaning(p) for p in parts)
-                kept = tuple(mm for mm in meanings if mm.visual_share >= threshold
-                             and mm.form not in self.meta)
+                kept = tuple(
+                    mm
+                    for mm in meanings
+                    if mm.visual_share >= threshold and mm.form not in self.meta
+                )
                 return Analysis(tag, form, kept or meanings, None if kept else NON_VISUAL)
         return Analysis(tag, form, (), NOT_A_NOUN)
 
@@ -581,7 +686,9 @@ def read_visual_labels(path: Path | None = None) -> list[tuple[str, bool, str]]:
             continue
         tag, label, split = line.split("\t")
         if label not in ("visual", "nonvisual"):
-            raise UserError(f"{path}: label of {tag!r} must be 'visual' or 'nonvisual', not {label!r}.")
+            raise UserError(
+                f"{path}: label of {tag!r} must be 'visual' or 'nonvisual', not {label!r}."
+            )
         rows.append((tag, label == "visual", split))
     return rows
 
@@ -591,8 +698,9 @@ def split_of(tag: str) -> str:
     return "dev" if zlib.crc32(tag.encode()) % 2 == 0 else "test"
 
 
-def evaluate_rule(analyzer: HashtagAnalyzer, rows: Iterable[tuple[str, bool, str]],
-                  split: str | None = None) -> dict:
+def evaluate_rule(
+    analyzer: HashtagAnalyzer, rows: Iterable[tuple[str, bool, str]], split: str | None = None
+) -> dict:
     """Precision and recall of "kept" (positive) against the hand labels.
 
     precision = kept and visual / kept; recall = kept and visual / visual. Also lists the errors.
@@ -614,9 +722,12 @@ def evaluate_rule(analyzer: HashtagAnalyzer, rows: Iterable[tuple[str, bool, str
         else:
             tn += 1
     return {
-        "n": tp + fp + fn + tn, "visual": tp + fn, "kept": tp + fp,
+        "n": tp + fp + fn + tn,
+        "visual": tp + fn,
+        "kept": tp + fp,
         "precision": tp / (tp + fp) if tp + fp else 0.0,
         "recall": tp / (tp + fn) if tp + fn else 0.0,
         "accuracy": (tp + tn) / max(1, tp + fp + fn + tn),
-        "false_keeps": false_keeps, "false_drops": false_drops,
+        "false_keeps": false_keeps,
+        "false_drops": false_drops,
     }

@@ -55,13 +55,17 @@ class ImageOptions:
 
     max_side: int = 256  # the shorter side is resized down to at most this (never up)
     min_side: int = 16  # a source whose shorter side is smaller is skipped (too_small)
-    max_pixels: int = 89_478_485  # width*height above this is a decompression bomb (PIL's own default)
+    max_pixels: int = (
+        89_478_485  # width*height above this is a decompression bomb (PIL's own default)
+    )
     max_aspect: float = 8.0  # longer/shorter side above this is skipped (banners, strips)
     jpeg_quality: int = 90  # re-encoding quality (libjpeg scale 1-100)
 
     def __post_init__(self):
         if self.max_side < 1 or self.min_side < 1 or self.min_side > self.max_side:
-            raise ValueError(f"need 1 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+            raise ValueError(
+                f"need 1 <= min_side <= max_side, got {self.min_side}, {self.max_side}"
+            )
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
 
@@ -73,7 +77,9 @@ class Processed:
     jpeg: bytes
     width: int
     height: int
-    source_width: int  # as uploaded (after EXIF rotation); the dedup keep rule prefers larger sources
+    source_width: (
+        int  # as uploaded (after EXIF rotation); the dedup keep rule prefers larger sources
+    )
     source_height: int
     pixels: np.ndarray  # uint8 [height, width, 3], exactly what was JPEG-encoded
 
@@ -200,7 +206,9 @@ def _decode_pil(data: bytes, opts: ImageOptions) -> tuple[Image.Image, int, int]
         message = str(e)
         reason = TRUNCATED if "truncated" in message.lower() else CORRUPT
         raise ImageSkip(reason, message) from None
-    except Exception as e:  # PIL raises many types (SyntaxError, ValueError, struct.error) on bad input
+    except (
+        Exception
+    ) as e:  # PIL raises many types (SyntaxError, ValueError, struct.error) on bad input
         raise ImageSkip(CORRUPT, f"{type(e).__name__}: {e}") from None
 
 
@@ -220,8 +228,9 @@ def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
     """RGB uint8 [H, W, 3] -> baseline JPEG (4:2:0), the format every decoder reads fastest."""
     import simplejpeg
 
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=quality, colorspace="RGB",
-                                  colorsubsampling="420")
+    return simplejpeg.encode_jpeg(
+        np.ascontiguousarray(pixels), quality=quality, colorspace="RGB", colorsubsampling="420"
+    )
 
 
 def process(data: bytes, opts: ImageOptions) -> Processed:

@@ -142,9 +142,17 @@ def _check_labels(labels, num_labels: int) -> np.ndarray:
 # The synthetic task: each label is a (shape, color) pair drawn into the image, so a model can learn it.
 _SHAPES = ("disk", "square", "triangle", "ring", "plus", "diamond", "hstripes", "vstripes")
 _COLORS = (
-    (230, 40, 40), (40, 200, 60), (50, 90, 240), (240, 220, 40), (40, 220, 230),
-    (220, 50, 220), (250, 140, 20), (250, 250, 250), (10, 10, 10), (130, 50, 200),
-)  # fmt: skip
+    (230, 40, 40),
+    (40, 200, 60),
+    (50, 90, 240),
+    (240, 220, 40),
+    (40, 220, 230),
+    (220, 50, 220),
+    (250, 140, 20),
+    (250, 250, 250),
+    (10, 10, 10),
+    (130, 50, 200),
+)
 SYNTHETIC_MAX_LABELS = len(_SHAPES) * len(_COLORS)
 _SYNTHETIC_SPLITS = {"train": 0, "heldout": 1}
 _SYNTHETIC_CHUNK = 1 << 16  # images whose labels are drawn at once
@@ -226,9 +234,12 @@ class SyntheticTask:
 
     def identity(self) -> dict:
         return {
-            "kind": "synthetic", "split": self.split, "num_records": self.num_records,
-            "num_labels": self.num_labels, "seed": self.seed,
-        }  # fmt: skip
+            "kind": "synthetic",
+            "split": self.split,
+            "num_records": self.num_records,
+            "num_labels": self.num_labels,
+            "seed": self.seed,
+        }
 
     def render(self, i: int) -> np.ndarray:
         """Image ``i``: uint8 [canvas, canvas, 3]."""
@@ -610,9 +621,12 @@ class TrainIterator(grain.DatasetIterator):
             logging.warning(
                 "data iterator: resuming a run saved with global batch %d on %d hosts with global batch "
                 "%d on %d hosts; the example stream continues exactly at position %d.",
-                state["global_batch_size"], state["process_count"], lay.global_batch,
-                lay.global_batch // lay.local_batch, pos,
-            )  # fmt: skip
+                state["global_batch_size"],
+                state["process_count"],
+                lay.global_batch,
+                lay.global_batch // lay.local_batch,
+                pos,
+            )
         self.close()
         self._batches.layout = dataclasses.replace(lay, start=pos)
         self._next_batch = 0
@@ -718,17 +732,25 @@ def open_source(config, dataset_dir=None) -> SourceInfo:
     """The dataset (or synthetic task) of ``config``, checked, with what the trainer stores about it."""
     d = config.data
     if d.synthetic:
-        meta = {"dataset": "synthetic", "num_classes": int(d.synthetic_num_labels),
-                "synthetic_num_images": int(d.synthetic_num_images), "sampling": d.sampling}  # fmt: skip
+        meta = {
+            "dataset": "synthetic",
+            "num_classes": int(d.synthetic_num_labels),
+            "synthetic_num_images": int(d.synthetic_num_images),
+            "sampling": d.sampling,
+        }
         return SourceInfo(None, int(d.synthetic_num_labels), meta)
     root = _dataset_dir(config, dataset_dir)
     vocab = load_vocabulary(config, root)
     manifest = records.load_manifest(root)
     meta = {
-        "dataset": str(root), "vocab_fingerprint": vocab.fingerprint(), "num_classes": vocab.num_labels,
-        "train_records": manifest.num_records(d.train_split) if d.train_split in manifest.splits else 0,
+        "dataset": str(root),
+        "vocab_fingerprint": vocab.fingerprint(),
+        "num_classes": vocab.num_labels,
+        "train_records": manifest.num_records(d.train_split)
+        if d.train_split in manifest.splits
+        else 0,
         "sampling": d.sampling,
-    }  # fmt: skip
+    }
     return SourceInfo(root, vocab.num_labels, meta, vocab)
 
 
@@ -841,16 +863,26 @@ def make_train_iterator(
     if d.label_noise > 0:
         noise_cdf = np.cumsum(sampling.integer_weights(inverted.counts, 1.0))
     label_opts = LabelOptions(
-        max_labels=int(d.max_labels), seed=int(config.seed), label_noise=float(d.label_noise),
-        noise_cdf=noise_cdf, drop_ancestors=_ancestor_dropper(config, vocab),
-    )  # fmt: skip
+        max_labels=int(d.max_labels),
+        seed=int(config.seed),
+        label_noise=float(d.label_noise),
+        noise_cdf=noise_cdf,
+        drop_ancestors=_ancestor_dropper(config, vocab),
+    )
     batches = TrainBatches(
-        source, sampler, augment.TrainAugment.from_config(d), label_opts, layout,
-        int(config.seed), int(d.max_redraws),
-    )  # fmt: skip
+        source,
+        sampler,
+        augment.TrainAugment.from_config(d),
+        label_opts,
+        layout,
+        int(config.seed),
+        int(d.max_redraws),
+    )
     stream = {
-        "source": source.identity(), "sampler": sampler.identity(), "seed": int(config.seed),
-    }  # fmt: skip
+        "source": source.identity(),
+        "sampler": sampler.identity(),
+        "seed": int(config.seed),
+    }
     counter = _BadRecordCounter(d.max_bad_record_fraction, d.bad_record_min_reads, "training")
     return TrainIterator(
         batches, json.loads(json.dumps(stream)), d.num_workers, d.prefetch_buffer, counter
@@ -893,9 +925,10 @@ def make_eval_iterator(
     limit = config.train.eval_max_images if max_images is None else max_images
     n = source.num_records if not limit else min(int(limit), source.num_records)
     label_opts = LabelOptions(
-        max_labels=int(d.max_labels), seed=int(config.seed),
+        max_labels=int(d.max_labels),
+        seed=int(config.seed),
         drop_ancestors=_ancestor_dropper(config, vocab),
-    )  # fmt: skip
+    )
     batches = EvalBatches(source, augment.EvalTransform.from_config(d), label_opts, layout, n)
     counter = _BadRecordCounter(d.max_bad_record_fraction, d.bad_record_min_reads, f"{split}")
     steps = math.ceil(n / global_batch)
@@ -911,10 +944,13 @@ def synthetic_task(config, split: str = "train") -> SyntheticTask:
         else d.synthetic_eval_images
     )
     return SyntheticTask(
-        num_images=int(n), num_labels=int(d.synthetic_num_labels), canvas=int(d.eval_resize),
-        seed=int(config.seed), split="train" if split in ("train", d.train_split) else "heldout",
+        num_images=int(n),
+        num_labels=int(d.synthetic_num_labels),
+        canvas=int(d.eval_resize),
+        seed=int(config.seed),
+        split="train" if split in ("train", d.train_split) else "heldout",
         max_labels_per_image=int(d.synthetic_labels_per_image),
-    )  # fmt: skip
+    )
 
 
 def shard_batch(batch: dict, mesh, batch_axes: Sequence[str] | None = None) -> dict:

@@ -47,15 +47,20 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def _series(records: Sequence[Mapping], split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-    rows = [(r["step"], r[key]) for r in records
-            if r.get("split") == split and r.get(key) is not None and math.isfinite(r[key])]
+    rows = [
+        (r["step"], r[key])
+        for r in records
+        if r.get("split") == split and r.get(key) is not None and math.isfinite(r[key])
+    ]
     if not rows:
         return np.zeros(0), np.zeros(0)
     steps, values = zip(*rows)
     return np.asarray(steps, np.float64), np.asarray(values, np.float64)
 
 
-def loss_curves(panels: Mapping[str, Sequence[tuple[str, Sequence[Mapping]]]], path: str | Path) -> Path:
+def loss_curves(
+    panels: Mapping[str, Sequence[tuple[str, Sequence[Mapping]]]], path: str | Path
+) -> Path:
     """One panel per training (title -> [(run label, metrics.jsonl records)]): training loss per logged
     window as lines, held-out loss (where the run evaluated) as markers of the same color."""
     fig, axes = _figure(5.2 * len(panels), 3.8, len(panels))
@@ -75,8 +80,16 @@ def loss_curves(panels: Mapping[str, Sequence[tuple[str, Sequence[Mapping]]]], p
     return _save(fig, path)
 
 
-def tag_frequency(before: np.ndarray, after: np.ndarray, names: Sequence[str], path: str | Path, *,
-                  sampling: str = "sqrt", drawn: np.ndarray | None = None, label_top: int = 8) -> Path:
+def tag_frequency(
+    before: np.ndarray,
+    after: np.ndarray,
+    names: Sequence[str],
+    path: str | Path,
+    *,
+    sampling: str = "sqrt",
+    drawn: np.ndarray | None = None,
+    label_top: int = 8,
+) -> Path:
     """Share of training samples carrying each hashtag, hashtags ranked by their natural frequency:
     ``before`` with every image drawn equally (the corpus as it is), ``after`` as the trainer's resampled
     stream drew them, and ``drawn`` (optional) the probability of each hashtag being the one the sampler
@@ -88,16 +101,34 @@ def tag_frequency(before: np.ndarray, after: np.ndarray, names: Sequence[str], p
     rank = np.arange(1, len(order) + 1)
     fig, (ax,) = _figure(7.0, 4.2)
     ax.plot(rank, before[order], color="#7f7f7f", lw=1.5, label="natural (every image equally)")
-    ax.plot(rank, np.maximum(after[order], 1e-6), ".", ms=3, color="#1f77b4",
-            label=f"after {sampling} resampling (the training stream)")
+    ax.plot(
+        rank,
+        np.maximum(after[order], 1e-6),
+        ".",
+        ms=3,
+        color="#1f77b4",
+        label=f"after {sampling} resampling (the training stream)",
+    )
     if drawn is not None:
-        ax.plot(rank, np.asarray(drawn, np.float64)[order], color="#1f77b4", lw=1, alpha=0.8,
-                label="probability of being the drawn hashtag")
+        ax.plot(
+            rank,
+            np.asarray(drawn, np.float64)[order],
+            color="#1f77b4",
+            lw=1,
+            alpha=0.8,
+            label="probability of being the drawn hashtag",
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     for r in range(min(label_top, len(order))):
-        ax.annotate(f"#{names[order[r]]}", (rank[r], before[order[r]]), fontsize=7, rotation=30,
-                    xytext=(3, 3), textcoords="offset points")
+        ax.annotate(
+            f"#{names[order[r]]}",
+            (rank[r], before[order[r]]),
+            fontsize=7,
+            rotation=30,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     ax.set_xlabel("hashtag rank (by images carrying it)")
     ax.set_ylabel("share of training samples carrying the hashtag")
     ax.set_title(f"Hashtag frequency before and after resampling ({len(order)} hashtags)")
@@ -106,8 +137,14 @@ def tag_frequency(before: np.ndarray, after: np.ndarray, names: Sequence[str], p
     return _save(fig, path)
 
 
-def per_label_ap(ap: np.ndarray, train_counts: np.ndarray, names: Sequence[str], path: str | Path, *,
-                 bar_labels: int = 25) -> Path:
+def per_label_ap(
+    ap: np.ndarray,
+    train_counts: np.ndarray,
+    names: Sequence[str],
+    path: str | Path,
+    *,
+    bar_labels: int = 25,
+) -> Path:
     """Held-out average precision per hashtag: against the hashtag's number of training images (left;
     NaN = no held-out positive, left out), and for the most frequent hashtags by name (right)."""
     ap = np.asarray(ap, np.float64)
@@ -145,11 +182,22 @@ def probe_comparison(rows: Sequence[Mapping], path: str | Path, *, title: str = 
         color = TRUNK_COLORS.get(row["key"], f"C{i}")
         ax.bar(i, mean, color=color, alpha=0.85)
         if len(values) > 1:
-            ax.errorbar(i, mean, yerr=[[mean - values.min()], [values.max() - mean]], color="black",
-                        capsize=5)
+            ax.errorbar(
+                i,
+                mean,
+                yerr=[[mean - values.min()], [values.max() - mean]],
+                color="black",
+                capsize=5,
+            )
         ax.plot(np.full(len(values), i), values, "k.", ms=5)
-        ax.annotate(f"{mean:.1f}", (i, float(values.max())), ha="center", xytext=(0, 7),
-                    textcoords="offset points", fontsize=9)  # above the error bar
+        ax.annotate(
+            f"{mean:.1f}",
+            (i, float(values.max())),
+            ha="center",
+            xytext=(0, 7),
+            textcoords="offset points",
+            fontsize=9,
+        )  # above the error bar
     top = max((100 * float(np.max(r["top1"])) for r in rows), default=1.0)
     ax.set_ylim(0, top * 1.15)  # room for the value labels under the title
     ax.set_xticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)

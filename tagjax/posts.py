@@ -71,7 +71,9 @@ NO_IMAGE_MEMBER = "no_image_in_sample"  # a webdataset sample without an image m
 DUPLICATE_PATH = "duplicate_path"  # the same file reached through a symlink
 UNSAFE_PATH = "unsafe_path"  # a folder entry whose real path leaves the folder
 NOT_AN_IMAGE = "not_an_image"  # a video row in YFCC100M
-MISSING_IMAGE = "missing_image"  # raised at load time: the image file does not exist / cannot be read
+MISSING_IMAGE = (
+    "missing_image"  # raised at load time: the image file does not exist / cannot be read
+)
 SVG_UNRENDERABLE = "svg_unrenderable"  # cairosvg refused or failed to draw the SVG
 
 
@@ -219,7 +221,9 @@ def parse_source(spec: str, yfcc_images: str | None = None) -> list[Unit]:
         return [Unit("wds", str(t), spec) for t in tars]
     if kind == "yfcc":
         if not yfcc_images:
-            raise UserError(f"input {spec!r}: YFCC100M metadata needs --yfcc-images DIR (the photos).")
+            raise UserError(
+                f"input {spec!r}: YFCC100M metadata needs --yfcc-images DIR (the photos)."
+            )
         return [Unit("yfcc", str(p), spec, images_dir=str(Path(yfcc_images).expanduser()))]
     if kind in ("folder", "openclipart") and not p.is_dir():
         raise UserError(f"input {spec!r}: {p} is not a folder.")
@@ -356,7 +360,9 @@ def read_webdataset(path: str, source: str = "") -> Iterator[Post]:
             if current is not None:
                 yield emit(current)
     except tarfile.TarError as e:
-        raise UserError(f"{path} is a damaged tar archive ({e}); re-download or remove it.") from None
+        raise UserError(
+            f"{path} is a damaged tar archive ({e}); re-download or remove it."
+        ) from None
 
 
 # ---- folder with sidecars -------------------------------------------------------------------------
@@ -406,7 +412,9 @@ def openclipart_metadata(path: str) -> tuple[list[str], str | None]:
         for _, el in ET.iterparse(path, events=("end",)):
             tag = el.tag
             if tag == _DC + "subject":
-                subjects = [li.text.strip() for li in el.iter(_RDF + "li") if li.text and li.text.strip()]
+                subjects = [
+                    li.text.strip() for li in el.iter(_RDF + "li") if li.text and li.text.strip()
+                ]
                 if not subjects and el.text and el.text.strip():
                     subjects = [s.strip() for s in el.text.split(",") if s.strip()]
             elif tag in (_DC + "creator", _DC + "publisher"):
@@ -482,7 +490,9 @@ def read_yfcc(path: str, images_dir: str | None, source: str = "") -> Iterator[P
             elif len(fields) == 23:
                 photo_hash = None
             else:
-                yield Post(post_id=f"{Path(path).name}:{lineno}", source=source, problem=BAD_METADATA)
+                yield Post(
+                    post_id=f"{Path(path).name}:{lineno}", source=source, problem=BAD_METADATA
+                )
                 continue
             photo_id, user = fields[0], fields[1]
             title, description, user_tags = fields[6], fields[7], fields[8]
@@ -495,11 +505,20 @@ def read_yfcc(path: str, images_dir: str | None, source: str = "") -> Iterator[P
             if images is not None:
                 candidates = []
                 if photo_hash:
-                    candidates.append(images / photo_hash[:3] / photo_hash[3:6] / f"{photo_hash}.jpg")
+                    candidates.append(
+                        images / photo_hash[:3] / photo_hash[3:6] / f"{photo_hash}.jpg"
+                    )
                 candidates.append(images / f"{photo_id}.jpg")
                 image_path = str(next((c for c in candidates if c.is_file()), candidates[-1]))
-            yield Post(post_id=photo_id, tags=tags, caption=caption, user=user, public=True,
-                       image_path=image_path, source=source)
+            yield Post(
+                post_id=photo_id,
+                tags=tags,
+                caption=caption,
+                user=user,
+                public=True,
+                image_path=image_path,
+                source=source,
+            )
 
 
 # ---- image loading (in worker processes) ----------------------------------------------------------

@@ -32,7 +32,9 @@ from tagjax.errors import UserError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 64  # images per forward pass across all local devices (rounded up to a multiple)
+DEFAULT_BATCH_SIZE = (
+    64  # images per forward pass across all local devices (rounded up to a multiple)
+)
 DEFAULT_THREADS = 4  # image decoding threads (OpenCV and libjpeg-turbo release the GIL)
 
 
@@ -50,8 +52,15 @@ class Inference:
     its compute dtype (``model.dtype``).
     """
 
-    def __init__(self, path: str | Path, *, head: bool = True, image_size: int | None = None,
-                 resize: int | None = None, dtype: str | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        head: bool = True,
+        image_size: int | None = None,
+        resize: int | None = None,
+        dtype: str | None = None,
+    ):
         import jax
         import ml_collections
 
@@ -63,19 +72,26 @@ class Inference:
         self.meta = meta
         config = ml_collections.ConfigDict(meta.get("config") or {})
         if "model" not in config:
-            raise UserError(f"{self.path} has no model config in its metadata; it was not written by tagjax.")
+            raise UserError(
+                f"{self.path} has no model config in its metadata; it was not written by tagjax."
+            )
         self.config = config
         if dtype:
             config.model.dtype = dtype
         data = config.get("data", ml_collections.ConfigDict())
         self.mean = tuple(data.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(data.get("std", (0.229, 0.224, 0.225)))
-        cfg_size, cfg_resize = int(data.get("eval_image_size", 224)), int(data.get("eval_resize", 256))
+        cfg_size, cfg_resize = (
+            int(data.get("eval_image_size", 224)),
+            int(data.get("eval_resize", 256)),
+        )
         size = int(image_size or cfg_size)
         # A new crop size keeps the checkpoint's resize-to-crop ratio (256/224 for the released models).
         resize = int(resize or round(size * cfg_resize / cfg_size))
         if size > resize:
-            raise UserError(f"image size {size} exceeds the resize {resize}: the center crop must fit inside.")
+            raise UserError(
+                f"image size {size} exceeds the resize {resize}: the center crop must fit inside."
+            )
         self.transform = augment.EvalTransform(resize=resize, size=size)
         self.num_classes = int(meta.get("num_classes") or 0)
         if head and "fc" in variables["params"]:
@@ -84,10 +100,16 @@ class Inference:
         self.feature_dim = models.get_spec(config.model.name).feature_dim
 
         self.devices = jax.local_devices()
-        self.mesh = jax.make_mesh((len(self.devices),), ("batch",), devices=self.devices,
-                                  axis_types=(jax.sharding.AxisType.Auto,))  # fmt: skip
+        self.mesh = jax.make_mesh(
+            (len(self.devices),),
+            ("batch",),
+            devices=self.devices,
+            axis_types=(jax.sharding.AxisType.Auto,),
+        )
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("batch"))
+        self.batch_sharding = jax.sharding.NamedSharding(
+            self.mesh, jax.sharding.PartitionSpec("batch")
+        )
         self.variables = jax.device_put(variables, replicated)
         self._fns: dict[str, Callable] = {}
 
@@ -129,7 +151,9 @@ class Inference:
         if padded != n:
             images = np.concatenate([images, np.zeros((padded - n, *images.shape[1:]), np.uint8)])
         x = jax.device_put(images, self.batch_sharding)
-        return np.array(jax.device_get(self._fn(what)(self.variables, x)), np.float32)[:n]  # a writable copy
+        return np.array(jax.device_get(self._fn(what)(self.variables, x)), np.float32)[
+            :n
+        ]  # a writable copy
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """uint8 [B, S, S, 3] -> pooled trunk features float32 [B, feature_dim]."""
@@ -164,9 +188,15 @@ class ImageBatch:
     errors: list  # per row: "" or why the image was skipped
 
 
-def image_batches(load: Callable[[int], tuple[Any, Any]], indices: Sequence[int] | range, *,
-                  preprocess: Callable[[Any, np.ndarray], None], size: int, batch_size: int,
-                  num_threads: int = DEFAULT_THREADS) -> Iterator[ImageBatch]:  # fmt: skip
+def image_batches(
+    load: Callable[[int], tuple[Any, Any]],
+    indices: Sequence[int] | range,
+    *,
+    preprocess: Callable[[Any, np.ndarray], None],
+    size: int,
+    batch_size: int,
+    num_threads: int = DEFAULT_THREADS,
+) -> Iterator[ImageBatch]:
     """Batches of preprocessed images for ``indices`` in order (grain, threads decode in parallel).
 
     ``load(i) -> (image, extra)``; ``preprocess(image, out)`` writes the crop into ``out``. Exceptions
@@ -182,7 +212,9 @@ def image_batches(load: Callable[[int], tuple[Any, Any]], indices: Sequence[int]
             image, extra = load(int(i))
             preprocess(image, out)
             return int(i), out, True, extra, ""
-        except Exception as e:  # a bad image must not end a pass over millions; counted by the caller
+        except (
+            Exception
+        ) as e:  # a bad image must not end a pass over millions; counted by the caller
             return int(i), out, False, None, f"{type(e).__name__}: {e}"
 
     def collate(rows):
@@ -197,7 +229,9 @@ def image_batches(load: Callable[[int], tuple[Any, Any]], indices: Sequence[int]
     if not indices:
         return
     ds = grain.MapDataset.source(indices).map(one).batch(batch_size, batch_fn=collate)
-    options = grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=2 * batch_size)
+    options = grain.ReadOptions(
+        num_threads=max(1, num_threads), prefetch_buffer_size=2 * batch_size
+    )
     yield from ds.to_iter_dataset(options)
 
 
@@ -254,7 +288,9 @@ class ClassNames:
         return {}
 
 
-def find_vocabulary(meta: dict, vocab_path: str | None = None, checkpoint_path: str | Path | None = None):
+def find_vocabulary(
+    meta: dict, vocab_path: str | None = None, checkpoint_path: str | Path | None = None
+):
     """The vocabulary a checkpoint's head predicts: ``vocab_path``, else ``vocab.json`` beside the
     checkpoint's workdir, else the training dataset's (``config.data.dataset``); checked against the
     fingerprint stored in the checkpoint. A fine-tuned checkpoint (``class_names`` in its metadata, no
@@ -276,7 +312,9 @@ def find_vocabulary(meta: dict, vocab_path: str | None = None, checkpoint_path: 
             candidates.append(Path(dataset).expanduser() / "vocab.json")
     path = next((p for p in candidates if p.is_file()), None)
     if path is None and not vocab_path and meta.get("class_names"):
-        return ClassNames(meta["class_names"])  # a fine-tuned checkpoint predicts its downstream classes
+        return ClassNames(
+            meta["class_names"]
+        )  # a fine-tuned checkpoint predicts its downstream classes
     if path is None:
         raise UserError(
             "cannot find the vocabulary of this checkpoint (looked beside it and in its training dataset); "
@@ -303,8 +341,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def predict_hashtags(inference: Inference, vocab, images: Sequence, top_k: int = 5,
-                     num_aliases: int = 5) -> list[list[dict]]:  # fmt: skip
+def predict_hashtags(
+    inference: Inference, vocab, images: Sequence, top_k: int = 5, num_aliases: int = 5
+) -> list[list[dict]]:
     """Top-``k`` canonical hashtags per image: ``{"hashtag", "probability", "synsets", "aliases", "id"}``.
 
     Probabilities follow the model's loss (softmax over the vocabulary for the paper's loss, so they
@@ -316,12 +355,17 @@ def predict_hashtags(inference: Inference, vocab, images: Sequence, top_k: int =
             f"{inference.num_classes}; pass the vocabulary it was trained with (--vocab)."
         )
     size = inference.image_size
-    crops = np.stack([inference.preprocess(im) for im in images]) if images else np.zeros((0, size, size, 3), np.uint8)
+    crops = (
+        np.stack([inference.preprocess(im) for im in images])
+        if images
+        else np.zeros((0, size, size, 3), np.uint8)
+    )
     return top_hashtags(inference, vocab, crops, top_k, num_aliases)
 
 
-def top_hashtags(inference: Inference, vocab, crops: np.ndarray, top_k: int = 5,
-                 num_aliases: int = 5) -> list[list[dict]]:  # fmt: skip
+def top_hashtags(
+    inference: Inference, vocab, crops: np.ndarray, top_k: int = 5, num_aliases: int = 5
+) -> list[list[dict]]:
     """:func:`predict_hashtags` for images already preprocessed (uint8 [B, S, S, 3] evaluation crops)."""
     if vocab.num_labels != inference.num_classes:
         raise UserError(
@@ -330,7 +374,9 @@ def top_hashtags(inference: Inference, vocab, crops: np.ndarray, top_k: int = 5,
         )
     logits = inference.logits(crops)
     loss = str(inference.config.get("loss", "softmax"))
-    probs = 1.0 / (1.0 + np.exp(-logits)) if loss == "sigmoid" else softmax(logits.astype(np.float64))
+    probs = (
+        1.0 / (1.0 + np.exp(-logits)) if loss == "sigmoid" else softmax(logits.astype(np.float64))
+    )
     out = []
     k = min(top_k, vocab.num_labels)
     for row in probs:
@@ -338,27 +384,45 @@ def top_hashtags(inference: Inference, vocab, crops: np.ndarray, top_k: int = 5,
         entries = []
         for i in top:
             aliases = sorted(vocab.aliases_of(int(i)).items(), key=lambda kv: (-kv[1], kv[0]))
-            entries.append({
-                "id": int(i),
-                "hashtag": vocab.name_of(int(i)),
-                "probability": float(row[i]),
-                "synsets": list(vocab.synsets_of(int(i))),
-                "aliases": [a for a, _ in aliases[:num_aliases]],
-            })  # fmt: skip
+            entries.append(
+                {
+                    "id": int(i),
+                    "hashtag": vocab.name_of(int(i)),
+                    "probability": float(row[i]),
+                    "synsets": list(vocab.synsets_of(int(i))),
+                    "aliases": [a for a, _ in aliases[:num_aliases]],
+                }
+            )
         out.append(entries)
     return out
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, GIF, WebP, SVG, ...)")
-    parser.add_argument("--checkpoint", required=True, help="a training workdir, its checkpoints/ folder, or one "
-                        "checkpoint directory (trained or imported)")
-    parser.add_argument("--vocab", default=None, help="the vocabulary (vocab.json) the checkpoint was trained on; "
-                        "default: found beside the checkpoint or in its training dataset")
+    parser.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, GIF, WebP, SVG, ...)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a training workdir, its checkpoints/ folder, or one "
+        "checkpoint directory (trained or imported)",
+    )
+    parser.add_argument(
+        "--vocab",
+        default=None,
+        help="the vocabulary (vocab.json) the checkpoint was trained on; "
+        "default: found beside the checkpoint or in its training dataset",
+    )
     parser.add_argument("--top-k", type=int, default=5, help="hashtags per image (default 5)")
-    parser.add_argument("--aliases", type=int, default=5, help="hashtag spellings shown per label (default 5)")
-    parser.add_argument("--image-size", type=int, default=None, help="center-crop side (default: the checkpoint's "
-                        "data.eval_image_size)")
+    parser.add_argument(
+        "--aliases", type=int, default=5, help="hashtag spellings shown per label (default 5)"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="center-crop side (default: the checkpoint's data.eval_image_size)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -377,10 +441,16 @@ def run_predict(args) -> int:
             failed[path] = str(e)
     size = inference.image_size
     crops = np.stack([c for _, c in loaded]) if loaded else np.zeros((0, size, size, 3), np.uint8)
-    results = dict(zip([p for p, _ in loaded], top_hashtags(inference, vocab, crops, args.top_k, args.aliases)))
+    results = dict(
+        zip([p for p, _ in loaded], top_hashtags(inference, vocab, crops, args.top_k, args.aliases))
+    )
     if args.json:
-        payload = [{"image": p, "hashtags": results[p]} if p in results else {"image": p, "error": failed[p]}
-                   for p in args.images]  # fmt: skip
+        payload = [
+            {"image": p, "hashtags": results[p]}
+            if p in results
+            else {"image": p, "error": failed[p]}
+            for p in args.images
+        ]
         print(json.dumps(payload, indent=1))
     else:
         for path in args.images:
@@ -394,7 +464,10 @@ def run_predict(args) -> int:
                 tag = e["hashtag"] if isinstance(vocab, ClassNames) else "#" + e["hashtag"]
                 print(f"  {rank:2d}. {tag:<25s} {e['probability']:7.2%}  {synsets:<40s} {aliases}")
     if failed:
-        print(f"tagjax predict: {len(failed)} of {len(args.images)} images could not be read", file=sys.stderr)
+        print(
+            f"tagjax predict: {len(failed)} of {len(args.images)} images could not be read",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -434,8 +507,12 @@ def records_input(dataset_dir: str | Path, split: str) -> EmbedInput:
     root = Path(dataset_dir).expanduser()
     manifest = records.load_manifest(root)
     if split not in manifest.splits:
-        raise UserError(f"{root} has no split {split!r} (it has {', '.join(sorted(manifest.splits))}).")
-    source = grain.sources.ArrayRecordDataSource([str(p) for p in manifest.shard_paths(root, split)])
+        raise UserError(
+            f"{root} has no split {split!r} (it has {', '.join(sorted(manifest.splits))})."
+        )
+    source = grain.sources.ArrayRecordDataSource(
+        [str(p) for p in manifest.shard_paths(root, split)]
+    )
 
     def load(i: int):
         rec = records.decode(source[i])
@@ -449,7 +526,11 @@ def folder_input(folder: str | Path) -> EmbedInput:
     from tagjax import downstream
 
     root = Path(folder).expanduser()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in downstream.IMAGE_EXTENSIONS)
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in downstream.IMAGE_EXTENSIONS
+    )
     if not files:
         raise UserError(f"{root} holds no images ({', '.join(downstream.IMAGE_EXTENSIONS)}).")
 
@@ -487,9 +568,18 @@ def resolve_input(spec: str, split: str | None, data_dir: str | None) -> EmbedIn
     return downstream_input(spec, split or "test", data_dir)
 
 
-def embed(inference: Inference, source: EmbedInput, output: str | Path, *, batch_size: int = DEFAULT_BATCH_SIZE,
-          l2_normalize: bool = False, dtype: str = "float32", max_bad_fraction: float = 0.001,
-          num_threads: int = DEFAULT_THREADS, progress: bool = True) -> dict:  # fmt: skip
+def embed(
+    inference: Inference,
+    source: EmbedInput,
+    output: str | Path,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    l2_normalize: bool = False,
+    dtype: str = "float32",
+    max_bad_fraction: float = 0.001,
+    num_threads: int = DEFAULT_THREADS,
+    progress: bool = True,
+) -> dict:
     """Writes ``<output>.npy`` [N, D] and ``<output>.index.jsonl`` (row -> id, labels) for ``source``.
 
     Resumable: rows are written into a memory-mapped ``.npy`` and the number done is recorded in
@@ -500,10 +590,19 @@ def embed(inference: Inference, source: EmbedInput, output: str | Path, *, batch
 
     output = Path(output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
-    npy, index_path, partial = (Path(f"{output}{ext}") for ext in (".npy", ".index.jsonl", ".partial.json"))
+    npy, index_path, partial = (
+        Path(f"{output}{ext}") for ext in (".npy", ".index.jsonl", ".partial.json")
+    )
     n, d = source.length, inference.feature_dim
-    ident = {"checkpoint": inference.path, "input": source.description, "rows": n, "dim": d,
-             "image_size": inference.image_size, "l2_normalize": l2_normalize, "dtype": dtype}  # fmt: skip
+    ident = {
+        "checkpoint": inference.path,
+        "input": source.description,
+        "rows": n,
+        "dim": d,
+        "image_size": inference.image_size,
+        "l2_normalize": l2_normalize,
+        "dtype": dtype,
+    }
     start = 0
     if partial.is_file() and npy.is_file():
         state = json.loads(partial.read_text())
@@ -517,14 +616,24 @@ def embed(inference: Inference, source: EmbedInput, output: str | Path, *, batch
     else:
         array = np.load(npy, mmap_mode="r+")
         # Index lines of a batch written after the last recorded one are dropped and written again.
-        kept = [line for line in index_path.read_text().splitlines() if line and json.loads(line)["row"] < start]
+        kept = [
+            line
+            for line in index_path.read_text().splitlines()
+            if line and json.loads(line)["row"] < start
+        ]
         index_path.write_text("".join(line + "\n" for line in kept))
     counter = BadImageCounter(max_bad_fraction, source.description)
     t0 = time.perf_counter()
     bar = tqdm(total=n, initial=start, unit="img", desc="embed", disable=not progress)
     with index_path.open("a") as index_file:
-        for batch in image_batches(lambda i: source.load(i), range(start, n), preprocess=_preprocess_into(inference),
-                                   size=inference.image_size, batch_size=batch_size, num_threads=num_threads):
+        for batch in image_batches(
+            lambda i: source.load(i),
+            range(start, n),
+            preprocess=_preprocess_into(inference),
+            size=inference.image_size,
+            batch_size=batch_size,
+            num_threads=num_threads,
+        ):
             feats = inference.features(batch.images)
             if l2_normalize:
                 feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
@@ -543,8 +652,14 @@ def embed(inference: Inference, source: EmbedInput, output: str | Path, *, batch
     bar.close()
     del array
     partial.unlink(missing_ok=True)
-    summary = {"rows": n, "dim": d, "bad_images": counter.bad, "seconds": round(time.perf_counter() - t0, 2),
-               "embeddings": str(npy), "index": str(index_path)}  # fmt: skip
+    summary = {
+        "rows": n,
+        "dim": d,
+        "bad_images": counter.bad,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "embeddings": str(npy),
+        "index": str(index_path),
+    }
     return summary
 
 
@@ -565,18 +680,41 @@ def read_index(path: str | Path) -> list[dict]:
 
 
 def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a training workdir, checkpoints/ folder or checkpoint")
-    parser.add_argument("--input", required=True, help="a built dataset directory (dataset.json), a folder of "
-                        "images, or a downstream dataset name (cifar10, emoji_subgroups, ...)")
-    parser.add_argument("--split", default=None, help="split of a built dataset (default train) or of a "
-                        "downstream dataset (default test)")
-    parser.add_argument("--data-dir", default=None, help="TFDS data directory for downstream datasets")
-    parser.add_argument("--output", required=True, help="output prefix: writes PREFIX.npy and PREFIX.index.jsonl")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass")
-    parser.add_argument("--image-size", type=int, default=None, help="center-crop side (default: the checkpoint's)")
-    parser.add_argument("--l2-normalize", action="store_true", help="unit-length rows (cosine search)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="stored dtype")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="image decoding threads")
+    parser.add_argument(
+        "--checkpoint", required=True, help="a training workdir, checkpoints/ folder or checkpoint"
+    )
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="a built dataset directory (dataset.json), a folder of "
+        "images, or a downstream dataset name (cifar10, emoji_subgroups, ...)",
+    )
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="split of a built dataset (default train) or of a downstream dataset (default test)",
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="TFDS data directory for downstream datasets"
+    )
+    parser.add_argument(
+        "--output", required=True, help="output prefix: writes PREFIX.npy and PREFIX.index.jsonl"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="center-crop side (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--l2-normalize", action="store_true", help="unit-length rows (cosine search)"
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "float16"), help="stored dtype"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=DEFAULT_THREADS, help="image decoding threads"
+    )
 
 
 def run_embed(args) -> int:
@@ -584,9 +722,23 @@ def run_embed(args) -> int:
         raise UserError("--batch-size must be at least 1.")
     inference = Inference(args.checkpoint, head=False, image_size=args.image_size)
     source = resolve_input(args.input, args.split, args.data_dir)
-    max_bad = float(((inference.meta.get("config") or {}).get("data") or {}).get("max_bad_record_fraction", 0.001))
-    summary = embed(inference, source, args.output, batch_size=args.batch_size, l2_normalize=args.l2_normalize,
-                    dtype=args.dtype, max_bad_fraction=max_bad, num_threads=args.threads)
-    print(f"embedded {summary['rows']:,} images ({summary['dim']}-d, {summary['bad_images']} unreadable) in "
-          f"{summary['seconds']:.1f} s -> {summary['embeddings']}, {summary['index']}")
+    max_bad = float(
+        ((inference.meta.get("config") or {}).get("data") or {}).get(
+            "max_bad_record_fraction", 0.001
+        )
+    )
+    summary = embed(
+        inference,
+        source,
+        args.output,
+        batch_size=args.batch_size,
+        l2_normalize=args.l2_normalize,
+        dtype=args.dtype,
+        max_bad_fraction=max_bad,
+        num_threads=args.threads,
+    )
+    print(
+        f"embedded {summary['rows']:,} images ({summary['dim']}-d, {summary['bad_images']} unreadable) in "
+        f"{summary['seconds']:.1f} s -> {summary['embeddings']}, {summary['index']}"
+    )
     return 0

@@ -61,8 +61,15 @@ def encode(record: Record) -> bytes:
     """Record -> bytes (msgpack). Labels are sorted and deduplicated here, so every writer agrees."""
     labels = sorted({int(x) for x in record.labels})
     if not labels:
-        raise RecordError(f"post {record.post_id!r} has no labels; records must carry at least one.")
-    item = {"v": SCHEMA_VERSION, "id": str(record.post_id), "image": bytes(record.image), "labels": labels}
+        raise RecordError(
+            f"post {record.post_id!r} has no labels; records must carry at least one."
+        )
+    item = {
+        "v": SCHEMA_VERSION,
+        "id": str(record.post_id),
+        "image": bytes(record.image),
+        "labels": labels,
+    }
     if record.user is not None:
         item["user"] = str(record.user)
     return msgpack.packb(item, use_bin_type=True)
@@ -82,7 +89,10 @@ def decode(data: bytes) -> Record:
         )
     try:
         return Record(
-            post_id=item["id"], image=item["image"], labels=tuple(item["labels"]), user=item.get("user")
+            post_id=item["id"],
+            image=item["image"],
+            labels=tuple(item["labels"]),
+            user=item.get("user"),
         )
     except KeyError as e:
         raise RecordError(f"record is missing field {e}") from None

@@ -576,7 +576,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     try:
         abstract = abstract_train_state(config, model, mesh, data.num_classes)
         state, _ = manager.restore_latest(abstract, data.train_iterator)
-    except BaseException:  # e.g. a checkpoint of another experiment: release Orbax's threads, then say so
+    except (
+        BaseException
+    ):  # e.g. a checkpoint of another experiment: release Orbax's threads, then say so
         manager.close()
         if hasattr(data.train_iterator, "close"):
             data.train_iterator.close()

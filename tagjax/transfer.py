@@ -46,8 +46,12 @@ def _downstream(config, split: str):
     from tagjax import downstream
 
     t = config.transfer
-    return downstream.open_split(str(t.dataset), split, str(t.data_dir) or None,
-                                 folder_test_fraction=float(t.folder_test_fraction))  # fmt: skip
+    return downstream.open_split(
+        str(t.dataset),
+        split,
+        str(t.data_dir) or None,
+        folder_test_fraction=float(t.folder_test_fraction),
+    )
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -94,8 +98,17 @@ def feature_cache_dir(root: Path, inference, ds) -> tuple[Path, dict]:
     return root / f"{safe}-{ds.split}-{digest}", identity
 
 
-def extract_features(inference, ds, cache_root: str | Path, *, batch_size: int = 64, chunk: int = 2048,
-                     num_threads: int = 4, max_bad_fraction: float = 0.001, progress: bool = True) -> Features:  # fmt: skip
+def extract_features(
+    inference,
+    ds,
+    cache_root: str | Path,
+    *,
+    batch_size: int = 64,
+    chunk: int = 2048,
+    num_threads: int = 4,
+    max_bad_fraction: float = 0.001,
+    progress: bool = True,
+) -> Features:
     """Pooled trunk features of every example of ``ds`` (a ``downstream.Downstream``), cached on disk.
 
     The split is cut into chunks of ``chunk`` examples; each chunk is written atomically
@@ -110,7 +123,12 @@ def extract_features(inference, ds, cache_root: str | Path, *, batch_size: int =
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta_path = cache_dir / "meta.json"
     n = len(ds.source)
-    meta = {"identity": identity, "num_examples": n, "chunk": int(chunk), "feature_dim": inference.feature_dim}
+    meta = {
+        "identity": identity,
+        "num_examples": n,
+        "chunk": int(chunk),
+        "feature_dim": inference.feature_dim,
+    }
     if meta_path.is_file() and json.loads(meta_path.read_text()) != json.loads(json.dumps(meta)):
         # Same identity hash but another chunking: start over rather than mix layouts.
         for old in cache_dir.glob("chunk-*.npz"):
@@ -146,8 +164,14 @@ def extract_features(inference, ds, cache_root: str | Path, *, batch_size: int =
         y = np.full(hi - lo, -1, np.int32)
         valid = np.zeros(hi - lo, bool)
         groups = np.full(hi - lo, "", dtype=object)
-        for batch in image_batches(load, range(lo, hi), preprocess=preprocess, size=inference.image_size,
-                                   batch_size=batch_size, num_threads=num_threads):  # fmt: skip
+        for batch in image_batches(
+            load,
+            range(lo, hi),
+            preprocess=preprocess,
+            size=inference.image_size,
+            batch_size=batch_size,
+            num_threads=num_threads,
+        ):
             rows = batch.indices - lo
             x[rows] = inference.features(batch.images)
             valid[rows] = batch.valid
@@ -156,7 +180,13 @@ def extract_features(inference, ds, cache_root: str | Path, *, batch_size: int =
                     y[r], groups[r] = extra
             counter.add(batch)
             bar.update(len(rows))
-        part = {"x": x, "y": y, "valid": valid, "group": groups.astype(str), "index": np.arange(lo, hi)}
+        part = {
+            "x": x,
+            "y": y,
+            "valid": valid,
+            "group": groups.astype(str),
+            "index": np.arange(lo, hi),
+        }
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, **part)
         os.replace(tmp, path)
@@ -168,8 +198,15 @@ def extract_features(inference, ds, cache_root: str | Path, *, batch_size: int =
         raise UserError(f"{ds.name} has no examples in its {ds.split} split.")
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     keep = cat["valid"]
-    return Features(cat["x"][keep], cat["y"][keep].astype(np.int32), cat["group"][keep], cat["index"][keep],
-                    int((~keep).sum()), computed, cache_dir)  # fmt: skip
+    return Features(
+        cat["x"][keep],
+        cat["y"][keep].astype(np.int32),
+        cat["group"][keep],
+        cat["index"][keep],
+        int((~keep).sum()),
+        computed,
+        cache_dir,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,7 +225,9 @@ def holdout_split(y: np.ndarray, groups: np.ndarray | None, fraction: float, see
         return np.flatnonzero(~val), np.flatnonzero(val)
     for cls in np.unique(y):
         members = np.flatnonzero(y == cls)
-        uniq = sorted(set(units[members]), key=lambda u: hashlib.sha1(f"{seed}:{u}".encode()).hexdigest())
+        uniq = sorted(
+            set(units[members]), key=lambda u: hashlib.sha1(f"{seed}:{u}".encode()).hexdigest()
+        )
         n_val = min(len(uniq) - 1, round(fraction * len(uniq)))
         chosen = set(uniq[:n_val])
         val[members] = [u in chosen for u in units[members]]
@@ -220,7 +259,9 @@ def _lbfgs_fit(params0, x, y, l2, tolerance, *, max_iterations: int):
         updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=objective)
         return optax.apply_updates(params, updates), state, it + 1
 
-    params, state, iterations = jax.lax.while_loop(cond, body, (params0, opt.init(params0), jnp.int32(0)))
+    params, state, iterations = jax.lax.while_loop(
+        cond, body, (params0, opt.init(params0), jnp.int32(0))
+    )
     return params, iterations, objective(params), otu.tree_norm(otu.tree_get(state, "grad"))
 
 
@@ -240,9 +281,17 @@ class LogisticRegression:
         return ((np.asarray(x, np.float32) - self.mean) / self.std) @ self.w + self.b
 
 
-def fit_logistic_regression(x, y, num_classes: int, l2: float, *, max_iterations: int = 300,
-                            tolerance: float = 1e-5, standardize: bool = True, init: LogisticRegression | None = None
-                            ) -> LogisticRegression:  # fmt: skip
+def fit_logistic_regression(
+    x,
+    y,
+    num_classes: int,
+    l2: float,
+    *,
+    max_iterations: int = 300,
+    tolerance: float = 1e-5,
+    standardize: bool = True,
+    init: LogisticRegression | None = None,
+) -> LogisticRegression:
     """Minimizes mean cross-entropy + ``l2``/2 ||w||^2 over (w, b) with L-BFGS (the bias is not penalized).
 
     The problem is convex, so the result does not depend on the start; ``init`` (a previous fit with the
@@ -266,14 +315,34 @@ def fit_logistic_regression(x, y, num_classes: int, l2: float, *, max_iterations
         params0 = {"w": jnp.asarray(init.w), "b": jnp.asarray(init.b)}
     else:
         params0 = {"w": jnp.zeros((x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
-    params, iterations, loss, _ = _lbfgs_fit(params0, jnp.asarray(xs), jnp.asarray(y), jnp.float32(l2),
-                                             jnp.float32(tolerance), max_iterations=int(max_iterations))  # fmt: skip
-    return LogisticRegression(np.asarray(params["w"]), np.asarray(params["b"]), mean.astype(np.float32),
-                              std.astype(np.float32), float(l2), int(iterations), float(loss))  # fmt: skip
+    params, iterations, loss, _ = _lbfgs_fit(
+        params0,
+        jnp.asarray(xs),
+        jnp.asarray(y),
+        jnp.float32(l2),
+        jnp.float32(tolerance),
+        max_iterations=int(max_iterations),
+    )
+    return LogisticRegression(
+        np.asarray(params["w"]),
+        np.asarray(params["b"]),
+        mean.astype(np.float32),
+        std.astype(np.float32),
+        float(l2),
+        int(iterations),
+        float(loss),
+    )
 
 
-def linear_probe(train: Features | tuple, test: Features | tuple, num_classes: int, linear_config, *,
-                 seed: int = 0, log_fn=print) -> dict:  # fmt: skip
+def linear_probe(
+    train: Features | tuple,
+    test: Features | tuple,
+    num_classes: int,
+    linear_config,
+    *,
+    seed: int = 0,
+    log_fn=print,
+) -> dict:
     """The sweep, the refit and the test numbers (fractions). ``train``/``test`` are :class:`Features` or
     ``(x, y)`` / ``(x, y, groups)`` tuples."""
     from tagjax.evaluate import topk_accuracy
@@ -285,11 +354,16 @@ def linear_probe(train: Features | tuple, test: Features | tuple, num_classes: i
 
     x, y, groups = unpack(train)
     tx, ty, _ = unpack(test)
-    sweep = sorted((float(v) for v in linear_config.l2_sweep), reverse=True)  # strongest first: warm starts
+    sweep = sorted(
+        (float(v) for v in linear_config.l2_sweep), reverse=True
+    )  # strongest first: warm starts
     if not sweep:
         raise UserError("config.linear.l2_sweep is empty: give at least one L2 strength.")
-    opts = dict(max_iterations=int(linear_config.max_iterations), tolerance=float(linear_config.tolerance),
-                standardize=bool(linear_config.standardize))  # fmt: skip
+    opts = dict(
+        max_iterations=int(linear_config.max_iterations),
+        tolerance=float(linear_config.tolerance),
+        standardize=bool(linear_config.standardize),
+    )
     fit_idx, val_idx = holdout_split(y, groups, float(linear_config.val_fraction), seed)
     rows, best = [], None
     if len(sweep) > 1 and len(val_idx) == 0:
@@ -302,13 +376,24 @@ def linear_probe(train: Features | tuple, test: Features | tuple, num_classes: i
     else:
         model = None
         for l2 in sweep:
-            model = fit_logistic_regression(x[fit_idx], y[fit_idx], num_classes, l2, init=model, **opts)
+            model = fit_logistic_regression(
+                x[fit_idx], y[fit_idx], num_classes, l2, init=model, **opts
+            )
             val = topk_accuracy(model.logits(x[val_idx]), y[val_idx], (1,))["top1"]
             fit = topk_accuracy(model.logits(x[fit_idx]), y[fit_idx], (1,))["top1"]
-            rows.append({"l2": l2, "val_top1": val, "fit_top1": fit, "iterations": model.iterations,
-                         "loss": model.loss})  # fmt: skip
-            log_fn(f"  l2={l2:<8g} held-out top-1 {val:6.1%}   fit top-1 {fit:6.1%}   "
-                   f"({model.iterations} L-BFGS iterations)")  # fmt: skip
+            rows.append(
+                {
+                    "l2": l2,
+                    "val_top1": val,
+                    "fit_top1": fit,
+                    "iterations": model.iterations,
+                    "loss": model.loss,
+                }
+            )
+            log_fn(
+                f"  l2={l2:<8g} held-out top-1 {val:6.1%}   fit top-1 {fit:6.1%}   "
+                f"({model.iterations} L-BFGS iterations)"
+            )
             if best is None or val > best[0]:  # ties keep the stronger regularization (seen first)
                 best = (val, l2)
         chosen = best[1]
@@ -335,44 +420,69 @@ def linear_probe(train: Features | tuple, test: Features | tuple, num_classes: i
     }
 
 
-def run_linear(config, checkpoint_path: str | Path, workdir: str | Path, *, progress: bool = True,
-               log_fn=print) -> dict:  # fmt: skip
+def run_linear(
+    config, checkpoint_path: str | Path, workdir: str | Path, *, progress: bool = True, log_fn=print
+) -> dict:
     """Feature extraction (cached) + the linear probe; writes ``WORKDIR/results.json``."""
     from tagjax.predict import Inference
 
     t = config.transfer
     workdir = Path(workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
-    inference = Inference(checkpoint_path, head=False, image_size=int(t.image_size) or None,
-                          resize=int(t.resize) or None, dtype=str(t.dtype) or None)  # fmt: skip
+    inference = Inference(
+        checkpoint_path,
+        head=False,
+        image_size=int(t.image_size) or None,
+        resize=int(t.resize) or None,
+        dtype=str(t.dtype) or None,
+    )
     train_ds, test_ds = _downstream(config, "train"), _downstream(config, "test")
     if train_ds.class_names != test_ds.class_names:
         raise UserError(f"{t.dataset}: the train and test splits have different classes.")
     start = time.perf_counter()
-    opts = dict(batch_size=int(t.batch_size), chunk=int(t.feature_chunk), num_threads=int(t.num_threads),
-                max_bad_fraction=float(t.max_bad_fraction), progress=progress)  # fmt: skip
+    opts = dict(
+        batch_size=int(t.batch_size),
+        chunk=int(t.feature_chunk),
+        num_threads=int(t.num_threads),
+        max_bad_fraction=float(t.max_bad_fraction),
+        progress=progress,
+    )
     train = extract_features(inference, train_ds, workdir / "features", **opts)
     test = extract_features(inference, test_ds, workdir / "features", **opts)
     feature_s = time.perf_counter() - start
-    log_fn(f"linear probe on {t.dataset}: {len(train.y):,} training / {len(test.y):,} test images, "
-           f"{train_ds.num_classes} classes, {inference.feature_dim}-d features ({feature_s:.1f} s)")  # fmt: skip
-    result = linear_probe(train, test, train_ds.num_classes, config.linear, seed=int(config.seed), log_fn=log_fn)
+    log_fn(
+        f"linear probe on {t.dataset}: {len(train.y):,} training / {len(test.y):,} test images, "
+        f"{train_ds.num_classes} classes, {inference.feature_dim}-d features ({feature_s:.1f} s)"
+    )
+    result = linear_probe(
+        train, test, train_ds.num_classes, config.linear, seed=int(config.seed), log_fn=log_fn
+    )
     classifier = result.pop("classifier")
-    np.savez(workdir / "classifier.npz", w=classifier.w, b=classifier.b, mean=classifier.mean, std=classifier.std)
-    result.update({
-        "mode": "linear",
-        "dataset": str(t.dataset),
-        "checkpoint": inference.path,
-        "checkpoint_step": inference.meta.get("step"),
-        "image_size": inference.image_size,
-        "bad_images": train.bad + test.bad,
-        "feature_seconds": round(feature_s, 2),
-        "seconds": round(time.perf_counter() - start, 2),
-        "class_names": train_ds.class_names,
-    })  # fmt: skip
+    np.savez(
+        workdir / "classifier.npz",
+        w=classifier.w,
+        b=classifier.b,
+        mean=classifier.mean,
+        std=classifier.std,
+    )
+    result.update(
+        {
+            "mode": "linear",
+            "dataset": str(t.dataset),
+            "checkpoint": inference.path,
+            "checkpoint_step": inference.meta.get("step"),
+            "image_size": inference.image_size,
+            "bad_images": train.bad + test.bad,
+            "feature_seconds": round(feature_s, 2),
+            "seconds": round(time.perf_counter() - start, 2),
+            "class_names": train_ds.class_names,
+        }
+    )
     _write_json(workdir / RESULTS_FILE, result)
-    log_fn(f"test top-1 {result['test_top1']:.2%}  top-5 {result['test_top5']:.2%}  (l2={result['l2']:g}, "
-           f"{result['num_test']:,} test images) -> {workdir / RESULTS_FILE}")  # fmt: skip
+    log_fn(
+        f"test top-1 {result['test_top1']:.2%}  top-5 {result['test_top5']:.2%}  (l2={result['l2']:g}, "
+        f"{result['num_test']:,} test images) -> {workdir / RESULTS_FILE}"
+    )
     return result
 
 
@@ -387,7 +497,9 @@ def finetune_model_config(config, pretrained_meta: dict):
 
     model = ml_collections.ConfigDict((pretrained_meta.get("config") or {}).get("model") or {})
     if "name" not in model:
-        raise UserError("the pretrained checkpoint's metadata has no model config; it was not written by tagjax.")
+        raise UserError(
+            "the pretrained checkpoint's metadata has no model config; it was not written by tagjax."
+        )
     t = config.transfer
     if str(t.dtype):
         model.dtype = str(t.dtype)
@@ -431,10 +543,16 @@ def _init_state_fn(config, model, tx, image_size: int):
 
     def init(rng):
         params_rng, state_rng = jax.random.split(rng)
-        variables = model.init(params_rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                          batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]),
-                          rng=state_rng)  # fmt: skip
+        variables = model.init(
+            params_rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False
+        )
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=variables["params"],
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(variables["params"]),
+            rng=state_rng,
+        )
 
     return init
 
@@ -450,12 +568,16 @@ def init_finetune_state(config, checkpoint_path: str | Path, model, tx, mesh):
     rng = jax.random.key(int(config.seed))
     replicated = sharding.replicated(mesh)
     state = jax.jit(init, out_shardings=replicated)(rng)
-    variables, _ = checkpoint.restore_backbone(checkpoint_path, {"params": state.params,
-                                                                 "batch_stats": state.batch_stats})
+    variables, _ = checkpoint.restore_backbone(
+        checkpoint_path, {"params": state.params, "batch_stats": state.batch_stats}
+    )
     params = jax.device_put(variables["params"], replicated)
     batch_stats = jax.device_put(variables["batch_stats"], replicated)
-    return state.replace(params=params, batch_stats=batch_stats,
-                         opt_state=jax.jit(tx.init, out_shardings=replicated)(params))  # fmt: skip
+    return state.replace(
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=jax.jit(tx.init, out_shardings=replicated)(params),
+    )
 
 
 class FinetuneBatches:
@@ -516,26 +638,47 @@ def _make_train_step(config, model, tx, schedule):
         mask = batch["mask"].astype(jnp.float32)
 
         def loss_fn(params):
-            logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
-                                          mutable=["batch_stats"])  # fmt: skip
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
             target = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
             ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), target)
             loss = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
             correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask)
             return loss, (updates["batch_stats"], correct)
 
-        (loss, (batch_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (batch_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-        return new, {"loss": loss, "train_top1": correct / jnp.maximum(jnp.sum(mask), 1.0),
-                     "lr": schedule(state.step), "valid": jnp.sum(mask)}  # fmt: skip
+        new = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
+        return new, {
+            "loss": loss,
+            "train_top1": correct / jnp.maximum(jnp.sum(mask), 1.0),
+            "lr": schedule(state.step),
+            "valid": jnp.sum(mask),
+        }
 
     return step
 
 
-def evaluate_classifier(model, variables, ds, config, *, batch_size: int, num_threads: int,
-                        max_bad_fraction: float, progress: bool = False) -> dict:  # fmt: skip
+def evaluate_classifier(
+    model,
+    variables,
+    ds,
+    config,
+    *,
+    batch_size: int,
+    num_threads: int,
+    max_bad_fraction: float,
+    progress: bool = False,
+) -> dict:
     """Top-1/top-5 of ``variables`` on a downstream split (resize + center crop, batch norm in eval mode)."""
     import jax
 
@@ -548,7 +691,9 @@ def evaluate_classifier(model, variables, ds, config, *, batch_size: int, num_th
 
     @jax.jit
     def forward(variables, images):
-        return model.apply(variables, normalize_images(images, config.data, model.dtype), train=False)
+        return model.apply(
+            variables, normalize_images(images, config.data, model.dtype), train=False
+        )
 
     def load(i):
         ex = ds.source[i]
@@ -559,8 +704,14 @@ def evaluate_classifier(model, variables, ds, config, *, batch_size: int, num_th
     counter = BadImageCounter(max_bad_fraction, f"{ds.name} ({ds.split})")
     logits, labels = [], []
     bar = tqdm(total=len(ds.source), unit="img", desc=f"test {ds.name}", disable=not progress)
-    for batch in image_batches(load, range(len(ds.source)), preprocess=lambda im, out: augment.eval_image(im, out, tf),
-                               size=tf.size, batch_size=batch_size, num_threads=num_threads):  # fmt: skip
+    for batch in image_batches(
+        load,
+        range(len(ds.source)),
+        preprocess=lambda im, out: augment.eval_image(im, out, tf),
+        size=tf.size,
+        batch_size=batch_size,
+        num_threads=num_threads,
+    ):
         out = np.asarray(forward(variables, batch.images))
         logits.append(out[batch.valid])
         labels.extend(e for e, ok in zip(batch.extras, batch.valid) if ok)
@@ -569,11 +720,23 @@ def evaluate_classifier(model, variables, ds, config, *, batch_size: int, num_th
     bar.close()
     counter.check(final=True)
     acc = topk_accuracy(np.concatenate(logits), np.asarray(labels), (1, 5))
-    return {"top1": acc["top1"], "top5": acc["top5"], "images": len(labels), "bad_images": counter.bad}
+    return {
+        "top1": acc["top1"],
+        "top5": acc["top5"],
+        "images": len(labels),
+        "bad_images": counter.bad,
+    }
 
 
-def run_finetune(config, checkpoint_path: str | Path, workdir: str | Path, *, progress: bool = True,
-                 log_fn=print, max_steps: int | None = None) -> dict:  # fmt: skip
+def run_finetune(
+    config,
+    checkpoint_path: str | Path,
+    workdir: str | Path,
+    *,
+    progress: bool = True,
+    log_fn=print,
+    max_steps: int | None = None,
+) -> dict:
     """Fine-tunes the checkpoint's trunk with a new head on ``config.transfer.dataset``; resumes from
     ``WORKDIR/checkpoints``. ``max_steps`` stops early (after a checkpoint), for tests of resumption."""
     import jax
@@ -584,7 +747,9 @@ def run_finetune(config, checkpoint_path: str | Path, workdir: str | Path, *, pr
 
     workdir = Path(workdir).expanduser()
     train_ds, test_ds = _downstream(config, "train"), _downstream(config, "test")
-    config = prepare_finetune_config(config, checkpoint_path, train_ds.num_classes, len(train_ds.source))
+    config = prepare_finetune_config(
+        config, checkpoint_path, train_ds.num_classes, len(train_ds.source)
+    )
     t = config.transfer
     batch_size = int(config.train.batch_size)
     total_images = int(config.train.total_images)
@@ -604,22 +769,35 @@ def run_finetune(config, checkpoint_path: str | Path, workdir: str | Path, *, pr
     try:
         init = _init_state_fn(config, model, tx, int(config.data.image_size))
         abstract = jax.eval_shape(init, jax.random.key(int(config.seed)))
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
+        abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract
+        )
         state, _ = mgr.restore_latest(abstract)
         if state is None:
             state = init_finetune_state(config, checkpoint_path, model, tx, mesh)
-            log_fn(f"fine-tuning {config.model.name} from {metadata['pretrained']} on {t.dataset}: "
-                   f"{train_ds.num_classes} classes, {len(train_ds.source):,} training images, {num_steps:,} steps "
-                   f"of {batch_size}")  # fmt: skip
+            log_fn(
+                f"fine-tuning {config.model.name} from {metadata['pretrained']} on {t.dataset}: "
+                f"{train_ds.num_classes} classes, {len(train_ds.source):,} training images, {num_steps:,} steps "
+                f"of {batch_size}"
+            )
         start = int(jax.device_get(state.step))
         if start:
             log_fn(f"resumed fine-tuning at step {start:,} of {num_steps:,}")
-        step_fn = jax.jit(_make_train_step(config, model, tx, schedule),
-                          in_shardings=(replicated, sharding.batch_sharding(mesh)),
-                          out_shardings=(replicated, replicated), donate_argnums=(0,))  # fmt: skip
+        step_fn = jax.jit(
+            _make_train_step(config, model, tx, schedule),
+            in_shardings=(replicated, sharding.batch_sharding(mesh)),
+            out_shardings=(replicated, replicated),
+            donate_argnums=(0,),
+        )
         aug = augment.TrainAugment.from_config(config.data)
-        batches = FinetuneBatches(train_ds.source, aug, batch_size, int(config.seed), jax.process_index(),
-                                  jax.process_count())  # fmt: skip
+        batches = FinetuneBatches(
+            train_ds.source,
+            aug,
+            batch_size,
+            int(config.seed),
+            jax.process_index(),
+            jax.process_count(),
+        )
         stop = num_steps if max_steps is None else min(num_steps, start + int(max_steps))
         writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start or None)
         log_every = max(1, int(config.train.log_every_images) // batch_size)
@@ -629,22 +807,33 @@ def run_finetune(config, checkpoint_path: str | Path, workdir: str | Path, *, pr
             import grain
 
             ds = grain.MapDataset.range(start, stop).map(batches)
-            it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, int(t.num_threads)),
-                                                           prefetch_buffer_size=4)))  # fmt: skip
-            bar = tqdm(total=num_steps, initial=start, unit="step", desc="finetune", disable=not progress)
+            it = iter(
+                ds.to_iter_dataset(
+                    grain.ReadOptions(
+                        num_threads=max(1, int(t.num_threads)), prefetch_buffer_size=4
+                    )
+                )
+            )
+            bar = tqdm(
+                total=num_steps, initial=start, unit="step", desc="finetune", disable=not progress
+            )
             for step in range(start, stop):
                 local = next(it)
                 read += len(local["mask"])
                 bad += int((~local["mask"]).sum())
                 if read >= 1000 and bad / read > float(t.max_bad_fraction):
-                    raise UserError(f"{bad} of {read} training images of {t.dataset} could not be read (more "
-                                    f"than {float(t.max_bad_fraction):.2%}); repair the data.")  # fmt: skip
+                    raise UserError(
+                        f"{bad} of {read} training images of {t.dataset} could not be read (more "
+                        f"than {float(t.max_bad_fraction):.2%}); repair the data."
+                    )
                 state, metrics = step_fn(state, sharding.global_batch(local, mesh))
                 window.append(metrics)
                 done = step + 1
                 bar.update(1)
                 if done % log_every == 0 or done == stop:
-                    means = {k: float(np.mean([jax.device_get(m[k]) for m in window])) for k in window[0]}
+                    means = {
+                        k: float(np.mean([jax.device_get(m[k]) for m in window])) for k in window[0]
+                    }
                     means.pop("valid", None)
                     elapsed = time.perf_counter() - t0
                     means["images_per_s"] = len(window) * batch_size / max(elapsed, 1e-9)
@@ -652,11 +841,18 @@ def run_finetune(config, checkpoint_path: str | Path, workdir: str | Path, *, pr
                     bar.set_postfix_str(f"loss {means['loss']:.3f}", refresh=False)
                     window, t0 = [], time.perf_counter()
                 if eval_every and done % eval_every == 0 and done != num_steps:
-                    acc = evaluate_classifier(model, {"params": state.params, "batch_stats": state.batch_stats},
-                                              test_ds, config, batch_size=int(t.eval_batch_size),
-                                              num_threads=int(t.num_threads),
-                                              max_bad_fraction=float(t.max_bad_fraction))  # fmt: skip
-                    writer.write("eval", done, done * batch_size, {"top1": acc["top1"], "top5": acc["top5"]})
+                    acc = evaluate_classifier(
+                        model,
+                        {"params": state.params, "batch_stats": state.batch_stats},
+                        test_ds,
+                        config,
+                        batch_size=int(t.eval_batch_size),
+                        num_threads=int(t.num_threads),
+                        max_bad_fraction=float(t.max_bad_fraction),
+                    )
+                    writer.write(
+                        "eval", done, done * batch_size, {"top1": acc["top1"], "top5": acc["top5"]}
+                    )
                 if mgr.should_save(done) or done == stop:
                     mgr.save(done, state, None, {"data_position": done})
                 if mgr.preempted:
@@ -667,11 +863,25 @@ def run_finetune(config, checkpoint_path: str | Path, workdir: str | Path, *, pr
         final_step = int(jax.device_get(state.step))
         if final_step < num_steps:
             writer.close()
-            return {"mode": "finetune", "step": final_step, "num_steps": num_steps, "finished": False}
-        acc = evaluate_classifier(model, {"params": state.params, "batch_stats": state.batch_stats}, test_ds,
-                                  config, batch_size=int(t.eval_batch_size), num_threads=int(t.num_threads),
-                                  max_bad_fraction=float(t.max_bad_fraction), progress=progress)  # fmt: skip
-        writer.write("eval", final_step, final_step * batch_size, {"top1": acc["top1"], "top5": acc["top5"]})
+            return {
+                "mode": "finetune",
+                "step": final_step,
+                "num_steps": num_steps,
+                "finished": False,
+            }
+        acc = evaluate_classifier(
+            model,
+            {"params": state.params, "batch_stats": state.batch_stats},
+            test_ds,
+            config,
+            batch_size=int(t.eval_batch_size),
+            num_threads=int(t.num_threads),
+            max_bad_fraction=float(t.max_bad_fraction),
+            progress=progress,
+        )
+        writer.write(
+            "eval", final_step, final_step * batch_size, {"top1": acc["top1"], "top5": acc["top5"]}
+        )
         writer.close()
     finally:
         mgr.close()
@@ -692,8 +902,10 @@ def run_finetune(config, checkpoint_path: str | Path, workdir: str | Path, *, pr
         "image_size": int(config.data.image_size),
     }
     _write_json(workdir / RESULTS_FILE, result)
-    log_fn(f"fine-tuned test top-1 {acc['top1']:.2%}  top-5 {acc['top5']:.2%} ({acc['images']:,} test images) "
-           f"-> {workdir / RESULTS_FILE}")  # fmt: skip
+    log_fn(
+        f"fine-tuned test top-1 {acc['top1']:.2%}  top-5 {acc['top5']:.2%} ({acc['images']:,} test images) "
+        f"-> {workdir / RESULTS_FILE}"
+    )
     return result
 
 
@@ -702,8 +914,13 @@ def run_finetune(config, checkpoint_path: str | Path, workdir: str | Path, *, pr
 # ----------------------------------------------------------------------------------------------------
 
 
-def write_random_init_checkpoint(config, path: str | Path, num_classes: int = 1, seed: int | None = None,
-                                 metadata: dict | None = None) -> Path:  # fmt: skip
+def write_random_init_checkpoint(
+    config,
+    path: str | Path,
+    num_classes: int = 1,
+    seed: int | None = None,
+    metadata: dict | None = None,
+) -> Path:
     """A randomly initialized model of ``config.model`` saved as an inference checkpoint: the "no
     pretraining" baseline of a transfer comparison (and a fixture for tests). ``metadata`` is stored too
     (e.g. ``vocab_fingerprint`` for a head over a vocabulary)."""
@@ -717,24 +934,54 @@ def write_random_init_checkpoint(config, path: str | Path, num_classes: int = 1,
     rng = jax.random.key(int(config.seed if seed is None else seed))
     variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
     return checkpoint.save_inference_checkpoint(
-        path, variables, {"config": config, "source": "random initialization",
-                          "seed": int(config.seed if seed is None else seed), **(metadata or {})},
+        path,
+        variables,
+        {
+            "config": config,
+            "source": "random initialization",
+            "seed": int(config.seed if seed is None else seed),
+            **(metadata or {}),
+        },
     )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", required=True, choices=MODES, help="linear: frozen trunk + logistic regression; "
-                        "finetune: the whole network with a new head")
-    parser.add_argument("--checkpoint", required=True, help="the pretrained checkpoint: a training workdir, its "
-                        "checkpoints/ folder, one checkpoint directory, or an imported one")
-    parser.add_argument("--workdir", required=True, help="output directory: features cache, checkpoints, results.json")
-    parser.add_argument("--dataset", default=None, help="downstream dataset (default: the config's transfer.dataset): "
-                        "cifar10, caltech_birds2011, oxford_iiit_pet, places365_small, imagenet2012, "
-                        "emoji_subgroups, another prepared TFDS name, or a class-per-folder directory")
-    parser.add_argument("--data-dir", default=None, help="TFDS data directory (default $TFDS_DATA_DIR or "
-                        "~/tensorflow_datasets)")
-    parser.add_argument("--config", default=None, help="config file (default configs/transfer_MODE.py); override "
-                        "fields with --config.key=value")
+    parser.add_argument(
+        "--mode",
+        required=True,
+        choices=MODES,
+        help="linear: frozen trunk + logistic regression; "
+        "finetune: the whole network with a new head",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="the pretrained checkpoint: a training workdir, its "
+        "checkpoints/ folder, one checkpoint directory, or an imported one",
+    )
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        help="output directory: features cache, checkpoints, results.json",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="downstream dataset (default: the config's transfer.dataset): "
+        "cifar10, caltech_birds2011, oxford_iiit_pet, places365_small, imagenet2012, "
+        "emoji_subgroups, another prepared TFDS name, or a class-per-folder directory",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="TFDS data directory (default $TFDS_DATA_DIR or ~/tensorflow_datasets)",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="config file (default configs/transfer_MODE.py); override "
+        "fields with --config.key=value",
+    )
 
 
 def run(args) -> int:
@@ -743,7 +990,9 @@ def run(args) -> int:
     name = args.config or f"transfer_{args.mode}"
     cfg = config_lib.load(name, args.config_overrides)
     if "transfer" not in cfg:
-        raise UserError(f"{name} has no `transfer` section; start from configs/transfer_{args.mode}.py.")
+        raise UserError(
+            f"{name} has no `transfer` section; start from configs/transfer_{args.mode}.py."
+        )
     with cfg.unlocked():
         if args.dataset:
             cfg.transfer.dataset = args.dataset
@@ -751,9 +1000,10 @@ def run(args) -> int:
             cfg.transfer.data_dir = args.data_dir
     if args.mode == "linear":
         if "linear" not in cfg:
-            raise UserError(f"{name} has no `linear` section; start from configs/transfer_linear.py.")
+            raise UserError(
+                f"{name} has no `linear` section; start from configs/transfer_linear.py."
+            )
         run_linear(cfg, args.checkpoint, args.workdir)
     else:
         run_finetune(cfg, args.checkpoint, args.workdir)
     return 0
-

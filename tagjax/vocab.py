@@ -76,14 +76,25 @@ def imagenet1k_wnids() -> list[str]:
     """
     spec = importlib.util.find_spec("tensorflow_datasets")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("tensorflow-datasets is not installed; install tagjax's dependencies "
-                        "(`pip install tensorflow-datasets`) to build the in1k vocabulary.")
-    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "imagenet2012" / "labels.txt"
+        raise UserError(
+            "tensorflow-datasets is not installed; install tagjax's dependencies "
+            "(`pip install tensorflow-datasets`) to build the in1k vocabulary."
+        )
+    path = (
+        Path(next(iter(spec.submodule_search_locations)))
+        / "datasets"
+        / "imagenet2012"
+        / "labels.txt"
+    )
     if not path.is_file():
-        raise UserError(f"{path} is missing from tensorflow-datasets; reinstall tensorflow-datasets.")
+        raise UserError(
+            f"{path} is missing from tensorflow-datasets; reinstall tensorflow-datasets."
+        )
     wnids = [w.strip() for w in path.read_text().splitlines() if w.strip()]
     if len(wnids) != 1000:
-        raise UserError(f"{path} lists {len(wnids)} wnids, not 1,000; reinstall tensorflow-datasets.")
+        raise UserError(
+            f"{path} lists {len(wnids)} wnids, not 1,000; reinstall tensorflow-datasets."
+        )
     return wnids
 
 
@@ -110,8 +121,14 @@ def _set_key(synsets: Iterable[int]) -> tuple[int, ...]:
 class Vocabulary:
     """An ordered list of labels; ids are list positions. See the module docstring for the file format."""
 
-    def __init__(self, labels: Sequence[Label], settings: Mapping, stats: Mapping | None = None,
-                 table: H.NounTable | None = None, glosses: Mapping[int, str] | None = None):
+    def __init__(
+        self,
+        labels: Sequence[Label],
+        settings: Mapping,
+        stats: Mapping | None = None,
+        table: H.NounTable | None = None,
+        glosses: Mapping[int, str] | None = None,
+    ):
         self.table = table or H.NounTable.load()
         self.labels = list(labels)
         self.settings = dict(settings)
@@ -122,8 +139,10 @@ class Vocabulary:
         for i, label in enumerate(self.labels):
             key = _set_key(label.synsets)
             if key in self._set_to_id:
-                raise UserError(f"vocabulary labels {self._set_to_id[key]} and {i} have the same synsets; "
-                                "the file is corrupt, rebuild it with `tagjax vocab build`.")
+                raise UserError(
+                    f"vocabulary labels {self._set_to_id[key]} and {i} have the same synsets; "
+                    "the file is corrupt, rebuild it with `tagjax vocab build`."
+                )
             self._set_to_id[key] = i
             for alias in label.aliases:
                 self._alias_to_id[alias] = i
@@ -184,8 +203,10 @@ class Vocabulary:
 
     def fingerprint(self) -> str:
         """sha256 (first 16 hex digits) of the id-ordered (name, wnids) list: equal iff same labels."""
-        payload = json.dumps([[label.name, [self.table.wnid(s) for s in label.synsets]]
-                              for label in self.labels], separators=(",", ":"))
+        payload = json.dumps(
+            [[label.name, [self.table.wnid(s) for s in label.synsets]] for label in self.labels],
+            separators=(",", ":"),
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def ancestors_of(self, i: int) -> tuple[int, ...]:
@@ -242,13 +263,28 @@ class Vocabulary:
 
     def to_json(self) -> dict:
         return {
-            "format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint(),
-            "num_labels": self.num_labels, "settings": self.settings, "stats": self.stats,
+            "format": FORMAT,
+            "version": VERSION,
+            "fingerprint": self.fingerprint(),
+            "num_labels": self.num_labels,
+            "settings": self.settings,
+            "stats": self.stats,
             "labels": [
-                {"id": i, "name": label.name, "count": label.count,
-                 "synsets": [{"wnid": self.table.wnid(s), "name": self.table.names[s],
-                              "gloss": self.gloss_of_synset(s)} for s in label.synsets],
-                 "aliases": label.aliases, "ancestors": list(label.ancestors)}
+                {
+                    "id": i,
+                    "name": label.name,
+                    "count": label.count,
+                    "synsets": [
+                        {
+                            "wnid": self.table.wnid(s),
+                            "name": self.table.names[s],
+                            "gloss": self.gloss_of_synset(s),
+                        }
+                        for s in label.synsets
+                    ],
+                    "aliases": label.aliases,
+                    "ancestors": list(label.ancestors),
+                }
                 for i, label in enumerate(self.labels)
             ],
         }
@@ -267,37 +303,54 @@ class Vocabulary:
         os.replace(tmp, path)
 
     @classmethod
-    def from_json(cls, d: Mapping, table: H.NounTable | None = None, source: str = "<json>") -> Vocabulary:
+    def from_json(
+        cls, d: Mapping, table: H.NounTable | None = None, source: str = "<json>"
+    ) -> Vocabulary:
         if d.get("format") != FORMAT:
-            raise UserError(f"{source} is not a tagjax vocabulary (no \"format\": \"{FORMAT}\"); build one "
-                            "with `tagjax vocab build`.")
+            raise UserError(
+                f'{source} is not a tagjax vocabulary (no "format": "{FORMAT}"); build one '
+                "with `tagjax vocab build`."
+            )
         if d.get("version") != VERSION:
-            raise UserError(f"{source} is vocabulary format version {d.get('version')}, this tagjax reads "
-                            f"version {VERSION}; rebuild it with `tagjax vocab build`.")
+            raise UserError(
+                f"{source} is vocabulary format version {d.get('version')}, this tagjax reads "
+                f"version {VERSION}; rebuild it with `tagjax vocab build`."
+            )
         table = table or H.NounTable.load()
         labels, glosses = [], {}
         for i, entry in enumerate(d["labels"]):
             if entry.get("id", i) != i:
-                raise UserError(f"{source}: label {i} has id {entry.get('id')}; ids must be 0..N-1 in order.")
+                raise UserError(
+                    f"{source}: label {i} has id {entry.get('id')}; ids must be 0..N-1 in order."
+                )
             idxs = []
             for syn in entry["synsets"]:
                 try:
                     s = table.index_of_offset(int(syn["wnid"][1:]))
                 except (KeyError, ValueError):
-                    raise UserError(f"{source}: {syn.get('wnid')!r} (label {entry['name']!r}) is not a "
-                                    "WordNet 3.0 noun wnid.") from None
+                    raise UserError(
+                        f"{source}: {syn.get('wnid')!r} (label {entry['name']!r}) is not a "
+                        "WordNet 3.0 noun wnid."
+                    ) from None
                 idxs.append(s)
                 if "gloss" in syn:
                     glosses[s] = syn["gloss"]
-            labels.append(Label(name=entry["name"], synsets=tuple(idxs),
-                                aliases={k: int(v) for k, v in entry.get("aliases", {}).items()},
-                                count=int(entry.get("count", 0)),
-                                ancestors=tuple(entry.get("ancestors", ()))))
+            labels.append(
+                Label(
+                    name=entry["name"],
+                    synsets=tuple(idxs),
+                    aliases={k: int(v) for k, v in entry.get("aliases", {}).items()},
+                    count=int(entry.get("count", 0)),
+                    ancestors=tuple(entry.get("ancestors", ())),
+                )
+            )
         v = cls(labels, d.get("settings", {}), d.get("stats", {}), table=table, glosses=glosses)
         stored = d.get("fingerprint")
         if stored and stored != v.fingerprint():
-            raise UserError(f"{source}: its fingerprint {stored} does not match its labels "
-                            f"({v.fingerprint()}); the file was edited or is corrupt; rebuild it.")
+            raise UserError(
+                f"{source}: its fingerprint {stored} does not match its labels "
+                f"({v.fingerprint()}); the file was edited or is corrupt; rebuild it."
+            )
         return v
 
     @classmethod
@@ -309,26 +362,35 @@ class Vocabulary:
         if path.is_dir():
             path = path / "vocab.json"
         if not path.is_file():
-            raise UserError(f"vocabulary file {path} does not exist; build one with `tagjax vocab build` "
-                            f"or use a built-in one ({', '.join(BUILTIN)}).")
+            raise UserError(
+                f"vocabulary file {path} does not exist; build one with `tagjax vocab build` "
+                f"or use a built-in one ({', '.join(BUILTIN)})."
+            )
         try:
             if path.suffix == ".gz":
                 d = H._read_json_gz(path)
             else:
                 d = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise UserError(f"{path} is not readable JSON ({e}); rebuild it with `tagjax vocab build`.") from e
+            raise UserError(
+                f"{path} is not readable JSON ({e}); rebuild it with `tagjax vocab build`."
+            ) from e
         return cls.from_json(d, table=table, source=str(path))
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Vocabulary):
             return NotImplemented
-        return (self.labels == other.labels and self.settings == other.settings
-                and self.stats == other.stats)
+        return (
+            self.labels == other.labels
+            and self.settings == other.settings
+            and self.stats == other.stats
+        )
 
     def __repr__(self) -> str:
-        return (f"Vocabulary({self.num_labels} labels, mode={self.settings.get('mode')!r}, "
-                f"fingerprint={self.fingerprint()})")
+        return (
+            f"Vocabulary({self.num_labels} labels, mode={self.settings.get('mode')!r}, "
+            f"fingerprint={self.fingerprint()})"
+        )
 
 
 def _dump_readable(d: Mapping) -> str:
@@ -338,10 +400,12 @@ def _dump_readable(d: Mapping) -> str:
     for n, label in enumerate(d["labels"]):
         syn = ",\n    ".join(json.dumps(s, ensure_ascii=False) for s in label["synsets"])
         lines.append(
-            "  {" + f'"id": {label["id"]}, "name": {json.dumps(label["name"], ensure_ascii=False)}, '
+            "  {"
+            + f'"id": {label["id"]}, "name": {json.dumps(label["name"], ensure_ascii=False)}, '
             f'"count": {label["count"]},\n   "synsets": [\n    {syn}],\n'
             f'   "aliases": {json.dumps(label["aliases"], ensure_ascii=False)},\n'
-            f'   "ancestors": {json.dumps(label["ancestors"])}' + "}"
+            f'   "ancestors": {json.dumps(label["ancestors"])}'
+            + "}"
             + ("," if n + 1 < len(d["labels"]) else "")
         )
     lines.append(" ]\n}\n")
@@ -392,8 +456,14 @@ class Canonicalizer:
     not (an ImageNet synset is visual by construction).
     """
 
-    def __init__(self, vocab: Vocabulary, drop_ancestors: bool = False, *,
-                 split_compounds: bool | None = None, cache_size: int = 1 << 21):
+    def __init__(
+        self,
+        vocab: Vocabulary,
+        drop_ancestors: bool = False,
+        *,
+        split_compounds: bool | None = None,
+        cache_size: int = 1 << 21,
+    ):
         self.vocab = vocab
         self.drop_ancestors = drop_ancestors
         options = vocab.hashtag_options
@@ -517,13 +587,27 @@ class Canonicalizer:
         out = {"tag": tag, "form": a.form}
         ids = [r] if isinstance(r, int) else list(r) if isinstance(r, tuple) else []
         if ids:
-            out["labels"] = [{"id": i, "name": v.name_of(i), "synsets": v.synsets_of(i),
-                              "wnids": v.wnids_of(i), "count": v.count_of(i)} for i in ids]
+            out["labels"] = [
+                {
+                    "id": i,
+                    "name": v.name_of(i),
+                    "synsets": v.synsets_of(i),
+                    "wnids": v.wnids_of(i),
+                    "count": v.count_of(i),
+                }
+                for i in ids
+            ]
         else:
             out["dropped"] = r
-        out["meanings"] = [{"form": m.form, "synsets": [t.names[s] for s in m.synsets],
-                            "lexnames": [t.lexname(s) for s in m.synsets],
-                            "visual_share": round(m.visual_share, 3)} for m in a.meanings]
+        out["meanings"] = [
+            {
+                "form": m.form,
+                "synsets": [t.names[s] for s in m.synsets],
+                "lexnames": [t.lexname(s) for s in m.synsets],
+                "visual_share": round(m.visual_share, 3),
+            }
+            for m in a.meanings
+        ]
         return out
 
 
@@ -541,12 +625,21 @@ def _default_name(aliases: Mapping[str, int], first_lemma_form: str | None) -> s
     return min(aliases, key=lambda a: (-aliases[a], a != first_lemma_form, len(a), a))
 
 
-def build_vocabulary(tag_counts: Mapping[str, int] | None, mode: str = "nouns", top_k: int | None = None,
-                     min_count: int = 1, *, sense_policy: str = "all",
-                     visual: H.VisualRule | Mapping | None = None, meta_hashtags: str = "default",
-                     split_compounds: bool = False, in1k_wnids: Sequence[str] | None = None,
-                     table: H.NounTable | None = None, source: str = "", progress: bool | None = None
-                     ) -> Vocabulary:
+def build_vocabulary(
+    tag_counts: Mapping[str, int] | None,
+    mode: str = "nouns",
+    top_k: int | None = None,
+    min_count: int = 1,
+    *,
+    sense_policy: str = "all",
+    visual: H.VisualRule | Mapping | None = None,
+    meta_hashtags: str = "default",
+    split_compounds: bool = False,
+    in1k_wnids: Sequence[str] | None = None,
+    table: H.NounTable | None = None,
+    source: str = "",
+    progress: bool | None = None,
+) -> Vocabulary:
     """Hashtag counts -> a :class:`Vocabulary` (see the module docstring for the modes).
 
     ``tag_counts`` maps raw hashtags to how many posts carry them; spellings with the same form are
@@ -557,12 +650,18 @@ def build_vocabulary(tag_counts: Mapping[str, int] | None, mode: str = "nouns", 
     if mode not in MODES:
         raise UserError(f"unknown vocabulary mode {mode!r}; use one of {MODES}.")
     if top_k is not None and top_k < 1:
-        raise UserError(f"top_k must be a positive number of labels (got {top_k}); omit it for no limit.")
+        raise UserError(
+            f"top_k must be a positive number of labels (got {top_k}); omit it for no limit."
+        )
     table = table or H.NounTable.load()
     if isinstance(visual, Mapping):
         visual = H.VisualRule.from_dict(visual)
-    options = H.HashtagOptions(sense_policy=sense_policy, visual=visual or H.VisualRule(),
-                               meta_hashtags=meta_hashtags, split_compounds=split_compounds)
+    options = H.HashtagOptions(
+        sense_policy=sense_policy,
+        visual=visual or H.VisualRule(),
+        meta_hashtags=meta_hashtags,
+        split_compounds=split_compounds,
+    )
     analyzer = H.HashtagAnalyzer(options, table)
     wordnet_only = not tag_counts
     if wordnet_only:
@@ -581,7 +680,9 @@ def build_vocabulary(tag_counts: Mapping[str, int] | None, mode: str = "nouns", 
         wnids = list(in1k_wnids) if in1k_wnids is not None else imagenet1k_wnids()
         in1k = frozenset(table.index_of_offset(int(w[1:])) for w in wnids)
 
-    dropped: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])  # reason -> [forms, count]
+    dropped: dict[str, list[int]] = collections.defaultdict(
+        lambda: [0, 0]
+    )  # reason -> [forms, count]
 
     def drop(reason: str, n: int) -> None:
         d = dropped[reason]
@@ -627,19 +728,37 @@ def build_vocabulary(tag_counts: Mapping[str, int] | None, mode: str = "nouns", 
         for c in candidates[top_k:]:
             drop("beyond_top_k", c[2])
         candidates = candidates[:top_k]
-    labels = [Label(name=name, synsets=tuple(g["synsets"]),
-                    aliases=dict(sorted(g["aliases"].items(), key=lambda kv: (-kv[1], kv[0]))),
-                    count=count) for _, g, count, name in candidates]
+    labels = [
+        Label(
+            name=name,
+            synsets=tuple(g["synsets"]),
+            aliases=dict(sorted(g["aliases"].items(), key=lambda kv: (-kv[1], kv[0]))),
+            count=count,
+        )
+        for _, g, count, name in candidates
+    ]
     labels = _with_ancestors(labels, table)
     total = sum(forms.values())
     kept = sum(label.count for label in labels)
-    settings = {"mode": mode, "top_k": top_k, "min_count": min_count, "hashtags": options.to_dict(),
-                "wordnet": "3.0", "source": source or ("wordnet" if wordnet_only else "hashtag counts"),
-                "corpus_counts": not wordnet_only, "tagjax": _tagjax_version()}
-    stats = {"input_forms": len(forms), "input_count": total, "candidate_labels": num_candidates,
-             "labels": len(labels), "kept_count": kept,
-             "kept_fraction": round(kept / total, 6) if total else None,
-             "dropped": {r: {"forms": d[0], "count": d[1]} for r, d in sorted(dropped.items())}}
+    settings = {
+        "mode": mode,
+        "top_k": top_k,
+        "min_count": min_count,
+        "hashtags": options.to_dict(),
+        "wordnet": "3.0",
+        "source": source or ("wordnet" if wordnet_only else "hashtag counts"),
+        "corpus_counts": not wordnet_only,
+        "tagjax": _tagjax_version(),
+    }
+    stats = {
+        "input_forms": len(forms),
+        "input_count": total,
+        "candidate_labels": num_candidates,
+        "labels": len(labels),
+        "kept_count": kept,
+        "kept_fraction": round(kept / total, 6) if total else None,
+        "dropped": {r: {"forms": d[0], "count": d[1]} for r, d in sorted(dropped.items())},
+    }
     if mode == "in1k":
         covered = {s for label in labels for s in label.synsets} & in1k
         stats["in1k_synsets_covered"] = len(covered)
@@ -651,7 +770,9 @@ def _tagjax_version() -> str:
     import tagjax
 
     version = getattr(tagjax, "__version__", None)
-    if version is None:  # imported as a namespace package (some editable installs): ask the metadata
+    if (
+        version is None
+    ):  # imported as a namespace package (some editable installs): ask the metadata
         from importlib import metadata
 
         version = metadata.version("tagjax")
@@ -679,7 +800,11 @@ def _with_ancestors(labels: list[Label], table: H.NounTable) -> list[Label]:
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+    return (
+        gzip.open(path, "rt", encoding="utf-8")
+        if path.suffix == ".gz"
+        else open(path, encoding="utf-8")
+    )
 
 
 def read_tag_counts(path: str | os.PathLike, max_bad_fraction: float = 0.001) -> dict[str, int]:
@@ -734,8 +859,10 @@ def read_tag_counts(path: str | os.PathLike, max_bad_fraction: float = 0.001) ->
                 except (ValueError, AttributeError, IndexError):
                     bad += 1
     if lines and bad / lines > max_bad_fraction:
-        raise UserError(f"{path}: {bad} of {lines} entries are malformed (more than "
-                        f"{max_bad_fraction:.2%}); see `tagjax vocab build --help` for the formats.")
+        raise UserError(
+            f"{path}: {bad} of {lines} entries are malformed (more than "
+            f"{max_bad_fraction:.2%}); see `tagjax vocab build --help` for the formats."
+        )
     if bad:
         print(f"warning: skipped {bad} malformed entries of {lines} in {path}", file=sys.stderr)
     return dict(counts)
@@ -756,9 +883,15 @@ def rebuild_package_data(out_dir: Path | None = None, wn=None) -> dict:
     table.save(out_dir / H.NOUN_TABLE_FILE, out_dir / H.GLOSS_FILE)
     v = build_vocabulary(None, mode="in1k", table=table, source="wordnet")
     v.save(out_dir / IN1K_VOCAB_FILE)
-    return {"synsets": len(table), "forms": len(table.keys), "in1k_labels": v.num_labels,
-            "files": {p: (out_dir / p).stat().st_size
-                      for p in (H.NOUN_TABLE_FILE, H.GLOSS_FILE, IN1K_VOCAB_FILE)}}
+    return {
+        "synsets": len(table),
+        "forms": len(table.keys),
+        "in1k_labels": v.num_labels,
+        "files": {
+            p: (out_dir / p).stat().st_size
+            for p in (H.NOUN_TABLE_FILE, H.GLOSS_FILE, IN1K_VOCAB_FILE)
+        },
+    }
 
 
 # -- CLI: tagjax vocab build | show | lookup | rebuild-data ------------------------------------------
@@ -766,52 +899,95 @@ def rebuild_package_data(out_dir: Path | None = None, wn=None) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="vocab_command", metavar="ACTION", required=True)
-    b = sub.add_parser("build", help="hashtag counts -> vocab.json",
-                       description="Build a vocabulary from hashtag counts (or WordNet alone).",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=read_tag_counts.__doc__.split("\n", 1)[1].replace("``", ""))
-    b.add_argument("--counts", help="hashtag counts (.tsv/.json/.jsonl, optionally .gz); "
-                   "omit to build from WordNet alone")
+    b = sub.add_parser(
+        "build",
+        help="hashtag counts -> vocab.json",
+        description="Build a vocabulary from hashtag counts (or WordNet alone).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=read_tag_counts.__doc__.split("\n", 1)[1].replace("``", ""),
+    )
+    b.add_argument(
+        "--counts",
+        help="hashtag counts (.tsv/.json/.jsonl, optionally .gz); omit to build from WordNet alone",
+    )
     b.add_argument("--mode", choices=MODES, default="nouns")
-    b.add_argument("--top-k", type=int, default=None, help="keep this many labels (17000, 8500, ...)")
-    b.add_argument("--min-count", type=int, default=1, help="drop canonical hashtags seen fewer times")
-    b.add_argument("--sense-policy", choices=H.SENSE_POLICIES, default="all",
-                   help="'first' collapses each hashtag to WordNet's first sense (see README caveats)")
+    b.add_argument(
+        "--top-k", type=int, default=None, help="keep this many labels (17000, 8500, ...)"
+    )
+    b.add_argument(
+        "--min-count", type=int, default=1, help="drop canonical hashtags seen fewer times"
+    )
+    b.add_argument(
+        "--sense-policy",
+        choices=H.SENSE_POLICIES,
+        default="all",
+        help="'first' collapses each hashtag to WordNet's first sense (see README caveats)",
+    )
     b.add_argument("--no-visual-filter", action="store_true", help="keep every noun")
     b.add_argument("--visual-threshold", type=float, default=H.VisualRule.threshold)
-    b.add_argument("--meta-hashtags", default="default",
-                   help="'default' (package list), 'none', or a word-list file")
-    b.add_argument("--split-compounds", action="store_true",
-                   help="split unknown forms into known nouns (#sunsetbeach -> sunset + beach)")
+    b.add_argument(
+        "--meta-hashtags",
+        default="default",
+        help="'default' (package list), 'none', or a word-list file",
+    )
+    b.add_argument(
+        "--split-compounds",
+        action="store_true",
+        help="split unknown forms into known nouns (#sunsetbeach -> sunset + beach)",
+    )
     b.add_argument("--out", required=True, help="output vocabulary file (.json, or .json.gz)")
     s = sub.add_parser("show", help="summarize a vocabulary and list its labels")
     s.add_argument("vocab", help="vocab.json, a dataset directory, or a built-in name (in1k)")
     s.add_argument("--limit", type=int, default=25, help="labels to list (0 = all)")
     s.add_argument("--json", action="store_true", help="print label entries as JSON lines")
-    lk = sub.add_parser("lookup", help="explain what happens to hashtags",
-                        description="For each hashtag: its label (id, name, synsets) or why it is dropped.")
-    lk.add_argument("tags", nargs="*", help="hashtags ('-' reads whitespace-separated tags from stdin)")
-    lk.add_argument("--vocab", default="in1k", help="vocab.json, dataset dir, or built-in name (default in1k)")
-    lk.add_argument("--drop-ancestors", action="store_true",
-                    help="also show the labels kept for all tags as one post under the specificity option")
+    lk = sub.add_parser(
+        "lookup",
+        help="explain what happens to hashtags",
+        description="For each hashtag: its label (id, name, synsets) or why it is dropped.",
+    )
+    lk.add_argument(
+        "tags", nargs="*", help="hashtags ('-' reads whitespace-separated tags from stdin)"
+    )
+    lk.add_argument(
+        "--vocab", default="in1k", help="vocab.json, dataset dir, or built-in name (default in1k)"
+    )
+    lk.add_argument(
+        "--drop-ancestors",
+        action="store_true",
+        help="also show the labels kept for all tags as one post under the specificity option",
+    )
     lk.add_argument("--split-compounds", action="store_true")
     lk.add_argument("--json", action="store_true", help="one JSON object per hashtag")
     r = sub.add_parser("rebuild-data", help="rebuild tagjax's package data from WordNet 3.0")
-    r.add_argument("--out-dir", default=None, help="default: the installed package's data directory")
+    r.add_argument(
+        "--out-dir", default=None, help="default: the installed package's data directory"
+    )
 
 
 def run(args) -> int:
-    return {"build": _run_build, "show": _run_show, "lookup": _run_lookup,
-            "rebuild-data": _run_rebuild}[args.vocab_command](args)
+    return {
+        "build": _run_build,
+        "show": _run_show,
+        "lookup": _run_lookup,
+        "rebuild-data": _run_rebuild,
+    }[args.vocab_command](args)
 
 
 def _run_build(args) -> int:
     counts = read_tag_counts(args.counts) if args.counts else None
     visual = H.VisualRule(threshold=args.visual_threshold, enabled=not args.no_visual_filter)
-    v = build_vocabulary(counts, mode=args.mode, top_k=args.top_k, min_count=args.min_count,
-                         sense_policy=args.sense_policy, visual=visual,
-                         meta_hashtags=args.meta_hashtags, split_compounds=args.split_compounds,
-                         source=str(args.counts or "wordnet"), progress=True)
+    v = build_vocabulary(
+        counts,
+        mode=args.mode,
+        top_k=args.top_k,
+        min_count=args.min_count,
+        sense_policy=args.sense_policy,
+        visual=visual,
+        meta_hashtags=args.meta_hashtags,
+        split_compounds=args.split_compounds,
+        source=str(args.counts or "wordnet"),
+        progress=True,
+    )
     v.save(args.out)
     _print_summary(v)
     print(f"wrote {args.out}")
@@ -820,13 +996,17 @@ def _run_build(args) -> int:
 
 def _print_summary(v: Vocabulary) -> None:
     st, se = v.stats, v.settings
-    print(f"vocabulary: {v.num_labels} labels, mode {se.get('mode')}, fingerprint {v.fingerprint()}, "
-          f"sense policy {se.get('hashtags', {}).get('sense_policy')}")
+    print(
+        f"vocabulary: {v.num_labels} labels, mode {se.get('mode')}, fingerprint {v.fingerprint()}, "
+        f"sense policy {se.get('hashtags', {}).get('sense_policy')}"
+    )
     if st.get("input_forms") is not None:
         frac = st.get("kept_fraction")
-        print(f"input: {st['input_forms']} hashtag forms, {st['input_count']} occurrences; "
-              f"candidate labels {st.get('candidate_labels')}; kept "
-              f"{'n/a' if frac is None else f'{frac:.1%}'} of occurrences")
+        print(
+            f"input: {st['input_forms']} hashtag forms, {st['input_count']} occurrences; "
+            f"candidate labels {st.get('candidate_labels')}; kept "
+            f"{'n/a' if frac is None else f'{frac:.1%}'} of occurrences"
+        )
     if "in1k_synsets_covered" in st:
         print(f"ImageNet-1k synsets covered: {st['in1k_synsets_covered']} of 1000")
     for reason, d in st.get("dropped", {}).items():
@@ -843,7 +1023,9 @@ def _run_show(args) -> int:
             print(json.dumps(entries[i], ensure_ascii=False))
             continue
         aliases = ", ".join(f"{a}:{c}" for a, c in list(v.aliases_of(i).items())[:6])
-        print(f"{i:>6}  {v.name_of(i):24s} {v.count_of(i):>10}  {' '.join(v.synsets_of(i))}  [{aliases}]")
+        print(
+            f"{i:>6}  {v.name_of(i):24s} {v.count_of(i):>10}  {' '.join(v.synsets_of(i))}  [{aliases}]"
+        )
     return 0
 
 
@@ -858,11 +1040,16 @@ def _iter_lookup_tags(tags: list[str]) -> Iterator[str]:
 
 def _run_lookup(args) -> int:
     v = Vocabulary.load(args.vocab)
-    canon = Canonicalizer(v, drop_ancestors=args.drop_ancestors,
-                          split_compounds=True if args.split_compounds else None)
+    canon = Canonicalizer(
+        v,
+        drop_ancestors=args.drop_ancestors,
+        split_compounds=True if args.split_compounds else None,
+    )
     tags = list(_iter_lookup_tags(args.tags))
     if not tags:
-        raise UserError("give hashtags to look up, e.g. `tagjax vocab lookup dogs tbt sunset` ('-' = stdin).")
+        raise UserError(
+            "give hashtags to look up, e.g. `tagjax vocab lookup dogs tbt sunset` ('-' = stdin)."
+        )
     for tag in tags:
         e = canon.explain(tag)
         if args.json:
@@ -870,22 +1057,31 @@ def _run_lookup(args) -> int:
             continue
         if "labels" in e:
             for lab in e["labels"]:
-                print(f"{tag}\t-> label {lab['id']} #{lab['name']}\tsynsets: {', '.join(lab['synsets'])}")
+                print(
+                    f"{tag}\t-> label {lab['id']} #{lab['name']}\tsynsets: {', '.join(lab['synsets'])}"
+                )
         else:
-            senses = "; ".join(f"{', '.join(m['synsets'][:4])}{' ...' if len(m['synsets']) > 4 else ''}"
-                               f" (visual share {m['visual_share']})" for m in e["meanings"])
+            senses = "; ".join(
+                f"{', '.join(m['synsets'][:4])}{' ...' if len(m['synsets']) > 4 else ''}"
+                f" (visual share {m['visual_share']})"
+                for m in e["meanings"]
+            )
             print(f"{tag}\t-> dropped: {e['dropped']}" + (f"\t{senses}" if senses else ""))
     result = canon(tags)
     names = [f"#{v.name_of(i)}" for i in result.label_ids]
     drops = ", ".join(f"{r}={n}" for r, n in sorted(result.dropped.items()))
-    print(f"as one post: {' '.join(names) or '(no labels)'}" + (f"; dropped {drops}" if drops else ""))
+    print(
+        f"as one post: {' '.join(names) or '(no labels)'}" + (f"; dropped {drops}" if drops else "")
+    )
     return 0
 
 
 def _run_rebuild(args) -> int:
     info = rebuild_package_data(args.out_dir)
-    print(f"WordNet 3.0: {info['synsets']} noun synsets, {info['forms']} hashtag forms; "
-          f"in1k vocabulary: {info['in1k_labels']} labels")
+    print(
+        f"WordNet 3.0: {info['synsets']} noun synsets, {info['forms']} hashtag forms; "
+        f"in1k vocabulary: {info['in1k_labels']} labels"
+    )
     for name, size in info["files"].items():
         print(f"  {name}: {size / 1e6:.2f} MB")
     return 0

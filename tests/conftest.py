@@ -21,7 +21,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
-_CACHE = Path(os.environ.get("TAGJAX_TEST_JAX_CACHE", Path.home() / ".cache" / "tagjax" / "jax_cache_tests"))
+_CACHE = Path(
+    os.environ.get("TAGJAX_TEST_JAX_CACHE", Path.home() / ".cache" / "tagjax" / "jax_cache_tests")
+)
 _CACHE.mkdir(parents=True, exist_ok=True)
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

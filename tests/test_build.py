@@ -21,20 +21,26 @@ def drawing(seed: int, size: int = 64) -> np.ndarray:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size] / size
     a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    img = Image.fromarray(np.clip(a * x[..., None] + b * (1 - y[..., None]), 0, 255).astype(np.uint8))
+    img = Image.fromarray(
+        np.clip(a * x[..., None] + b * (1 - y[..., None]), 0, 255).astype(np.uint8)
+    )
     draw = ImageDraw.Draw(img)
     for _ in range(4):
         x0, y0 = (int(v) for v in rng.integers(0, size - 16, 2))
         w, h = (int(v) for v in rng.integers(size // 6, size // 2, 2))
         color = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x0 + w, y0 + h], fill=color)
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(
+            [x0, y0, x0 + w, y0 + h], fill=color
+        )
     return np.asarray(img)
 
 
 def jpeg(pixels: np.ndarray, quality: int = 90, scale: float = 1.0) -> bytes:
     img = Image.fromarray(pixels)
     if scale != 1.0:
-        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BILINEAR)
+        img = img.resize(
+            (round(img.width * scale), round(img.height * scale)), Image.Resampling.BILINEAR
+        )
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality)
     return buf.getvalue()
@@ -69,9 +75,18 @@ CORPUS = [
 ]
 KEPT = {f"p{i:02d}" for i in range(1, 11)}
 EXPECTED_DROPS = {
-    build.PRIVATE: 1, build.VISIBILITY_UNKNOWN: 1, build.OPTOUT_USER: 1, build.OPTOUT_POST: 1,
-    images.CORRUPT: 1, images.TRUNCATED: 1, posts.MISSING_IMAGE: 1, build.EXACT_DUPLICATE: 1,
-    build.NEAR_DUPLICATE: 1, build.EVAL_DUPLICATE: 1, build.NO_LABELS: 1, build.NO_HASHTAGS: 1,
+    build.PRIVATE: 1,
+    build.VISIBILITY_UNKNOWN: 1,
+    build.OPTOUT_USER: 1,
+    build.OPTOUT_POST: 1,
+    images.CORRUPT: 1,
+    images.TRUNCATED: 1,
+    posts.MISSING_IMAGE: 1,
+    build.EXACT_DUPLICATE: 1,
+    build.NEAR_DUPLICATE: 1,
+    build.EVAL_DUPLICATE: 1,
+    build.NO_LABELS: 1,
+    build.NO_HASHTAGS: 1,
     build.DUPLICATE_POST_ID: 1,
 }
 
@@ -110,16 +125,28 @@ def write_corpus(root: Path) -> dict:
     (root / "eval" / "val1.jpg").write_bytes(jpeg(drawing(40, 64)))
     (root / "optout_posts.txt").write_text("# removed on request\noptpost1\n")
     (root / "optout_users.txt").write_text("opted_out_user\n")
-    return {"manifest": str(root / "posts.jsonl"), "eval": str(root / "eval"),
-            "optout_posts": str(root / "optout_posts.txt"), "optout_users": str(root / "optout_users.txt")}
+    return {
+        "manifest": str(root / "posts.jsonl"),
+        "eval": str(root / "eval"),
+        "optout_posts": str(root / "optout_posts.txt"),
+        "optout_users": str(root / "optout_users.txt"),
+    }
 
 
 def corpus_config(paths: dict, output: Path, **overrides) -> build.BuildConfig:
     kw = dict(
-        inputs=(f"jsonl:{paths['manifest']}",), output=str(output), vocab_min_count=1,
-        images=images.ImageOptions(max_side=32, min_side=8), eval_sets=(paths["eval"],),
-        optout_posts=paths["optout_posts"], optout_users=paths["optout_users"],
-        heldout_fraction=0.3, shard_size=4, workers=1, max_failure_fraction=0.5, raster_cache="",
+        inputs=(f"jsonl:{paths['manifest']}",),
+        output=str(output),
+        vocab_min_count=1,
+        images=images.ImageOptions(max_side=32, min_side=8),
+        eval_sets=(paths["eval"],),
+        optout_posts=paths["optout_posts"],
+        optout_users=paths["optout_users"],
+        heldout_fraction=0.3,
+        shard_size=4,
+        workers=1,
+        max_failure_fraction=0.5,
+        raster_cache="",
         progress=False,
     )
     kw.update(overrides)
@@ -128,7 +155,9 @@ def corpus_config(paths: dict, output: Path, **overrides) -> build.BuildConfig:
 
 def read_split(root: Path, split: str) -> list[records.Record]:
     manifest = records.load_manifest(root)
-    return [records.decode(x) for p in manifest.shard_paths(root, split) for x in records.read_shard(p)]
+    return [
+        records.decode(x) for p in manifest.shard_paths(root, split) for x in records.read_shard(p)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -200,8 +229,9 @@ def test_split_is_keyed_on_post_id_and_rebuild_is_identical(built, tmp_path):
 
 def test_near_duplicate_groups_never_straddle_the_split():
     # A chain a~b~c where a and c are both kept (distance 8 apart): they share a root, hence a split.
-    cfg = build.BuildConfig(inputs=(), output="", dedup=dedup.DedupOptions(near_threshold=4),
-                            heldout_fraction=0.5)
+    cfg = build.BuildConfig(
+        inputs=(), output="", dedup=dedup.DedupOptions(near_threshold=4), heldout_fraction=0.5
+    )
     ids = ["a", "b", "c"]
     ranks = [dedup.rank_key("a", 100, 1), dedup.rank_key("b", 50, 1), dedup.rank_key("c", 80, 1)]
     phashes = [0, 0b1111, 0b11111111]
@@ -211,8 +241,15 @@ def test_near_duplicate_groups_never_straddle_the_split():
 
 
 def test_refuses_non_empty_output_and_overwrites_only_datasets(built, tmp_path):
-    args = ["build", f"jsonl:{built['paths']['manifest']}", "--output", str(built["out"]),
-            "--no-progress", "--workers", "1"]
+    args = [
+        "build",
+        f"jsonl:{built['paths']['manifest']}",
+        "--output",
+        str(built["out"]),
+        "--no-progress",
+        "--workers",
+        "1",
+    ]
     assert cli_main(args) == 2
     assert records.load_manifest(built["out"])  # untouched
     foreign = tmp_path / "foreign"
@@ -226,10 +263,29 @@ def test_refuses_non_empty_output_and_overwrites_only_datasets(built, tmp_path):
 def test_cli_build_and_overwrite(built, tmp_path, capsys):
     p = built["paths"]
     out = tmp_path / "cli"
-    args = ["build", f"jsonl:{p['manifest']}", "--output", str(out), "--max-side", "32",
-            "--vocab-min-count", "1", "--optout-users", p["optout_users"], "--optout-posts",
-            p["optout_posts"], "--eval-set", p["eval"], "--max-failure-fraction", "0.5",
-            "--workers", "1", "--no-progress", "--raster-cache", ""]
+    args = [
+        "build",
+        f"jsonl:{p['manifest']}",
+        "--output",
+        str(out),
+        "--max-side",
+        "32",
+        "--vocab-min-count",
+        "1",
+        "--optout-users",
+        p["optout_users"],
+        "--optout-posts",
+        p["optout_posts"],
+        "--eval-set",
+        p["eval"],
+        "--max-failure-fraction",
+        "0.5",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--raster-cache",
+        "",
+    ]
     assert cli_main(args) == 0
     assert "most frequent labels" in capsys.readouterr().out
     assert cli_main([*args, "--overwrite"]) == 0
@@ -275,20 +331,30 @@ def test_apply_optout_after_the_fact(built, tmp_path):
     users = tmp_path / "late_users.txt"
     users.write_text("u5\n")
     before = json.loads((out / "stats.json").read_text())
-    assert cli_main(["build", "--apply-optout", str(out), "--optout-posts", str(optout),
-                     "--no-progress"]) == 0
+    assert (
+        cli_main(
+            ["build", "--apply-optout", str(out), "--optout-posts", str(optout), "--no-progress"]
+        )
+        == 0
+    )
     assert not (out / "dataset.json.pending").exists()
     with pytest.raises(UserError, match="original inputs"):
         build.apply_optout(str(out), build.OptOut(users=frozenset({"u5"})), progress=False)
-    result = build.apply_optout(str(out), build.OptOut(users=frozenset({"u5"})),
-                                inputs=[f"jsonl:{built['paths']['manifest']}"], progress=False)
+    result = build.apply_optout(
+        str(out),
+        build.OptOut(users=frozenset({"u5"})),
+        inputs=[f"jsonl:{built['paths']['manifest']}"],
+        progress=False,
+    )
     assert result["removed"] == 2  # p09 and p10
     ids = set()
     for split in records.SPLITS:
         recs = read_split(out, split)
         index = records.LabelIndex.load(out / f"{split}.labels.npz")
         assert index.num_records == len(recs)
-        assert [list(index.labels_of(i)) for i in range(len(recs))] == [list(r.labels) for r in recs]
+        assert [list(index.labels_of(i)) for i in range(len(recs))] == [
+            list(r.labels) for r in recs
+        ]
         ids |= {r.post_id for r in recs}
     assert ids == KEPT - {"p03", "p07", "p09", "p10"}
     after = json.loads((out / "stats.json").read_text())
@@ -303,17 +369,39 @@ def test_uploader_habits_and_user_cap(tmp_path):
     animals = ["dog", "cat", "horse", "bird", "boat", "car"]
     for i, animal in enumerate(animals):  # one uploader tags everything #computer
         (tmp_path / "img" / f"t{i}.jpg").write_bytes(jpeg(drawing(100 + i)))
-        lines.append({"id": f"t{i}", "image": f"img/t{i}.jpg", "tags": ["computer", animal],
-                      "user": "theme", "public": True})
+        lines.append(
+            {
+                "id": f"t{i}",
+                "image": f"img/t{i}.jpg",
+                "tags": ["computer", animal],
+                "user": "theme",
+                "public": True,
+            }
+        )
     for i in range(2):
         (tmp_path / "img" / f"o{i}.jpg").write_bytes(jpeg(drawing(200 + i)))
-        lines.append({"id": f"o{i}", "image": f"img/o{i}.jpg", "tags": ["computer"], "user": f"other{i}",
-                      "public": True})
+        lines.append(
+            {
+                "id": f"o{i}",
+                "image": f"img/o{i}.jpg",
+                "tags": ["computer"],
+                "user": f"other{i}",
+                "public": True,
+            }
+        )
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
-    cfg = build.BuildConfig(inputs=(str(tmp_path / "p.jsonl"),), output=str(tmp_path / "out"),
-                            vocab_min_count=1, images=images.ImageOptions(max_side=32),
-                            habit_min_posts=5, max_posts_per_user=4, heldout_fraction=0.0,
-                            workers=1, raster_cache="", progress=False)
+    cfg = build.BuildConfig(
+        inputs=(str(tmp_path / "p.jsonl"),),
+        output=str(tmp_path / "out"),
+        vocab_min_count=1,
+        images=images.ImageOptions(max_side=32),
+        habit_min_posts=5,
+        max_posts_per_user=4,
+        heldout_fraction=0.0,
+        workers=1,
+        raster_cache="",
+        progress=False,
+    )
     stats = build.build(cfg)
     vocab = vocab_lib.Vocabulary.load(tmp_path / "out" / "vocab.json")
     recs = {r.post_id: r for r in read_split(tmp_path / "out", "train")}
@@ -337,8 +425,11 @@ def test_archive_path_traversal_is_refused_and_nothing_escapes(tmp_path):
     members["../../evil.jpg"] = jpeg(drawing(310))
     members["../../evil.json"] = json.dumps({"tags": ["dog"]}).encode()
     members["/tmp/evil2.jpg"] = jpeg(drawing(311))
-    items = [*members.items(), ("00000.jpg", jpeg(drawing(320))),  # the key again: a repeated post id
-             ("00000.json", json.dumps({"tags": ["cat"]}).encode())]
+    items = [
+        *members.items(),
+        ("00000.jpg", jpeg(drawing(320))),  # the key again: a repeated post id
+        ("00000.json", json.dumps({"tags": ["cat"]}).encode()),
+    ]
     with tarfile.open(shard, "w") as tar:
         for name, data in items:
             info = tarfile.TarInfo(name)
@@ -346,10 +437,18 @@ def test_archive_path_traversal_is_refused_and_nothing_escapes(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     out = tmp_path / "deep" / "out"
     before = {p for p in tmp_path.rglob("*")}
-    stats = build.build(build.BuildConfig(
-        inputs=(f"wds:{shard.parent}",), output=str(out), vocab_min_count=1,
-        images=images.ImageOptions(max_side=32), heldout_fraction=0.0, workers=1, raster_cache="",
-        progress=False))
+    stats = build.build(
+        build.BuildConfig(
+            inputs=(f"wds:{shard.parent}",),
+            output=str(out),
+            vocab_min_count=1,
+            images=images.ImageOptions(max_side=32),
+            heldout_fraction=0.0,
+            workers=1,
+            raster_cache="",
+            progress=False,
+        )
+    )
     assert stats["dropped"][posts.UNSAFE_ARCHIVE_MEMBER] == 2
     assert stats["dropped"][build.DUPLICATE_POST_ID] == 1
     recs = read_split(out, "train")
@@ -372,11 +471,21 @@ def test_bad_settings_are_user_errors(tmp_path):
         build.OptOut.load(str(tmp_path / "nope.txt"), None)
 
 
-@pytest.mark.skipif(not Path(posts.OPENCLIPART_ROOT).is_dir(), reason="openclipart-svg not installed")
+@pytest.mark.skipif(
+    not Path(posts.OPENCLIPART_ROOT).is_dir(), reason="openclipart-svg not installed"
+)
 def test_openclipart_end_to_end(tmp_path):
-    cfg = build.BuildConfig(inputs=("openclipart",), output=str(tmp_path / "oc"), limit=150,
-                            images=images.ImageOptions(max_side=32), heldout_fraction=0.1, workers=1,
-                            raster_cache=str(tmp_path / "cache"), progress=False, habit_min_posts=10)
+    cfg = build.BuildConfig(
+        inputs=("openclipart",),
+        output=str(tmp_path / "oc"),
+        limit=150,
+        images=images.ImageOptions(max_side=32),
+        heldout_fraction=0.1,
+        workers=1,
+        raster_cache=str(tmp_path / "cache"),
+        progress=False,
+        habit_min_posts=10,
+    )
     stats = build.build(cfg)
     assert stats["posts_read"] == 150
     assert stats["posts_written"] > 20

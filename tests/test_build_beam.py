@@ -40,8 +40,17 @@ def test_beam_and_local_builds_write_the_same_records(both):
 
 def test_beam_statistics_match_the_local_builder(both):
     _, local, beam = both
-    for key in ("posts_read", "posts_written", "records", "dropped", "per_source", "images",
-                "hashtags_dropped", "labels", "habits"):
+    for key in (
+        "posts_read",
+        "posts_written",
+        "records",
+        "dropped",
+        "per_source",
+        "images",
+        "hashtags_dropped",
+        "labels",
+        "habits",
+    ):
         assert beam[key] == local[key], key
     for key in ("exact_removed", "near_removed", "eval_removed", "eval_matches", "removal_rate"):
         assert beam["dedup"][key] == local["dedup"][key], key
@@ -64,15 +73,28 @@ def test_beam_habits_and_user_cap_match_local(tmp_path):
     for i in range(9):
         (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg(drawing(500 + i)))
         user = "theme" if i < 7 else None
-        tags = ["computer", ["dog", "cat", "horse", "bird", "boat", "car", "tree", "lake", "flower"][i]]
-        lines.append({"id": f"q{i}", "image": f"img/{i}.jpg", "tags": tags, "user": user, "public": True})
+        tags = [
+            "computer",
+            ["dog", "cat", "horse", "bird", "boat", "car", "tree", "lake", "flower"][i],
+        ]
+        lines.append(
+            {"id": f"q{i}", "image": f"img/{i}.jpg", "tags": tags, "user": user, "public": True}
+        )
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
 
     def cfg(out):
-        return build.BuildConfig(inputs=(str(tmp_path / "p.jsonl"),), output=str(tmp_path / out),
-                                 vocab_min_count=1, images=images.ImageOptions(max_side=32),
-                                 habit_min_posts=5, max_posts_per_user=3, heldout_fraction=0.3,
-                                 workers=1, raster_cache="", progress=False)
+        return build.BuildConfig(
+            inputs=(str(tmp_path / "p.jsonl"),),
+            output=str(tmp_path / out),
+            vocab_min_count=1,
+            images=images.ImageOptions(max_side=32),
+            habit_min_posts=5,
+            max_posts_per_user=3,
+            heldout_fraction=0.3,
+            workers=1,
+            raster_cache="",
+            progress=False,
+        )
 
     local = build.build(cfg("local"))
     beam = build_beam.build(cfg("beam"))

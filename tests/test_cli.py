@@ -10,7 +10,9 @@ from tagjax.errors import UserError
 
 
 def _tagjax(*args):
-    return subprocess.run([sys.executable, "-m", "tagjax.cli", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "tagjax.cli", *args], capture_output=True, text=True
+    )
 
 
 def test_help_lists_every_subcommand():
@@ -29,7 +31,9 @@ def test_each_subcommand_has_help(name, capsys):
 
 
 def test_config_overrides_are_typed():
-    cfg = config.load("configs/tiny.py", ["--config.train.batch_size=64", "--config.data.sampling=uniform"])
+    cfg = config.load(
+        "configs/tiny.py", ["--config.train.batch_size=64", "--config.data.sampling=uniform"]
+    )
     assert cfg.train.batch_size == 64 and cfg.data.sampling == "uniform"
 
 

@@ -33,7 +33,9 @@ def drawing(seed: int, size: int = 64) -> np.ndarray:
 
 def resized_recompressed(pixels: np.ndarray, scale=0.7, quality=70) -> bytes:
     h, w = pixels.shape[:2]
-    small = Image.fromarray(pixels).resize((round(w * scale), round(h * scale)), Image.Resampling.BILINEAR)
+    small = Image.fromarray(pixels).resize(
+        (round(w * scale), round(h * scale)), Image.Resampling.BILINEAR
+    )
     buf = io.BytesIO()
     small.save(buf, "JPEG", quality=quality)
     return buf.getvalue()
@@ -72,8 +74,12 @@ def test_near_pairs_equals_brute_force(threshold):
             h ^= 1 << bit
         hashes.append(h)
     got = {(int(a), int(b), int(d)) for a, b, d in dedup.near_pairs(hashes, threshold)}
-    want = {(i, j, dedup.hamming(hashes[i], hashes[j])) for i in range(len(hashes))
-            for j in range(i + 1, len(hashes)) if dedup.hamming(hashes[i], hashes[j]) <= threshold}
+    want = {
+        (i, j, dedup.hamming(hashes[i], hashes[j]))
+        for i in range(len(hashes))
+        for j in range(i + 1, len(hashes))
+        if dedup.hamming(hashes[i], hashes[j]) <= threshold
+    }
     assert got == want and len(want) > 20
 
 
@@ -97,8 +103,10 @@ def test_cross_pairs():
 
 
 def test_resolve_keeps_best_first_and_is_order_independent():
-    ranks = {x: dedup.rank_key(x, px, 1) for x, px in
-             [("a", 100), ("b", 400), ("c", 100), ("d", 100), ("e", 50)]}
+    ranks = {
+        x: dedup.rank_key(x, px, 1)
+        for x, px in [("a", 100), ("b", 400), ("c", 100), ("d", 100), ("e", 50)]
+    }
     edges = [("a", "b", 2), ("b", "c", 4), ("c", "d", 2), ("d", "e", 2)]
     r1 = dedup.resolve(ranks, edges)
     r2 = dedup.resolve(ranks, list(reversed([(b, a, d) for a, b, d in edges])))
@@ -112,8 +120,12 @@ def test_resolve_keeps_best_first_and_is_order_independent():
 
 
 def test_best_of_groups_and_rank_rule():
-    ranks = {"x": dedup.rank_key("x", 100, 1), "y": dedup.rank_key("y", 100, 2),
-             "z": dedup.rank_key("z", 100, 2), "w": dedup.rank_key("w", 5, 9)}
+    ranks = {
+        "x": dedup.rank_key("x", 100, 1),
+        "y": dedup.rank_key("y", 100, 2),
+        "z": dedup.rank_key("z", 100, 2),
+        "w": dedup.rank_key("w", 5, 9),
+    }
     best = dedup.best_of_groups({"x": "h1", "y": "h1", "z": "h1", "w": "h2"}, ranks)
     assert best == {"x": "y", "y": "y", "z": "y"}  # more labels beat fewer; then the smaller id
 
@@ -130,7 +142,9 @@ def test_eval_hashes_from_a_folder(tmp_path):
 def test_eval_hashes_from_a_tfds_split():
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=4):
-        got = dedup.load_eval_hashes("tfds:mnist/test", images.ImageOptions(max_side=32, min_side=1))
+        got = dedup.load_eval_hashes(
+            "tfds:mnist/test", images.ImageOptions(max_side=32, min_side=1)
+        )
     assert [name for name, _ in got] == [f"mnist/test/{i}" for i in range(4)]
     assert len({h for _, h in got}) == 4
     from tagjax.errors import UserError

@@ -10,8 +10,10 @@ from PIL import Image
 from tagjax import cli, demo, posts
 
 HAVE_OPENCLIPART = Path(posts.OPENCLIPART_ROOT).is_dir()
-HAVE_EMOJI = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf").is_file() and Path(
-    "/usr/share/unicode/emoji/emoji-test.txt").is_file()
+HAVE_EMOJI = (
+    Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf").is_file()
+    and Path("/usr/share/unicode/emoji/emoji-test.txt").is_file()
+)
 
 
 # ---- stage bookkeeping ---------------------------------------------------------------------------------
@@ -43,7 +45,10 @@ def test_unfinished_stage_with_the_same_key_resumes_in_place(tmp_path):
     d = tmp_path / "train"
     stages.begin("train", d, {"steps": 10})
     (d / "checkpoints").mkdir(parents=True)  # an interrupted run left its checkpoints
-    assert demo.Stages(tmp_path, fresh=False, log=lambda s: None).begin("train", d, {"steps": 10}) is None
+    assert (
+        demo.Stages(tmp_path, fresh=False, log=lambda s: None).begin("train", d, {"steps": 10})
+        is None
+    )
     assert (d / "checkpoints").is_dir()  # kept: the trainer resumes from them
 
 
@@ -51,17 +56,47 @@ def _fake_results(tops):
     """Stage results of len(tops) seeds, tops[i] = (pretrained, random, downstream) probe top-1."""
     pre, rnd, scr, probes = [], [], [], {t: [] for t in demo.TRUNKS}
     for seed, top in enumerate(tops):
-        pre.append({"seed": seed, "images_seen": 640, "steps": 10, "train_seconds": 1.0,
-                    "heldout": {"num_images": 30, "mAP": 0.2 + 0.1 * seed, "precision@1": 0.3,
-                                "precision@5": 0.1, "recall@5": 0.4}})
+        pre.append(
+            {
+                "seed": seed,
+                "images_seen": 640,
+                "steps": 10,
+                "train_seconds": 1.0,
+                "heldout": {
+                    "num_images": 30,
+                    "mAP": 0.2 + 0.1 * seed,
+                    "precision@1": 0.3,
+                    "precision@5": 0.1,
+                    "recall@5": 0.4,
+                },
+            }
+        )
         rnd.append({"seconds": 2.0})
         scr.append({"finetuned_head": {"test_top1": 0.5}, "seconds": 4.0})
         for t, v in zip(demo.TRUNKS, top):
-            probes[t].append({"test_top1": v, "test_top5": v + 0.2, "num_classes": 89, "num_train": 2664,
-                              "num_test": 923, "feature_dim": 512, "image_size": 56, "seconds": 1.0})
-    corpus = {"dataset": "/d", "dedup": {"eval_removed": 2}, "seconds": 20.0,
-              "stats": {"posts_read": 8121, "records": {"train": 2194, "heldout": 230}, "dropped": {},
-                        "labels": {"vocabulary_size": 488, "used_in_train": 481, "mean_per_post": 1.9}}}
+            probes[t].append(
+                {
+                    "test_top1": v,
+                    "test_top5": v + 0.2,
+                    "num_classes": 89,
+                    "num_train": 2664,
+                    "num_test": 923,
+                    "feature_dim": 512,
+                    "image_size": 56,
+                    "seconds": 1.0,
+                }
+            )
+    corpus = {
+        "dataset": "/d",
+        "dedup": {"eval_removed": 2},
+        "seconds": 20.0,
+        "stats": {
+            "posts_read": 8121,
+            "records": {"train": 2194, "heldout": 230},
+            "dropped": {},
+            "labels": {"vocabulary_size": 488, "used_in_train": 481, "mean_per_post": 1.9},
+        },
+    }
     return corpus, pre, rnd, scr, probes
 
 
@@ -69,7 +104,9 @@ def test_summary_aggregates_seeds_and_checks_the_target():
     from tagjax import config as config_lib
 
     cfg = config_lib.load("demo")
-    corpus, pre, rnd, scr, probes = _fake_results([(0.50, 0.40, 0.55), (0.44, 0.37, 0.50), (0.47, 0.43, 0.52)])
+    corpus, pre, rnd, scr, probes = _fake_results(
+        [(0.50, 0.40, 0.55), (0.44, 0.37, 0.50), (0.47, 0.43, 0.52)]
+    )
     s = demo.summarize(cfg, corpus, pre, rnd, scr, probes, 100.0, 0, "tagjax demo --seeds 3")
     d = s["downstream"]
     gain = d["gain_pretrained_minus_random"]
@@ -84,8 +121,14 @@ def test_summary_aggregates_seeds_and_checks_the_target():
     assert "+7.0 ± 3.0 points top-1 (per seed: +10.0, +7.0, +4.0); meets the target of +5" in table
 
     # Stage durations add up across seeds, whether computed now or reused from an earlier invocation.
-    assert s["compute_seconds"] == {"corpus": 20.0, "pretrain": 3.0, "hashtag_eval": 0.0, "random_init": 6.0,
-                                    "downstream_only": 12.0, "probes": 9.0}
+    assert s["compute_seconds"] == {
+        "corpus": 20.0,
+        "pretrain": 3.0,
+        "hashtag_eval": 0.0,
+        "random_init": 6.0,
+        "downstream_only": 12.0,
+        "probes": 9.0,
+    }
     assert "total 50s (wall time 1m40s)" in table
 
     corpus, pre, rnd, scr, probes = _fake_results([(0.42, 0.40, 0.55)])
@@ -110,18 +153,33 @@ def _png_size(path) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (HAVE_OPENCLIPART and HAVE_EMOJI),
-                    reason="needs Debian openclipart-svg, fonts-noto-color-emoji and unicode-data")
+@pytest.mark.skipif(
+    not (HAVE_OPENCLIPART and HAVE_EMOJI),
+    reason="needs Debian openclipart-svg, fonts-noto-color-emoji and unicode-data",
+)
 def test_demo_end_to_end_and_rerun_reuses_every_stage(tmp_path, capsys):
     from tagjax import records
 
     wd = tmp_path / "demo"
-    argv = ["demo", "--config", "configs/demo.py:tiny", "--workdir", str(wd), "--no-progress",
-            f"--config.demo.data_dir={tmp_path / 'tfds'}",
-            f"--config.corpus.raster_cache={tmp_path / 'raster'}"]
+    argv = [
+        "demo",
+        "--config",
+        "configs/demo.py:tiny",
+        "--workdir",
+        str(wd),
+        "--no-progress",
+        f"--config.demo.data_dir={tmp_path / 'tfds'}",
+        f"--config.corpus.raster_cache={tmp_path / 'raster'}",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    for banner in ("[1/5] corpus", "[2/5] pretraining", "[3/5] baselines", "[4/5] linear probes", "[5/5] summary"):
+    for banner in (
+        "[1/5] corpus",
+        "[2/5] pretraining",
+        "[3/5] baselines",
+        "[4/5] linear probes",
+        "[5/5] summary",
+    ):
         assert banner in out
     assert "tagjax build report" in out and "hashtag prediction on held-out posts" in out
 
@@ -135,17 +193,36 @@ def test_demo_end_to_end_and_rerun_reuses_every_stage(tmp_path, capsys):
     assert json.loads((wd / "dataset" / "stats.json").read_text())["dedup"]["eval_images"] == 923
     # Pretraining ran its steps and wrote checkpoints; the hashtag metrics cover every held-out post.
     p = s["pretraining"]
-    assert (p["model"], p["steps"], p["images_seen"], p["sampling"]) == ("tiny_resnext", 8, 128, "sqrt")
-    assert sorted(int(x.name) for x in (wd / "seed0" / "pretrain" / "checkpoints").iterdir() if x.name.isdigit())[-1] == 8
+    assert (p["model"], p["steps"], p["images_seen"], p["sampling"]) == (
+        "tiny_resnext",
+        8,
+        128,
+        "sqrt",
+    )
+    assert (
+        sorted(
+            int(x.name)
+            for x in (wd / "seed0" / "pretrain" / "checkpoints").iterdir()
+            if x.name.isdigit()
+        )[-1]
+        == 8
+    )
     h = s["hashtag_prediction"]
     assert h["num_images"] == manifest.num_records("heldout")
     assert 0.0 < h["mAP"]["mean"] <= 1.0 and 0.0 <= h["precision@1"]["mean"] <= 1.0
     # The three trunks, probed on the same downstream split; the gain is their difference.
     d = s["downstream"]
-    assert (d["dataset"], d["num_classes"], d["num_test"], d["feature_dim"]) == ("emoji_subgroups/32px", 89, 923, 128)
+    assert (d["dataset"], d["num_classes"], d["num_test"], d["feature_dim"]) == (
+        "emoji_subgroups/32px",
+        89,
+        923,
+        128,
+    )
     tops = {t: d["trunks"][t]["per_seed_top1"][0] for t in demo.TRUNKS}
     assert all(1 / 89 < v <= 1.0 for v in tops.values())  # every trunk beats chance
-    assert d["gain_pretrained_minus_random"]["per_seed"][0] == pytest.approx(tops["pretrained"] - tops["random"])
+    assert d["gain_pretrained_minus_random"]["per_seed"][0] == pytest.approx(
+        tops["pretrained"] - tops["random"]
+    )
     probe = json.loads((wd / "seed0" / "probe_random" / "results.json").read_text())
     assert probe["test_top1"] == pytest.approx(tops["random"])
     assert all(v > 0 for k, v in s["compute_seconds"].items() if k != "hashtag_eval")
@@ -162,7 +239,9 @@ def test_demo_end_to_end_and_rerun_reuses_every_stage(tmp_path, capsys):
     # The same command again: every stage is reused, the numbers are the same.
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert out.count("reusing the finished stage") == 7  # corpus, pretrain, random, downstream-only, 3 probes
+    assert (
+        out.count("reusing the finished stage") == 7
+    )  # corpus, pretrain, random, downstream-only, 3 probes
     again = json.loads((wd / "summary.json").read_text())
     assert again["downstream"]["trunks"] == s["downstream"]["trunks"]
     assert again["hashtag_prediction"] == s["hashtag_prediction"]

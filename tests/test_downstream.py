@@ -11,7 +11,9 @@ from tagjax import downstream
 from tagjax.errors import UserError
 
 HAVE_EMOJI = Path(downstream.EMOJI_FONT).is_file() and Path(downstream.EMOJI_TEST).is_file()
-needs_emoji = pytest.mark.skipif(not HAVE_EMOJI, reason="needs Debian fonts-noto-color-emoji and unicode-data")
+needs_emoji = pytest.mark.skipif(
+    not HAVE_EMOJI, reason="needs Debian fonts-noto-color-emoji and unicode-data"
+)
 
 
 @needs_emoji
@@ -24,8 +26,14 @@ def test_emoji_variant_groups_merge_skin_tones_and_genders():
     runner = emoji["person running"].variant_group
     assert emoji["woman running: dark skin tone"].variant_group == runner
     assert emoji["man running"].variant_group == runner
-    assert emoji["man technologist"].variant_group == emoji["woman technologist: light skin tone"].variant_group
-    assert emoji["grinning face"].variant_group != emoji["beaming face with smiling eyes"].variant_group
+    assert (
+        emoji["man technologist"].variant_group
+        == emoji["woman technologist: light skin tone"].variant_group
+    )
+    assert (
+        emoji["grinning face"].variant_group
+        != emoji["beaming face with smiling eyes"].variant_group
+    )
 
 
 @needs_emoji
@@ -57,7 +65,9 @@ def test_emoji_builder_prepares_offline_and_reads_back_with_tfds_data_source(tmp
     ex = train[0]
     assert ex["image"].shape == (32, 32, 3) and ex["image"].dtype == np.uint8
     assert ex["image"].std() > 5  # a drawn emoji, not a blank canvas
-    names = tfds.builder("emoji_subgroups/32px", data_dir=str(tmp_path)).info.features["label"].names
+    names = (
+        tfds.builder("emoji_subgroups/32px", data_dir=str(tmp_path)).info.features["label"].names
+    )
     assert "face-smiling" in names and "country-flag" in names
     groups = {split: {s[i]["group"] for i in range(len(s))} for split, s in sources.items()}
     assert not groups["train"] & groups["test"]
@@ -91,7 +101,9 @@ def test_stock_dataset_through_mock_data():
 
 
 def test_unprepared_stock_dataset_says_how_to_prepare(tmp_path):
-    with pytest.raises(UserError, match=r"not prepared.*download_and_prepare\(file_format='array_record'\)"):
+    with pytest.raises(
+        UserError, match=r"not prepared.*download_and_prepare\(file_format='array_record'\)"
+    ):
         downstream.open_split("oxford_iiit_pet", "train", str(tmp_path))
     with pytest.raises(UserError, match="unknown dataset"):
         downstream.open_split("no_such_dataset_xyz", "train", str(tmp_path))
@@ -114,7 +126,9 @@ def test_class_folders_with_train_and_test_dirs(tmp_path):
     (tmp_path / "train" / "apple" / "notes.txt").write_text("not an image")
     train = downstream.open_split(str(tmp_path), "train")
     test = downstream.open_split(f"folder:{tmp_path}", "test")
-    assert train.class_names == ["apple", "zebra"] and len(train.source) == 6 and len(test.source) == 4
+    assert (
+        train.class_names == ["apple", "zebra"] and len(train.source) == 6 and len(test.source) == 4
+    )
     assert [train.source[i]["label"] for i in range(6)] == [0, 0, 0, 1, 1, 1]
 
 
@@ -162,8 +176,9 @@ def test_near_duplicates_become_an_exclude_list(tmp_path):
     train = rng.normal(size=(100, 16)).astype(np.float32)
     evals = np.stack([train[7] + 0.01 * rng.normal(size=16), train[42] * 3.0, rng.normal(size=16)])
     ids = [f"post-{i}" for i in range(100)]
-    result = downstream.find_near_duplicates(evals, train, ids, threshold=0.95, k=3, eval_names=["a", "b", "c"],
-                                             center=False)
+    result = downstream.find_near_duplicates(
+        evals, train, ids, threshold=0.95, k=3, eval_names=["a", "b", "c"], center=False
+    )
     assert set(result.train_ids) == {"post-7", "post-42"}  # scale does not matter (cosine)
     assert result.nearest.shape == (3,) and result.nearest[2] < 0.95
     centred = downstream.find_near_duplicates(evals[:1], train, ids, threshold=0.95, k=3)
@@ -191,19 +206,41 @@ def test_decontaminate_command_lists_training_copies_of_evaluation_images(tmp_pa
         p[:] = np.kron(rng.integers(0, 256, (5, 5, 3)), np.ones((8, 8, 1))).astype(np.uint8)
     root = tmp_path / "dataset"
     root.mkdir()
-    encoded = [records.encode(records.Record(f"post{i}", images_lib.encode_jpeg(p, 95), (0,)))
-               for i, p in enumerate(pictures)]
+    encoded = [
+        records.encode(records.Record(f"post{i}", images_lib.encode_jpeg(p, 95), (0,)))
+        for i, p in enumerate(pictures)
+    ]
     name = records.shard_name("train", 0, 1)
     records.write_shard(root / name, encoded)
-    records.Manifest(records.SCHEMA_VERSION, {"train": {"shards": [name], "num_records": 12}}).save(root)
+    records.Manifest(records.SCHEMA_VERSION, {"train": {"shards": [name], "num_records": 12}}).save(
+        root
+    )
     evals = tmp_path / "eval"
     evals.mkdir()
     Image.fromarray(pictures[4]).save(evals / "copy_of_post4.png")
-    Image.fromarray(rng.integers(0, 256, (40, 40, 3)).astype(np.uint8)).save(evals / "unrelated.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3)).astype(np.uint8)).save(
+        evals / "unrelated.png"
+    )
 
     ckpt = transfer.write_random_init_checkpoint(config.load("tiny"), tmp_path / "ckpt")
     out = tmp_path / "exclude.txt"
-    assert cli.main(["decontaminate", "--checkpoint", str(ckpt), "--train", str(root), "--eval", str(evals),
-                     "--threshold", "0.99", "--output", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "decontaminate",
+                "--checkpoint",
+                str(ckpt),
+                "--train",
+                str(root),
+                "--eval",
+                str(evals),
+                "--threshold",
+                "0.99",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert downstream.read_id_list(out) == ["post4"]
     assert "1 of 12 training images" in capsys.readouterr().out

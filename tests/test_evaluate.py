@@ -60,9 +60,13 @@ def test_average_precision_matches_reference_on_random_tied_scores():
     for _ in range(10):
         scores = (rng.integers(0, 4, (n, num)) / 3).astype(np.float32)  # many ties
         y = rng.random((n, num)) < 0.25
-        got = ev.average_precision(scores, y, label_chunk=7)  # chunking and padding of the last chunk
+        got = ev.average_precision(
+            scores, y, label_chunk=7
+        )  # chunking and padding of the last chunk
         want = np.array([reference_ap(scores[:, j], y[:, j]) for j in range(num)])
-        np.testing.assert_allclose(np.nan_to_num(got, nan=-1), np.nan_to_num(want, nan=-1), atol=1e-6)
+        np.testing.assert_allclose(
+            np.nan_to_num(got, nan=-1), np.nan_to_num(want, nan=-1), atol=1e-6
+        )
 
 
 def test_precision_recall_at_k_and_buckets_hand_computed():
@@ -113,9 +117,11 @@ def test_accumulator_equals_one_call_and_respects_mask():
     acc.update(scores[:4], labels[:4])
     # The second batch pads its labels wider and its rows with two masked-out (padding) images.
     wider = np.pad(labels[4:], ((0, 0), (0, 2)), constant_values=-1)
-    acc.update(np.concatenate([scores[4:], np.zeros((2, 6), np.float32)]),
-               np.concatenate([wider, np.full((2, 5), -1)]),
-               mask=np.array([True] * 6 + [False] * 2))
+    acc.update(
+        np.concatenate([scores[4:], np.zeros((2, 6), np.float32)]),
+        np.concatenate([wider, np.full((2, 5), -1)]),
+        mask=np.array([True] * 6 + [False] * 2),
+    )
     got, want = acc.result(), ev.hashtag_metrics(scores, labels)
     assert acc.count == 10
     for key in ("mAP", "precision@1", "precision@5", "recall@5"):
@@ -138,10 +144,28 @@ def test_evaluate_command_on_the_synthetic_task(tmp_path, capsys):
     from tagjax import cli, config, transfer
 
     cfg = config.load("tiny")
-    ckpt = transfer.write_random_init_checkpoint(cfg, tmp_path / "ckpt", num_classes=cfg.data.synthetic_num_labels)
+    ckpt = transfer.write_random_init_checkpoint(
+        cfg, tmp_path / "ckpt", num_classes=cfg.data.synthetic_num_labels
+    )
     out = tmp_path / "eval.json"
-    assert cli.main(["evaluate", "--checkpoint", str(ckpt), "--dataset", "synthetic", "--batch-size", "64",
-                     "--max-images", "128", "--output", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(ckpt),
+                "--dataset",
+                "synthetic",
+                "--batch-size",
+                "64",
+                "--max-images",
+                "128",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["num_images"] == 128 and result["num_labels"] == cfg.data.synthetic_num_labels
     assert 0.0 <= result["mAP"] <= 1.0 and result["bucket_counts_source"] == "training images"
@@ -155,9 +179,21 @@ def test_evaluate_command_on_the_synthetic_task(tmp_path, capsys):
 
 # The checkpoint's classes, deliberately not in the dataset's (sorted folder) order, with one extra class.
 CKPT_CLASSES = ["fig", "cherry", "grape", "apple", "elder", "banana", "date"]
-COLOR_CLASS = {0: "apple", 1: "banana", 2: "elder"}  # pooled feature (red, green, blue) -> class it votes for
+COLOR_CLASS = {
+    0: "apple",
+    1: "banana",
+    2: "elder",
+}  # pooled feature (red, green, blue) -> class it votes for
 # Biases rank every class when no colour feature fires: grape > date > fig > banana > elder > apple > cherry.
-CKPT_BIAS = {"grape": 6.0, "date": 5.0, "fig": 4.0, "banana": 3.0, "elder": 2.0, "apple": 1.0, "cherry": 0.0}
+CKPT_BIAS = {
+    "grape": 6.0,
+    "date": 5.0,
+    "fig": 4.0,
+    "banana": 3.0,
+    "elder": 2.0,
+    "apple": 1.0,
+    "cherry": 0.0,
+}
 RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0)}
 
 
@@ -196,8 +232,11 @@ def write_color_classifier(path, class_names=CKPT_CLASSES):
     for feature, cls in COLOR_CLASS.items():
         params["fc"]["kernel"][feature, class_names.index(cls)] = 10.0
     params["fc"]["bias"][:] = [CKPT_BIAS[c] for c in class_names]
-    return checkpoint.save_inference_checkpoint(path, {"params": params, "batch_stats": stats},
-                                                {"config": cfg, "class_names": list(class_names)})
+    return checkpoint.save_inference_checkpoint(
+        path,
+        {"params": params, "batch_stats": stats},
+        {"config": cfg, "class_names": list(class_names)},
+    )
 
 
 def write_color_folders(root, images):
@@ -218,8 +257,15 @@ def test_evaluate_command_top1_top5_of_a_classifier_on_a_folder_dataset(tmp_path
     from tagjax import cli
 
     ckpt = write_color_classifier(tmp_path / "ckpt")
-    images = [("apple", "red"), ("apple", "black"), ("banana", "green"), ("cherry", "red"), ("date", "black"),
-              ("elder", "blue"), ("fig", "green")]  # fmt: skip
+    images = [
+        ("apple", "red"),
+        ("apple", "black"),
+        ("banana", "green"),
+        ("cherry", "red"),
+        ("date", "black"),
+        ("elder", "blue"),
+        ("fig", "green"),
+    ]
     write_color_folders(tmp_path / "fruit", images)
     # Each image's ranking (colour class first, then by bias) and whether its class is in the top 1 / top 5:
     #   apple/red    apple grape date fig banana     yes yes
@@ -230,14 +276,42 @@ def test_evaluate_command_top1_top5_of_a_classifier_on_a_folder_dataset(tmp_path
     #   elder/blue   elder grape date fig banana     yes yes
     #   fig/green    banana grape date fig elder     no  yes
     out = tmp_path / "eval.json"
-    assert cli.main(["evaluate", "--checkpoint", str(ckpt), "--dataset", str(tmp_path / "fruit"), "--split",
-                     "validation", "--image-size", "32", "--resize", "36", "--batch-size", "4",
-                     "--output", str(out)]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(ckpt),
+                "--dataset",
+                str(tmp_path / "fruit"),
+                "--split",
+                "validation",
+                "--image-size",
+                "32",
+                "--resize",
+                "36",
+                "--batch-size",
+                "4",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["top1"] == pytest.approx(3 / 7) and result["top5"] == pytest.approx(5 / 7)
     assert (result["num_images"], result["num_classes"], result["checkpoint_outputs"]) == (7, 6, 7)
-    assert result["class_mapping"] == {"by": "name", "same_order": False, "outputs_outside_dataset": 1}
-    assert (result["split"], result["image_size"], result["resize"], result["bad_images"]) == ("validation", 32, 36, 0)
+    assert result["class_mapping"] == {
+        "by": "name",
+        "same_order": False,
+        "outputs_outside_dataset": 1,
+    }
+    assert (result["split"], result["image_size"], result["resize"], result["bad_images"]) == (
+        "validation",
+        32,
+        36,
+        0,
+    )
     table = out.with_suffix(".txt").read_text()
     assert "top-1" in table and "42.9" in table and "71.4" in table and "remapped" in table
     assert "71.4" in capsys.readouterr().out
@@ -269,6 +343,10 @@ def test_imported_imagenet_classes_are_the_tfds_imagenet2012_label_order(tmp_pat
     from tagjax.interop import torchvision as tv
 
     wnids, names, _ = tv.imagenet1k_classes()
-    dataset_classes = tfds.builder("imagenet2012", data_dir=str(tmp_path)).info.features["label"].names
-    m = ev.map_classes({"class_wnids": wnids, "class_names": names}, 1000, dataset_classes, "imagenet2012")
+    dataset_classes = (
+        tfds.builder("imagenet2012", data_dir=str(tmp_path)).info.features["label"].names
+    )
+    m = ev.map_classes(
+        {"class_wnids": wnids, "class_names": names}, 1000, dataset_classes, "imagenet2012"
+    )
     assert m.by == "wnid" and m.identity and m.outputs_outside_dataset == 0

@@ -116,8 +116,12 @@ def test_table_matches_wordnet(wn, analyzer):
         got = {table.offsets[i] for i in table.senses(w)}
         assert want <= got, w
     for w in ["dog", "dogs", "glasses", "mice", "geese", "churches", "boxes", "wolves", "women"]:
-        assert {table.offsets[i] for i in table.senses(w)} == {s.offset() for s in wn.synsets(w, "n")}, w
-    hot_dog = {s.offset() for s in wn.synsets("hot_dog", "n")} | {s.offset() for s in wn.synsets("hotdog", "n")}
+        assert {table.offsets[i] for i in table.senses(w)} == {
+            s.offset() for s in wn.synsets(w, "n")
+        }, w
+    hot_dog = {s.offset() for s in wn.synsets("hot_dog", "n")} | {
+        s.offset() for s in wn.synsets("hotdog", "n")
+    }
     assert {table.offsets[i] for i in table.senses(H.normalize("hot_dog"))} == hot_dog
 
 

@@ -21,7 +21,11 @@ def smooth(h=48, w=64, seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w]
     base = rng.uniform(0, 255, 3)
-    img = base + 80 * np.sin(x[..., None] / 7.0 + rng.uniform(0, 6, 3)) + 60 * np.cos(y[..., None] / 5.0)
+    img = (
+        base
+        + 80 * np.sin(x[..., None] / 7.0 + rng.uniform(0, 6, 3))
+        + 60 * np.cos(y[..., None] / 5.0)
+    )
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

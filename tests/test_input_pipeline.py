@@ -226,9 +226,15 @@ np.savez(args["out"], **out)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_in_a_new_process_yields_the_same_batches(dataset, tmp_path, repo_root, workers):
     data = {
-        "dataset": str(dataset), "image_size": 32, "eval_resize": 36, "eval_image_size": 32,
-        "max_labels": 4, "sampling": "sqrt", "num_workers": workers, "color_jitter": 0.3,
-    }  # fmt: skip
+        "dataset": str(dataset),
+        "image_size": 32,
+        "eval_resize": 36,
+        "eval_image_size": 32,
+        "max_labels": 4,
+        "sampling": "sqrt",
+        "num_workers": workers,
+        "color_jitter": 0.3,
+    }
     cfg = _config(dataset, **data)
     it = input_pipeline.make_train_iterator(cfg, process_index=0, process_count=1)
     _take(it, 3)
@@ -243,9 +249,12 @@ def test_resume_in_a_new_process_yields_the_same_batches(dataset, tmp_path, repo
         "out": str(tmp_path / "o.npz"),
     }
     subprocess.run(
-        [sys.executable, "-c", _RESUME, json.dumps(args)], cwd=repo_root, check=True, timeout=300,
+        [sys.executable, "-c", _RESUME, json.dumps(args)],
+        cwd=repo_root,
+        check=True,
+        timeout=300,
         env={"PYTHONPATH": str(repo_root), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
-    )  # fmt: skip
+    )
     with np.load(tmp_path / "o.npz") as got:
         for n, batch in enumerate(expected):
             for k, v in batch.items():
@@ -383,8 +392,17 @@ def test_bad_config_values_are_user_errors(dataset):
 
 
 def test_synthetic_task_is_deterministic_and_learnable():
-    c = _config("", synthetic=True, synthetic_num_images=1536, synthetic_num_labels=8, batch_size=512,
-                image_size=32, eval_resize=36, crop_area_range=(0.5, 1.0), sampling="images")  # fmt: skip
+    c = _config(
+        "",
+        synthetic=True,
+        synthetic_num_images=1536,
+        synthetic_num_labels=8,
+        batch_size=512,
+        image_size=32,
+        eval_resize=36,
+        crop_area_range=(0.5, 1.0),
+        sampling="images",
+    )
     it = input_pipeline.make_train_iterator(c, process_index=0, process_count=1)
     batches = _take(it, 3)
     assert _same(

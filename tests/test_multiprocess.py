@@ -94,8 +94,14 @@ def _train(
         CPU_DEVICES=str(devices_per_process),
         COORDINATOR_PORT=str(20000 + os.getpid() % 20000),
     )
-    args = ["--config", "configs/tiny.py", "--workdir", str(tmp / name), *OVERRIDES,
-            f"--config.train.compilation_cache_dir={cache}"]  # fmt: skip
+    args = [
+        "--config",
+        "configs/tiny.py",
+        "--workdir",
+        str(tmp / name),
+        *OVERRIDES,
+        f"--config.train.compilation_cache_dir={cache}",
+    ]
     result = subprocess.run(
         ["bash", "launch/local.sh", *args],
         env=env,

@@ -82,17 +82,20 @@ def make_tar(path: Path, members: dict) -> None:
 
 def test_webdataset_reader_groups_members_and_refuses_unsafe_paths(tmp_path):
     shard = tmp_path / "00000.tar"
-    make_tar(shard, {
-        "000000001.jpg": png_bytes(),
-        "000000001.txt": b"a #dog on the beach",
-        "000000001.json": json.dumps({"key": "000000001", "url": "http://x/1.jpg"}).encode(),
-        "000000002.png": png_bytes((0, 0, 255)),
-        "000000002.json": json.dumps({"tags": ["cat"], "public": False}).encode(),
-        "../escape.jpg": png_bytes(),
-        "/abs/path.jpg": png_bytes(),
-        "000000003.jpg": None,  # a symlink
-        "000000004.txt": b"caption without an image",
-    })
+    make_tar(
+        shard,
+        {
+            "000000001.jpg": png_bytes(),
+            "000000001.txt": b"a #dog on the beach",
+            "000000001.json": json.dumps({"key": "000000001", "url": "http://x/1.jpg"}).encode(),
+            "000000002.png": png_bytes((0, 0, 255)),
+            "000000002.json": json.dumps({"tags": ["cat"], "public": False}).encode(),
+            "../escape.jpg": png_bytes(),
+            "/abs/path.jpg": png_bytes(),
+            "000000003.jpg": None,  # a symlink
+            "000000004.txt": b"caption without an image",
+        },
+    )
     got = {p.post_id: p for p in posts.read_webdataset(str(shard))}
     assert got["000000001"].caption == "a #dog on the beach" and got["000000001"].public is True
     assert got["000000001"].image_bytes == png_bytes()
@@ -104,10 +107,19 @@ def test_webdataset_reader_groups_members_and_refuses_unsafe_paths(tmp_path):
     assert not (tmp_path / "escape.jpg").exists()
 
 
-@pytest.mark.parametrize(("name", "safe"), [
-    ("a/b.jpg", True), ("000.jpg", True), ("../x.jpg", False), ("a/../../x", False),
-    ("/etc/passwd", False), ("C:\\x.jpg", False), ("a\\..\\..\\x", False), ("", False),
-])
+@pytest.mark.parametrize(
+    ("name", "safe"),
+    [
+        ("a/b.jpg", True),
+        ("000.jpg", True),
+        ("../x.jpg", False),
+        ("a/../../x", False),
+        ("/etc/passwd", False),
+        ("C:\\x.jpg", False),
+        ("a\\..\\..\\x", False),
+        ("", False),
+    ],
+)
 def test_safe_member_name(name, safe):
     assert posts.safe_member_name(name) is safe
 
@@ -143,8 +155,11 @@ SVG = """<?xml version="1.0"?>
 
 def write_svg(path: Path, tags, creator="Ann", w=100, h=50, fill="red"):
     li = "".join(f"<rdf:li>{t}</rdf:li>" for t in tags)
-    path.write_text(SVG.format(w=w, h=h, tags=li, creator=creator, cx=w / 2, cy=h / 2, r=min(w, h) / 3,
-                               fill=fill))
+    path.write_text(
+        SVG.format(
+            w=w, h=h, tags=li, creator=creator, cx=w / 2, cy=h / 2, r=min(w, h) / 3, fill=fill
+        )
+    )
 
 
 def test_openclipart_reader_metadata_symlinks_and_rasterization(tmp_path, monkeypatch):
@@ -189,8 +204,31 @@ def test_unrenderable_svg_and_missing_file_are_reasons(tmp_path):
 
 
 def yfcc_row(photo_id, user, tags, marker="0", photo_hash=None):
-    fields = [photo_id, user, "nick", "2010-01-01", "1262304000", "Canon", "My+Title", "a+%23sunset",
-              tags, "", "", "", "", "page", "dl", "CC", "url", "1", "2", "s", "so", "jpg", marker]
+    fields = [
+        photo_id,
+        user,
+        "nick",
+        "2010-01-01",
+        "1262304000",
+        "Canon",
+        "My+Title",
+        "a+%23sunset",
+        tags,
+        "",
+        "",
+        "",
+        "",
+        "page",
+        "dl",
+        "CC",
+        "url",
+        "1",
+        "2",
+        "s",
+        "so",
+        "jpg",
+        marker,
+    ]
     if photo_hash is not None:
         fields = ["7", fields[0], photo_hash, *fields[1:]]
     return "\t".join(fields) + "\n"
@@ -202,9 +240,12 @@ def test_yfcc_reader_both_layouts(tmp_path):
     (images_dir / h[:3] / h[3:6]).mkdir(parents=True)
     (images_dir / h[:3] / h[3:6] / f"{h}.jpg").write_bytes(png_bytes())
     meta = tmp_path / "yfcc100m_dataset.bz2"
-    rows = (yfcc_row("100", "u@N00", "new+york,golden%20retriever", photo_hash=h)
-            + yfcc_row("101", "u@N01", "beach") + yfcc_row("102", "u@N01", "video", marker="1")
-            + "broken\trow\n")
+    rows = (
+        yfcc_row("100", "u@N00", "new+york,golden%20retriever", photo_hash=h)
+        + yfcc_row("101", "u@N01", "beach")
+        + yfcc_row("102", "u@N01", "video", marker="1")
+        + "broken\trow\n"
+    )
     meta.write_bytes(bz2.compress(rows.encode()))
     got = list(posts.read_yfcc(str(meta), str(images_dir), source="y"))
     assert [p.post_id for p in got[:3]] == ["100", "101", "102"]
@@ -229,7 +270,9 @@ def test_parse_source_kinds_and_errors(tmp_path):
         posts.parse_source(f"yfcc:{tmp_path / 'a.jsonl'}")
 
 
-@pytest.mark.skipif(not Path(posts.OPENCLIPART_ROOT).is_dir(), reason="openclipart-svg not installed")
+@pytest.mark.skipif(
+    not Path(posts.OPENCLIPART_ROOT).is_dir(), reason="openclipart-svg not installed"
+)
 def test_real_openclipart_has_tags_and_creators():
     first = []
     for post in posts.read_openclipart(posts.OPENCLIPART_ROOT):

@@ -17,7 +17,8 @@ def vocab():
     from tagjax import vocab as vocab_lib
 
     return vocab_lib.build_vocabulary(
-        {"dog": 10, "dogs": 3, "cat": 5, "smile": 3, "flag": 4, "car": 2, "heart": 6, "face": 7}, mode="nouns"
+        {"dog": 10, "dogs": 3, "cat": 5, "smile": 3, "flag": 4, "car": 2, "heart": 6, "face": 7},
+        mode="nouns",
     )
 
 
@@ -27,8 +28,12 @@ def workdir(tmp_path_factory, vocab):
     (``WORKDIR/vocab.json`` beside ``WORKDIR/checkpoints/0``)."""
     root = tmp_path_factory.mktemp("predict")
     cfg = config.load("tiny")
-    transfer.write_random_init_checkpoint(cfg, root / "checkpoints" / "0", num_classes=vocab.num_labels,
-                                          metadata={"vocab_fingerprint": vocab.fingerprint()})
+    transfer.write_random_init_checkpoint(
+        cfg,
+        root / "checkpoints" / "0",
+        num_classes=vocab.num_labels,
+        metadata={"vocab_fingerprint": vocab.fingerprint()},
+    )
     vocab.save(root / "vocab.json")
     return root
 
@@ -41,7 +46,9 @@ def images(tmp_path_factory):
     from tagjax import downstream
 
     root = tmp_path_factory.mktemp("images")
-    font = ImageFont.truetype(downstream.EMOJI_FONT, downstream.EMOJI_STRIKE, layout_engine=ImageFont.Layout.RAQM)
+    font = ImageFont.truetype(
+        downstream.EMOJI_FONT, downstream.EMOJI_STRIKE, layout_engine=ImageFont.Layout.RAQM
+    )
     paths = []
     for name, text in [("dog", "\U0001f415"), ("smile", "\U0001f600"), ("car", "\U0001f697")]:
         path = root / f"{name}.png"
@@ -57,8 +64,20 @@ def images(tmp_path_factory):
 
 
 def test_predict_returns_vocabulary_hashtags_with_probabilities(workdir, vocab, images, capsys):
-    assert cli.main(["predict", "--checkpoint", str(workdir), "--top-k", str(vocab.num_labels), "--json",
-                     *map(str, images)]) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                "--checkpoint",
+                str(workdir),
+                "--top-k",
+                str(vocab.num_labels),
+                "--json",
+                *map(str, images),
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert [o["image"] for o in out] == [str(p) for p in images]
     names = {vocab.name_of(i) for i in range(vocab.num_labels)}
@@ -70,7 +89,9 @@ def test_predict_returns_vocabulary_hashtags_with_probabilities(workdir, vocab, 
         assert probs == sorted(probs, reverse=True)
         assert sum(probs) == pytest.approx(1.0, abs=1e-5)  # softmax over the whole vocabulary
         for t in tags:
-            assert t["synsets"] == vocab.synsets_of(t["id"]) and t["hashtag"] == vocab.name_of(t["id"])
+            assert t["synsets"] == vocab.synsets_of(t["id"]) and t["hashtag"] == vocab.name_of(
+                t["id"]
+            )
             assert set(t["aliases"]) <= set(vocab.aliases_of(t["id"]))
     dog = vocab.id_of("dog")
     entry = next(t for t in out[0]["hashtags"] if t["id"] == dog)
@@ -80,8 +101,17 @@ def test_predict_returns_vocabulary_hashtags_with_probabilities(workdir, vocab, 
 def test_predict_table_and_bad_images(workdir, images, tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    code = cli.main(["predict", "--checkpoint", str(workdir / "checkpoints"), "--top-k", "3",
-                     str(images[0]), str(broken)])
+    code = cli.main(
+        [
+            "predict",
+            "--checkpoint",
+            str(workdir / "checkpoints"),
+            "--top-k",
+            "3",
+            str(images[0]),
+            str(broken),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1  # one image could not be read; the other was still predicted
     assert "1. #" in captured.out and "3. #" in captured.out and "error:" in captured.out
@@ -91,12 +121,38 @@ def test_predict_table_and_bad_images(workdir, images, tmp_path, capsys):
 def test_predict_refuses_a_vocabulary_of_another_run(workdir, vocab, images, tmp_path, capsys):
     from tagjax import vocab as vocab_lib
 
-    other = vocab_lib.build_vocabulary({"tree": 9, "house": 8, "boat": 7, "road": 6, "bird": 5, "shoe": 4,
-                                        "lamp": 3, "rock": 2, "cloud": 1}, mode="nouns", top_k=vocab.num_labels)
-    assert other.num_labels == vocab.num_labels  # same head size: only the fingerprint tells them apart
+    other = vocab_lib.build_vocabulary(
+        {
+            "tree": 9,
+            "house": 8,
+            "boat": 7,
+            "road": 6,
+            "bird": 5,
+            "shoe": 4,
+            "lamp": 3,
+            "rock": 2,
+            "cloud": 1,
+        },
+        mode="nouns",
+        top_k=vocab.num_labels,
+    )
+    assert (
+        other.num_labels == vocab.num_labels
+    )  # same head size: only the fingerprint tells them apart
     other.save(tmp_path / "other.json")
-    assert cli.main(["predict", "--checkpoint", str(workdir), "--vocab", str(tmp_path / "other.json"),
-                     str(images[0])]) == 2
+    assert (
+        cli.main(
+            [
+                "predict",
+                "--checkpoint",
+                str(workdir),
+                "--vocab",
+                str(tmp_path / "other.json"),
+                str(images[0]),
+            ]
+        )
+        == 2
+    )
     assert "not the vocabulary this checkpoint was trained on" in capsys.readouterr().err
 
 
@@ -106,8 +162,22 @@ def test_embed_folder_matches_features_and_resumes(workdir, images, tmp_path):
     for p in images:
         shutil.copy(p, folder / p.name)
     prefix = tmp_path / "emb" / "folder"
-    assert cli.main(["embed", "--checkpoint", str(workdir), "--input", str(folder), "--output", str(prefix),
-                     "--batch-size", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "embed",
+                "--checkpoint",
+                str(workdir),
+                "--input",
+                str(folder),
+                "--output",
+                str(prefix),
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     emb = np.load(f"{prefix}.npy")
     index = predict.read_index(f"{prefix}.index.jsonl")
     assert emb.shape[0] == len(images) == len(index) and all(r["valid"] for r in index)
@@ -128,9 +198,18 @@ def test_embed_folder_matches_features_and_resumes(workdir, images, tmp_path):
     emb_rw.flush()
     del emb_rw
     lines = Path(f"{prefix}.index.jsonl").read_text().splitlines()
-    Path(f"{prefix}.index.jsonl").write_text("\n".join(lines[:3]) + "\n")  # a line past the marker survives
-    ident = {"checkpoint": inference.path, "input": src.description, "rows": src.length, "dim": inference.feature_dim,
-             "image_size": inference.image_size, "l2_normalize": False, "dtype": "float32"}
+    Path(f"{prefix}.index.jsonl").write_text(
+        "\n".join(lines[:3]) + "\n"
+    )  # a line past the marker survives
+    ident = {
+        "checkpoint": inference.path,
+        "input": src.description,
+        "rows": src.length,
+        "dim": inference.feature_dim,
+        "image_size": inference.image_size,
+        "l2_normalize": False,
+        "dtype": "float32",
+    }
     partial.write_text(json.dumps({"identity": ident, "done": 2}))
     summary = predict.embed(inference, src, prefix, batch_size=2, progress=False)
     assert summary["rows"] == len(images) and not partial.exists()
@@ -149,12 +228,21 @@ def test_embed_built_dataset_records_post_ids(workdir, images, tmp_path):
         from tagjax import images as images_lib
 
         pixels = np.asarray(Image.open(p).convert("RGB"))
-        encoded.append(records.encode(records.Record(f"post{i}", images_lib.encode_jpeg(pixels, 90), (i,))))
+        encoded.append(
+            records.encode(records.Record(f"post{i}", images_lib.encode_jpeg(pixels, 90), (i,)))
+        )
     name = records.shard_name("train", 0, 1)
     records.write_shard(root / name, encoded)
-    records.Manifest(records.SCHEMA_VERSION, {"train": {"shards": [name], "num_records": 3}}).save(root)
+    records.Manifest(records.SCHEMA_VERSION, {"train": {"shards": [name], "num_records": 3}}).save(
+        root
+    )
     prefix = tmp_path / "shards"
-    assert cli.main(["embed", "--checkpoint", str(workdir), "--input", str(root), "--output", str(prefix)]) == 0
+    assert (
+        cli.main(
+            ["embed", "--checkpoint", str(workdir), "--input", str(root), "--output", str(prefix)]
+        )
+        == 0
+    )
     index = predict.read_index(f"{prefix}.index.jsonl")
     assert [r["id"] for r in index] == ["post0", "post1", "post2"]
     assert [r["labels"] for r in index] == [[0], [1], [2]]

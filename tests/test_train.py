@@ -169,13 +169,17 @@ def test_tiny_training_run_learns_and_writes_logs(tmp_path, capsys):
     workdir = tmp_path / "run"
     steps, batch = 60, 32
     args = [
-        "train", "--config", "tiny", "--workdir", str(workdir),
+        "train",
+        "--config",
+        "tiny",
+        "--workdir",
+        str(workdir),
         f"--config.train.total_images={steps * batch}",
         f"--config.train.log_every_images={10 * batch}",
         f"--config.train.eval_every_images={30 * batch}",
         f"--config.train.checkpoint_every_images={30 * batch}",
         "--config.optim.warmup_images=320",
-    ]  # fmt: skip
+    ]
     assert cli.main(args) == 0
     err = capsys.readouterr().err
     assert "img/s" in err and "ETA" in err and "MFU n/a" in err  # CPU: no peak FLOPs
@@ -262,8 +266,15 @@ def test_peak_flops_table_and_cpu():
 
 
 def test_distributed_start_is_detected_from_the_environment(monkeypatch):
-    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "SLURM_STEP_NODELIST", "TPU_WORKER_HOSTNAMES",
-                "TPU_PROCESS_ADDRESSES", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):  # fmt: skip
+    for var in (
+        "JAX_COORDINATOR_ADDRESS",
+        "SLURM_NTASKS",
+        "SLURM_STEP_NODELIST",
+        "TPU_WORKER_HOSTNAMES",
+        "TPU_PROCESS_ADDRESSES",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert sharding._distributed_environment() is None
     assert sharding.maybe_initialize_distributed() is False  # a single process starts nothing

@@ -10,12 +10,25 @@ import pytest
 
 from tagjax import checkpoint, config, models, transfer
 
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (230, 220, 30),
+}
 
 
 def _probe_config(**overrides):
-    c = ml_collections.ConfigDict(dict(l2_sweep=(1e-3, 1e-1), val_fraction=0.25, max_iterations=200,
-                                       tolerance=1e-5, standardize=True, refit=True))
+    c = ml_collections.ConfigDict(
+        dict(
+            l2_sweep=(1e-3, 1e-1),
+            val_fraction=0.25,
+            max_iterations=200,
+            tolerance=1e-5,
+            standardize=True,
+            refit=True,
+        )
+    )
     c.update(overrides)
     return c
 
@@ -29,7 +42,9 @@ def test_linear_probe_on_linearly_separable_features():
         y = rng.integers(0, num_classes, n)
         return (centers[y] + rng.normal(size=(n, dim))).astype(np.float32), y
 
-    result = transfer.linear_probe(sample(600), sample(300), num_classes, _probe_config(), log_fn=lambda *_: None)
+    result = transfer.linear_probe(
+        sample(600), sample(300), num_classes, _probe_config(), log_fn=lambda *_: None
+    )
     assert result["test_top1"] >= 0.95 and result["test_top5"] == 1.0
     assert len(result["sweep"]) == 2 and result["l2"] in (1e-3, 1e-1)
     assert result["num_fit"] + result["num_val"] == result["num_train"] == 600
@@ -77,7 +92,9 @@ def _color_task(root, per_class_train=24, per_class_test=10, seed=0):
                 img = rng.integers(90, 160, (40, 40, 3)).astype(np.uint8)
                 s = rng.integers(14, 30)
                 top, left = rng.integers(0, 40 - s, 2)
-                img[top : top + s, left : left + s] = np.clip(np.array(color) + rng.integers(-20, 20, 3), 0, 255)
+                img[top : top + s, left : left + s] = np.clip(
+                    np.array(color) + rng.integers(-20, 20, 3), 0, 255
+                )
                 Image.fromarray(img).save(folder / f"{i}.png")
     return root
 
@@ -94,15 +111,24 @@ def _pretrained(path, seed=123):
     model = models.create(cfg.model, 16)
     variables = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)), train=False)
     rng = np.random.default_rng(seed)
-    stats = jax.tree.map(lambda v: jnp.asarray(np.abs(rng.normal(size=v.shape)) * 0.5 + 0.1, v.dtype),
-                         variables["batch_stats"])
+    stats = jax.tree.map(
+        lambda v: jnp.asarray(np.abs(rng.normal(size=v.shape)) * 0.5 + 0.1, v.dtype),
+        variables["batch_stats"],
+    )
     variables = {"params": variables["params"], "batch_stats": stats}
     return checkpoint.save_inference_checkpoint(path, variables, {"config": cfg, "source": "test"})
 
 
 def _linear_config(dataset, **overrides):
-    cfg = config.load("transfer_linear", [f"--config.transfer.dataset={dataset}", "--config.transfer.dtype=float32",
-                                          "--config.transfer.batch_size=32", "--config.transfer.feature_chunk=40"])
+    cfg = config.load(
+        "transfer_linear",
+        [
+            f"--config.transfer.dataset={dataset}",
+            "--config.transfer.dtype=float32",
+            "--config.transfer.batch_size=32",
+            "--config.transfer.feature_chunk=40",
+        ],
+    )
     with cfg.unlocked():
         cfg.update(overrides)
     return cfg
@@ -125,12 +151,16 @@ def test_linear_probe_on_a_tiny_image_task_with_cached_resumable_features(tmp_pa
 
     inference = Inference(inference_path, head=False, dtype="float32")
     train_ds = downstream.open_split(str(color_task), "train")
-    first = transfer.extract_features(inference, train_ds, tmp_path / "probe" / "features", chunk=40, progress=False)
+    first = transfer.extract_features(
+        inference, train_ds, tmp_path / "probe" / "features", chunk=40, progress=False
+    )
     assert first.chunks_computed == 0 and len(first.y) == 96
     chunks = sorted(first.cache_dir.glob("chunk-*.npz"))
     assert len(chunks) == 3  # 96 examples in chunks of 40
     chunks[1].unlink()
-    again = transfer.extract_features(inference, train_ds, tmp_path / "probe" / "features", chunk=40, progress=False)
+    again = transfer.extract_features(
+        inference, train_ds, tmp_path / "probe" / "features", chunk=40, progress=False
+    )
     assert again.chunks_computed == 1
     np.testing.assert_allclose(again.x, first.x, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(again.y, first.y)
@@ -143,17 +173,27 @@ def test_linear_probe_on_a_mocked_stock_dataset(tmp_path):
     ckpt = _pretrained(tmp_path / "ckpt")
     cfg = _linear_config("cifar10", linear=_probe_config(l2_sweep=(1e-2,)))
     with tfds.testing.mock_data(num_examples=20):
-        result = transfer.run_linear(cfg, ckpt, tmp_path / "probe", progress=False, log_fn=lambda *_: None)
+        result = transfer.run_linear(
+            cfg, ckpt, tmp_path / "probe", progress=False, log_fn=lambda *_: None
+        )
     assert result["num_train"] == 20 and result["num_test"] == 20 and result["num_classes"] == 10
     assert 0.0 <= result["test_top1"] <= result["test_top5"] <= 1.0
 
 
 def _finetune_config(dataset, **overrides):
-    cfg = config.load("transfer_finetune:tiny", [
-        f"--config.transfer.dataset={dataset}", "--config.transfer.dtype=float32",
-        "--config.transfer.bn_group_size=0", "--config.train.batch_size=16", "--config.train.total_images=96",
-        "--config.train.checkpoint_every_images=48", "--config.train.log_every_images=32",
-        "--config.transfer.eval_batch_size=40"])  # fmt: skip
+    cfg = config.load(
+        "transfer_finetune:tiny",
+        [
+            f"--config.transfer.dataset={dataset}",
+            "--config.transfer.dtype=float32",
+            "--config.transfer.bn_group_size=0",
+            "--config.train.batch_size=16",
+            "--config.train.total_images=96",
+            "--config.train.checkpoint_every_images=48",
+            "--config.train.log_every_images=32",
+            "--config.transfer.eval_batch_size=40",
+        ],
+    )
     with cfg.unlocked():
         cfg.update(overrides)
     return cfg
@@ -164,7 +204,9 @@ def test_finetune_restores_the_trunk_exactly(tmp_path, color_task):
     from tagjax.predict import Inference
 
     ckpt = _pretrained(tmp_path / "ckpt")
-    cfg = transfer.prepare_finetune_config(_finetune_config(str(color_task)), ckpt, num_classes=4, num_train=96)
+    cfg = transfer.prepare_finetune_config(
+        _finetune_config(str(color_task)), ckpt, num_classes=4, num_train=96
+    )
     model = models.create(cfg.model, 4)
     tx, _ = optim.make_optimizer(cfg.optim, 16, 96)
     state = transfer.init_finetune_state(cfg, ckpt, model, tx, sharding.create_mesh(cfg.mesh))
@@ -176,20 +218,38 @@ def test_finetune_restores_the_trunk_exactly(tmp_path, color_task):
 
     @jax.jit
     def features(variables, images):
-        return model.apply(variables, normalize_images(images, cfg.data, jnp.float32), method=model.features)
+        return model.apply(
+            variables, normalize_images(images, cfg.data, jnp.float32), method=model.features
+        )
 
     stored, _ = checkpoint.load_backbone(ckpt)
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)).astype(np.uint8)
     got = features({"params": state.params, "batch_stats": state.batch_stats}, images)
-    want = features({"params": {**stored["params"], "fc": state.params["fc"]}, "batch_stats": stored["batch_stats"]},
-                    images)
+    want = features(
+        {
+            "params": {**stored["params"], "fc": state.params["fc"]},
+            "batch_stats": stored["batch_stats"],
+        },
+        images,
+    )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     # ... and they are the pretrained model's features as `tagjax embed` computes them (up to float32 rounding
     # of a differently fused normalization).
-    np.testing.assert_allclose(np.asarray(got), Inference(ckpt, head=False, dtype="float32").features(images),
-                               rtol=1e-4, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves({
-            "params": {k: v for k, v in state.params.items() if k != "fc"}, "batch_stats": state.batch_stats})):
+    np.testing.assert_allclose(
+        np.asarray(got),
+        Inference(ckpt, head=False, dtype="float32").features(images),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    for a, b in zip(
+        jax.tree.leaves(stored),
+        jax.tree.leaves(
+            {
+                "params": {k: v for k, v in state.params.items() if k != "fc"},
+                "batch_stats": state.batch_stats,
+            }
+        ),
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -218,6 +278,11 @@ def test_finetune_learns_and_resumes_exactly(tmp_path, color_task, capsys):
     from tagjax import cli
 
     image = next((color_task / "test" / "red").glob("*.png"))
-    assert cli.main(["predict", "--checkpoint", str(tmp_path / "a"), "--json", "--top-k", "4", str(image)]) == 0
+    assert (
+        cli.main(
+            ["predict", "--checkpoint", str(tmp_path / "a"), "--json", "--top-k", "4", str(image)]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert {t["hashtag"] for t in out[0]["hashtags"]} == set(COLORS)

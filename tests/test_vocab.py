@@ -14,10 +14,28 @@ from tagjax.errors import UserError
 
 # A small corpus in the shape real hashtag counts take: spellings, inflections, synonyms, meta tags.
 COUNTS = {
-    "#dog": 500, "dogs": 120, "#Dog": 30, "goldenretriever": 80, "golden_retrievers": 5,
-    "brownbear": 40, "ursusarctos": 3, "domesticdog": 7, "tbt": 900, "photooftheday": 800,
-    "sunset": 300, "sunsets": 20, "love": 1000, "happy": 400, "summer": 200, "beach": 150,
-    "tiger": 60, "pantheratigris": 2, "icecream": 45, "ice_cream": 5, "cat": 90, "rarething": 1,
+    "#dog": 500,
+    "dogs": 120,
+    "#Dog": 30,
+    "goldenretriever": 80,
+    "golden_retrievers": 5,
+    "brownbear": 40,
+    "ursusarctos": 3,
+    "domesticdog": 7,
+    "tbt": 900,
+    "photooftheday": 800,
+    "sunset": 300,
+    "sunsets": 20,
+    "love": 1000,
+    "happy": 400,
+    "summer": 200,
+    "beach": 150,
+    "tiger": 60,
+    "pantheratigris": 2,
+    "icecream": 45,
+    "ice_cream": 5,
+    "cat": 90,
+    "rarething": 1,
     "zebra": 1,
 }
 
@@ -40,7 +58,9 @@ def test_inflections_and_spellings_merge_polysemy_does_not(nouns):
     assert nouns.count_of(dog) == 650
     assert nouns.id_of("brownbear") == nouns.id_of("ursusarctos") is not None
     assert nouns.id_of("domesticdog") not in (None, dog)
-    assert len(nouns.synsets_of(dog)) == 7 and nouns.synsets_of(nouns.id_of("domesticdog")) == ["dog.n.01"]
+    assert len(nouns.synsets_of(dog)) == 7 and nouns.synsets_of(nouns.id_of("domesticdog")) == [
+        "dog.n.01"
+    ]
     assert nouns.id_of("icecream") == nouns.id_of("ice cream")
 
 
@@ -69,8 +89,16 @@ def test_canonicalizer_result_and_drop_reasons(nouns):
     canon = V.Canonicalizer(nouns)
     r = canon(["#Dogs", "tbt", "goldenretriever", "dog", "happy", "#", "summer", "zebra"])
     assert r.label_ids == tuple(sorted({nouns.id_of("dog"), nouns.id_of("goldenretriever")}))
-    assert r.dropped == collections.Counter({"meta_hashtag": 1, "duplicate": 1, "not_a_noun": 1,
-                                             "empty": 1, "non_visual": 1, "not_in_vocab": 1})
+    assert r.dropped == collections.Counter(
+        {
+            "meta_hashtag": 1,
+            "duplicate": 1,
+            "not_a_noun": 1,
+            "empty": 1,
+            "non_visual": 1,
+            "not_in_vocab": 1,
+        }
+    )
     # Unseen inflections resolve through the noun table: same label.
     assert canon(["goldenretrievers"]).label_ids == (nouns.id_of("goldenretriever"),)
     assert canon([]).label_ids == ()
@@ -113,7 +141,14 @@ def test_in1k_with_corpus_counts(in1k):
     assert v.settings["corpus_counts"] is True
     # Only ImageNet-aligned hashtags survive; the visual filter does not apply in this mode.
     # (#cat is 8 senses, none of them an ImageNet class; #dog's seven neither.)
-    assert v.names() == ["goldenretriever", "tiger", "icecream", "brownbear", "pantheratigris", "zebra"]
+    assert v.names() == [
+        "goldenretriever",
+        "tiger",
+        "icecream",
+        "brownbear",
+        "pantheratigris",
+        "zebra",
+    ]
     assert v.count_of(0) == 85  # goldenretriever 80 + golden_retrievers 5
     assert v.stats["dropped"]["not_in1k"]["forms"] == 8
     assert v.stats["in1k_synsets_covered"] == 5
@@ -144,10 +179,14 @@ def test_save_load_identical(nouns, tmp_path, name):
         d = json.loads(path.read_text())  # plain, human-readable JSON
         label = d["labels"][0]
         assert label["name"] == "dog" and label["synsets"][0] == {
-            "wnid": "n02084071", "name": "dog.n.01",
+            "wnid": "n02084071",
+            "name": "dog.n.01",
             "gloss": "a member of the genus Canis (probably descended from the common wolf) that has "
-                     "been domesticated by man since prehistoric times; occurs in many breeds"}
-        assert d["settings"]["mode"] == "nouns" and d["settings"]["hashtags"]["sense_policy"] == "all"
+            "been domesticated by man since prehistoric times; occurs in many breeds",
+        }
+        assert (
+            d["settings"]["mode"] == "nouns" and d["settings"]["hashtags"]["sense_policy"] == "all"
+        )
         # A hand edit that changes the labels is caught.
         d["labels"][0]["name"] = "doggo"
         path.write_text(json.dumps(d))
@@ -158,7 +197,9 @@ def test_save_load_identical(nouns, tmp_path, name):
 def test_fingerprint_depends_on_labels(nouns):
     other = V.build_vocabulary({**COUNTS, "zebra": 5}, mode="nouns", min_count=2)
     assert other.fingerprint() != nouns.fingerprint()
-    assert V.build_vocabulary(COUNTS, mode="nouns", min_count=2).fingerprint() == nouns.fingerprint()
+    assert (
+        V.build_vocabulary(COUNTS, mode="nouns", min_count=2).fingerprint() == nouns.fingerprint()
+    )
 
 
 def test_load_errors_are_user_errors(tmp_path):
@@ -188,8 +229,23 @@ def test_cli_build_show_lookup(tmp_path, capsys):
     counts = tmp_path / "counts.tsv"
     counts.write_text("".join(f"{t}\t{n}\n" for t, n in COUNTS.items()))
     out = tmp_path / "vocab.json"
-    assert cli.main(["vocab", "build", "--counts", str(counts), "--mode", "nouns", "--min-count", "2",
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "vocab",
+                "build",
+                "--counts",
+                str(counts),
+                "--mode",
+                "nouns",
+                "--min-count",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "dropped meta_hashtag" in text and f"wrote {out}" in text
     v = V.Vocabulary.load(out)
@@ -199,8 +255,24 @@ def test_cli_build_show_lookup(tmp_path, capsys):
     text = capsys.readouterr().out
     assert f"{v.num_labels} labels" in text and "dog.n.01" in text
 
-    assert cli.main(["vocab", "lookup", "--vocab", str(out), "--drop-ancestors",
-                     "#Dogs", "tbt", "sunset", "goldenretriever", "happy", "summer"]) == 0
+    assert (
+        cli.main(
+            [
+                "vocab",
+                "lookup",
+                "--vocab",
+                str(out),
+                "--drop-ancestors",
+                "#Dogs",
+                "tbt",
+                "sunset",
+                "goldenretriever",
+                "happy",
+                "summer",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     dog, golden, sunset = v.id_of("dog"), v.id_of("goldenretriever"), v.id_of("sunset")
     assert lines[0].startswith(f"#Dogs\t-> label {dog} #dog\tsynsets: dog.n.01, frump.n.01")
@@ -209,8 +281,10 @@ def test_cli_build_show_lookup(tmp_path, capsys):
     assert lines[3].startswith(f"goldenretriever\t-> label {golden} #goldenretriever")
     assert lines[4] == "happy\t-> dropped: not_a_noun"
     assert lines[5].startswith("summer\t-> dropped: non_visual\tsummer.n.01")
-    assert lines[6] == ("as one post: #sunset #goldenretriever; dropped ancestor=1, meta_hashtag=1, "
-                        "non_visual=1, not_a_noun=1")
+    assert lines[6] == (
+        "as one post: #sunset #goldenretriever; dropped ancestor=1, meta_hashtag=1, "
+        "non_visual=1, not_a_noun=1"
+    )
 
     assert cli.main(["vocab", "lookup", "--json", "tbt"]) == 0  # built-in in1k vocabulary
     e = json.loads(capsys.readouterr().out.splitlines()[0])
@@ -229,12 +303,21 @@ def test_ancestors_mask_matches_is_ancestor(in1k):
 
 
 def test_drop_reasons_are_documented_constants():
-    assert set(H.DROP_REASONS) >= {"meta_hashtag", "not_a_noun", "non_visual", "not_in_vocab",
-                                   "duplicate", "ancestor", "empty"}
+    assert set(H.DROP_REASONS) >= {
+        "meta_hashtag",
+        "not_a_noun",
+        "non_visual",
+        "not_in_vocab",
+        "duplicate",
+        "ancestor",
+        "empty",
+    }
 
 
 def test_split_compounds_give_several_labels(nouns):
-    assert V.Canonicalizer(nouns)(["#sunsetbeach"]).dropped == collections.Counter({"not_a_noun": 1})
+    assert V.Canonicalizer(nouns)(["#sunsetbeach"]).dropped == collections.Counter(
+        {"not_a_noun": 1}
+    )
     split = V.Canonicalizer(nouns, split_compounds=True)
     r = split(["#sunsetbeach", "#beach"])
     assert r.label_ids == tuple(sorted({nouns.id_of("sunset"), nouns.id_of("beach")}))

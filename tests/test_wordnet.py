@@ -21,7 +21,9 @@ def _debian_style_dir(tmp_path: Path) -> Path:
     return src
 
 
-@pytest.mark.skipif(not (DEBIAN / "data.noun").is_file(), reason="Debian wordnet-base not installed")
+@pytest.mark.skipif(
+    not (DEBIAN / "data.noun").is_file(), reason="Debian wordnet-base not installed"
+)
 def test_prepares_readable_copy_from_debian_dir(tmp_path):
     empty_nltk_data = tmp_path / "nltk_data_empty"
     empty_nltk_data.mkdir()
@@ -31,7 +33,11 @@ def test_prepares_readable_copy_from_debian_dir(tmp_path):
     root = wordnet.find_or_prepare(cache_dir=cache, debian_dir=source)
     assert root == cache / "nltk_data" / "corpora" / "wordnet"
     lexnames = (root / "lexnames").read_text().splitlines()
-    assert len(lexnames) == 45 and lexnames[1] == "01\tadj.pert\t3" and lexnames[44] == "44\tadj.ppl\t3"
+    assert (
+        len(lexnames) == 45
+        and lexnames[1] == "01\tadj.pert\t3"
+        and lexnames[44] == "44\tadj.ppl\t3"
+    )
     reader = wordnet.open_reader(root)
     dog = wordnet.synset_from_wnid("n02084071", reader)
     assert dog.name() == "dog.n.01"
@@ -47,14 +53,16 @@ def test_clear_error_when_no_wordnet_exists(tmp_path):
     # A fresh process whose nltk data path and Debian directory are both empty.
     code = f"""
 import nltk
-nltk.data.path[:] = [{str(tmp_path / 'nltk_data')!r}]
+nltk.data.path[:] = [{str(tmp_path / "nltk_data")!r}]
 from tagjax import wordnet
 try:
-    wordnet.find_or_prepare(cache_dir={str(tmp_path / 'cache')!r}, debian_dir={str(tmp_path / 'nowhere')!r})
+    wordnet.find_or_prepare(cache_dir={str(tmp_path / "cache")!r}, debian_dir={str(tmp_path / "nowhere")!r})
 except wordnet.WordNetNotFoundError as e:
     print(e)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert "apt-get install wordnet-base" in out
     assert "nltk.downloader wordnet" in out
     assert len(out.strip().splitlines()) == 1

@@ -559,21 +559,26 @@ def add_import_weights_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("file", help="weights file: .safetensors, or .pth/.pt (needs PyTorch)")
     parser.add_argument(
-        "--arch", required=True, choices=list(models.ARCHS), metavar="ARCH",
+        "--arch",
+        required=True,
+        choices=list(models.ARCHS),
+        metavar="ARCH",
         help=f"architecture of the weights: {', '.join(models.ARCHS)}",
-    )  # fmt: skip
+    )
     parser.add_argument("--out", required=True, help="new checkpoint directory to write")
     parser.add_argument(
         "--no-head", action="store_true", help="import the trunk only (drop or allow no 'fc')"
     )
     parser.add_argument(
-        "--classes", default=None,
+        "--classes",
+        default=None,
         help="text file with one class name per line for a head that is not ImageNet-1k's",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--config", default="default",
+        "--config",
+        default="default",
         help="tagjax config stored with the weights (preprocessing, model options); default configs/default.py",
-    )  # fmt: skip
+    )
 
 
 def run_import_weights(args: argparse.Namespace) -> int:
