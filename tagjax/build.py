@@ -161,18 +161,9 @@ class OptOut:
 
     @classmethod
     def load(cls, posts_file: str | None, users_file: str | None) -> OptOut:
-        return cls(posts=read_id_list(posts_file), users=read_id_list(users_file))
-
-
-def read_id_list(path: str | None) -> frozenset[str]:
-    """One id per line; blank lines and lines starting with '#' are ignored."""
-    if not path:
-        return frozenset()
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"opt-out list {p} does not exist.")
-    with p.open(encoding="utf-8") as f:
-        return frozenset(s for line in f if (s := line.strip()) and not s.startswith("#"))
+        posts = frozenset(posts_lib.read_id_list(posts_file)) if posts_file else frozenset()
+        users = frozenset(posts_lib.read_id_list(users_file)) if users_file else frozenset()
+        return cls(posts=posts, users=users)
 
 
 def admit(post: posts_lib.Post, optout: OptOut, assume_public: bool) -> str | None:

@@ -38,6 +38,7 @@ from tagjax import build as B
 from tagjax import dedup as dedup_lib
 from tagjax import posts as posts_lib
 from tagjax import records
+from tagjax import vocab as vocab_lib
 from tagjax.errors import UserError
 
 DROP = "drop"  # tagged output: (source, reason)
@@ -134,7 +135,6 @@ _CANON: dict = {}
 
 def _canonicalizer(vocab_json, drop_ancestors):
     """One Canonicalizer per worker process and vocabulary (its cache is what makes it fast)."""
-    from tagjax import vocab as vocab_lib
 
     key = (vocab_json["fingerprint"], drop_ancestors)
     if key not in _CANON:
@@ -278,7 +278,6 @@ def _finalize(
     eval_count,
     started,
 ):
-    from tagjax import vocab as vocab_lib
 
     stats = B.Stats()
     for source, n in read_counts:
@@ -518,8 +517,6 @@ def build(cfg: B.BuildConfig, pipeline_args=()) -> dict:
     """Runs the Beam build (DirectRunner unless ``pipeline_args`` say otherwise); returns stats.json."""
     beam = _beam()
     from apache_beam.options.pipeline_options import PipelineOptions
-
-    from tagjax import vocab as vocab_lib
 
     if cfg.limit:
         raise UserError(

@@ -31,9 +31,18 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import io
 from collections.abc import Hashable, Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from tagjax import emoji_dataset  # noqa: F401  (registers tagjax's own TFDS builders, e.g. emoji)
+from tagjax import images as images_lib
+from tagjax.errors import UserError
+from tagjax.posts import IMAGE_EXTENSIONS
 
 HASH_BITS = 64
 _DCT_SIZE = 32
@@ -71,7 +80,6 @@ _DCT = _dct_matrix(_DCT_SIZE)
 
 def phash(pixels: np.ndarray) -> int:
     """64-bit perceptual hash of an RGB (or gray) uint8 image, as a Python int."""
-    from PIL import Image
 
     image = Image.fromarray(np.asarray(pixels, dtype=np.uint8))
     # Lanczos, not a box filter: on openclipart a box-filtered hash kept 87% of resized+recompressed
@@ -252,14 +260,6 @@ def load_eval_hashes(
     ``tfds.data_source``, which needs the dataset prepared in the TFDS data dir but not TensorFlow).
     Images go through the same normalization as training images (:func:`tagjax.images.process`).
     """
-    import io
-    from pathlib import Path
-
-    from PIL import Image
-
-    from tagjax import images as images_lib
-    from tagjax.errors import UserError
-    from tagjax.posts import IMAGE_EXTENSIONS
 
     out: list[tuple[str, int]] = []
     if spec.startswith("tfds:"):
@@ -270,10 +270,6 @@ def load_eval_hashes(
                 f"evaluation set {spec!r}: write tfds:NAME/SPLIT, e.g. tfds:imagenet2012/validation."
             )
         try:
-            import tensorflow_datasets as tfds
-
-            import tagjax.downstream  # noqa: F401  (registers tagjax's own TFDS builders, e.g. emoji)
-
             # download=False: an unprepared dataset is an error to report, never a download to start.
             source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:

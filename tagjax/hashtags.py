@@ -164,11 +164,10 @@ class NounTable:
     @classmethod
     def from_wordnet(cls, wn) -> NounTable:
         """Builds the table from an nltk WordNet 3.0 reader (what ``tagjax vocab rebuild-data`` runs)."""
-        from tagjax import wordnet as wordnet_lib
 
         synsets = sorted(wn.all_synsets("n"), key=lambda s: s.offset())
         index = {s.offset(): i for i, s in enumerate(synsets)}
-        lexnames = [name for name, pos in wordnet_lib.LEXNAMES if pos == 1]
+        lexnames = [name for name, pos in LEXNAMES if pos == 1]
         lexname_index = {name: i for i, name in enumerate(lexnames)}
         names, offsets, lexname_ids, counts, hypernyms = [], [], [], [], []
         lemma_count: dict[
@@ -420,6 +419,56 @@ def read_word_list(path: Path) -> frozenset[str]:
 def default_meta_hashtags() -> frozenset[str]:
     return read_word_list(DATA_DIR / META_HASHTAGS_FILE)
 
+
+# WordNet 3.0's lexicographer files, in the order of their numbers (wndb(5WN) / lexnames(5WN)).
+# Each line of the file is "NN<TAB>name<TAB>pos", pos 1 noun, 2 verb, 3 adjective, 4 adverb.
+LEXNAMES = (
+    ("adj.all", 3),
+    ("adj.pert", 3),
+    ("adv.all", 4),
+    ("noun.Tops", 1),
+    ("noun.act", 1),
+    ("noun.animal", 1),
+    ("noun.artifact", 1),
+    ("noun.attribute", 1),
+    ("noun.body", 1),
+    ("noun.cognition", 1),
+    ("noun.communication", 1),
+    ("noun.event", 1),
+    ("noun.feeling", 1),
+    ("noun.food", 1),
+    ("noun.group", 1),
+    ("noun.location", 1),
+    ("noun.motive", 1),
+    ("noun.object", 1),
+    ("noun.person", 1),
+    ("noun.phenomenon", 1),
+    ("noun.plant", 1),
+    ("noun.possession", 1),
+    ("noun.process", 1),
+    ("noun.quantity", 1),
+    ("noun.relation", 1),
+    ("noun.shape", 1),
+    ("noun.state", 1),
+    ("noun.substance", 1),
+    ("noun.time", 1),
+    ("verb.body", 2),
+    ("verb.change", 2),
+    ("verb.cognition", 2),
+    ("verb.communication", 2),
+    ("verb.competition", 2),
+    ("verb.consumption", 2),
+    ("verb.contact", 2),
+    ("verb.creation", 2),
+    ("verb.emotion", 2),
+    ("verb.motion", 2),
+    ("verb.perception", 2),
+    ("verb.possession", 2),
+    ("verb.social", 2),
+    ("verb.stative", 2),
+    ("verb.weather", 2),
+    ("adj.ppl", 3),
+)
 
 # Lexicographer files whose synsets are things a photo shows: creatures, objects, substances, foods,
 # places, people, body parts and physical phenomena (clouds, snow, rainbows' neighbours).

@@ -27,8 +27,8 @@ Batches (numpy, per host)::
      "num_labels": int32 [b]}                         + "mask": bool [b] for evaluation
 
 Labels are the image's canonical label ids, deduplicated; an image with more than ``max_labels`` keeps the
-drawn hashtag and a deterministic random subset of the others. ``shard_batch`` turns a host batch into one
-global ``jax.Array`` per field on the training mesh.
+drawn hashtag and a deterministic random subset of the others. ``tagjax.sharding.global_batch`` turns a host
+batch into one global ``jax.Array`` per field on the training mesh.
 
 Bad records (undecodable image, unreadable record, no labels, label ids outside the vocabulary) are
 skipped: in training the position is redrawn (deterministically), in evaluation the slot is masked out.
@@ -52,8 +52,11 @@ import cv2
 import grain
 import numpy as np
 from absl import logging
+from grain._src.python.dataset.transformations import process_prefetch
+from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
 
 from tagjax import augment, records, sampling
+from tagjax import vocab as vocab_lib
 from tagjax.errors import UserError
 
 STATE_FORMAT = "tagjax.input_pipeline/1"
@@ -358,11 +361,8 @@ class LabelOptions:
 
 def _alloc(shape, dtype, fill=None) -> np.ndarray:
     """A batch array; in a grain worker it lives in shared memory, so handing it over copies nothing."""
-    from grain._src.python.dataset.transformations import process_prefetch
 
     if process_prefetch.is_in_worker_process():
-        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
-
         arr = SharedMemoryArray(shape, np.dtype(dtype))
     else:
         arr = np.empty(shape, dtype)
@@ -756,7 +756,6 @@ def open_source(config, dataset_dir=None) -> SourceInfo:
 
 def load_vocabulary(config, dataset_dir=None):
     """The dataset's vocabulary (``vocab.json``), checked against the fingerprint in its manifest."""
-    from tagjax import vocab as vocab_lib
 
     if isinstance(dataset_dir, SourceInfo) and dataset_dir.vocab is not None:
         return dataset_dir.vocab
@@ -951,23 +950,3 @@ def synthetic_task(config, split: str = "train") -> SyntheticTask:
         split="train" if split in ("train", d.train_split) else "heldout",
         max_labels_per_image=int(d.synthetic_labels_per_image),
     )
-
-
-def shard_batch(batch: dict, mesh, batch_axes: Sequence[str] | None = None) -> dict:
-    """Host batch (numpy) -> one global ``jax.Array`` per field, batch dimension split over ``batch_axes``.
-
-    ``batch_axes`` defaults to all mesh axes (data and FSDP axes both split the batch). Every host passes
-    its own rows; ``jax.make_array_from_process_local_data`` assembles the global array of
-    ``process_count x`` the host batch without any cross-host copy.
-    """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    axes = tuple(mesh.axis_names if batch_axes is None else batch_axes)
-    out = {}
-    for key, value in batch.items():
-        spec = PartitionSpec(axes, *([None] * (np.ndim(value) - 1)))
-        out[key] = jax.make_array_from_process_local_data(
-            NamedSharding(mesh, spec), np.asarray(value)
-        )
-    return out

@@ -59,6 +59,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from tagjax.errors import UserError
+from tagjax.images import ImageSkip
 
 SOURCE_KINDS = ("jsonl", "wds", "folder", "openclipart", "yfcc")
 OPENCLIPART_ROOT = "/usr/share/openclipart/svg"
@@ -568,8 +569,6 @@ def rasterize_svg(svg: bytes, side: int) -> bytes:
     from cairosvg.parser import Tree
     from cairosvg.surface import PNGSurface
 
-    from tagjax.images import ImageSkip
-
     try:
         tree = Tree(bytestring=svg, unsafe=False)
         width, height, _ = node_format(None, tree)
@@ -596,7 +595,6 @@ def load_image_bytes(post: Post, side: int, cache: RasterCache | None = None) ->
 
     Raises :class:`tagjax.images.ImageSkip` (missing_image, svg_unrenderable).
     """
-    from tagjax.images import ImageSkip
 
     if post.image_bytes is not None:
         return post.image_bytes
@@ -615,3 +613,14 @@ def load_image_bytes(post: Post, side: int, cache: RasterCache | None = None) ->
     if cache:
         cache.put(data, side, png)
     return png
+
+
+def read_id_list(path: str | os.PathLike) -> list[str]:
+    """The ids of an id-list file, in file order: one id per line; blank lines and lines starting with
+    ``#`` are ignored. Opt-out lists (tagjax build --optout-posts/--optout-users) and exclude lists
+    (tagjax.decontaminate.write_exclude_list) are such files."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"id list {p} does not exist.")
+    with p.open(encoding="utf-8") as f:
+        return [s for line in f if (s := line.strip()) and not s.startswith("#")]

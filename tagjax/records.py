@@ -39,6 +39,9 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+from tagjax.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "dataset.json"
@@ -107,7 +110,6 @@ def write_shard(path: Path, records: Iterable[bytes]) -> int:
 
     ``group_size:1`` makes every record its own chunk, which random access (grain) needs to be fast.
     """
-    from array_record.python.array_record_module import ArrayRecordWriter
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -125,7 +127,6 @@ def write_shard(path: Path, records: Iterable[bytes]) -> int:
 
 def read_shard(path: Path) -> list[bytes]:
     """All encoded records of one shard, in order (for tools and tests; training reads through grain)."""
-    from array_record.python.array_record_module import ArrayRecordReader
 
     reader = ArrayRecordReader(str(path))
     try:
@@ -198,7 +199,6 @@ class Manifest:
 
 def load_manifest(root: Path) -> Manifest:
     """Reads ``<root>/dataset.json``; a directory without one is not a (complete) dataset."""
-    from tagjax.errors import UserError
 
     path = Path(root) / MANIFEST
     if not path.is_file():

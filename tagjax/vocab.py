@@ -51,12 +51,16 @@ import os
 import sys
 from collections import _count_elements  # the C loop behind Counter.update
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from tqdm import tqdm
 
+import tagjax
 from tagjax import hashtags as H
+from tagjax import wordnet
 from tagjax.errors import UserError
 
 FORMAT = "tagjax-vocabulary"
@@ -691,7 +695,6 @@ def build_vocabulary(
 
     groups: dict[tuple[int, ...], dict] = {}  # sorted synset indices -> {"synsets", "aliases"}
     items = sorted(forms.items())
-    from tqdm import tqdm
 
     show = progress if progress is not None else len(items) > 200_000
     for form, n in tqdm(items, desc="canonicalizing hashtags", unit="tag", disable=not show):
@@ -767,14 +770,11 @@ def build_vocabulary(
 
 
 def _tagjax_version() -> str:
-    import tagjax
 
     version = getattr(tagjax, "__version__", None)
     if (
         version is None
     ):  # imported as a namespace package (some editable installs): ask the metadata
-        from importlib import metadata
-
         version = metadata.version("tagjax")
     return version
 
@@ -874,7 +874,6 @@ def read_tag_counts(path: str | os.PathLike, max_bad_fraction: float = 0.001) ->
 def rebuild_package_data(out_dir: Path | None = None, wn=None) -> dict:
     """Rebuilds every derived file in tagjax/data from WordNet 3.0 (the one command:
     ``tagjax vocab rebuild-data``): the noun table, its glosses and the in1k vocabulary."""
-    from tagjax import wordnet
 
     out_dir = Path(out_dir) if out_dir is not None else H.DATA_DIR
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
+from tagjax.hashtags import LEXNAMES
+
 DEBIAN_WORDNET_DIR = Path("/usr/share/wordnet")
 
 # The database files nltk's reader opens; `lexnames` is generated, not copied.
@@ -43,55 +45,6 @@ _DATABASE_FILES = (
 )
 _OPTIONAL_FILES = ("cntlist.rev", "index.sense")
 
-# WordNet 3.0's lexicographer files, in the order of their numbers (wndb(5WN) / lexnames(5WN)).
-# Each line of the file is "NN<TAB>name<TAB>pos", pos 1 noun, 2 verb, 3 adjective, 4 adverb.
-LEXNAMES = (
-    ("adj.all", 3),
-    ("adj.pert", 3),
-    ("adv.all", 4),
-    ("noun.Tops", 1),
-    ("noun.act", 1),
-    ("noun.animal", 1),
-    ("noun.artifact", 1),
-    ("noun.attribute", 1),
-    ("noun.body", 1),
-    ("noun.cognition", 1),
-    ("noun.communication", 1),
-    ("noun.event", 1),
-    ("noun.feeling", 1),
-    ("noun.food", 1),
-    ("noun.group", 1),
-    ("noun.location", 1),
-    ("noun.motive", 1),
-    ("noun.object", 1),
-    ("noun.person", 1),
-    ("noun.phenomenon", 1),
-    ("noun.plant", 1),
-    ("noun.possession", 1),
-    ("noun.process", 1),
-    ("noun.quantity", 1),
-    ("noun.relation", 1),
-    ("noun.shape", 1),
-    ("noun.state", 1),
-    ("noun.substance", 1),
-    ("noun.time", 1),
-    ("verb.body", 2),
-    ("verb.change", 2),
-    ("verb.cognition", 2),
-    ("verb.communication", 2),
-    ("verb.competition", 2),
-    ("verb.consumption", 2),
-    ("verb.contact", 2),
-    ("verb.creation", 2),
-    ("verb.emotion", 2),
-    ("verb.motion", 2),
-    ("verb.perception", 2),
-    ("verb.possession", 2),
-    ("verb.social", 2),
-    ("verb.stative", 2),
-    ("verb.weather", 2),
-    ("adj.ppl", 3),
-)
 
 INSTALL_HINT = (
     "WordNet 3.0 was not found. Install it with `sudo apt-get install wordnet-base` (Debian/Ubuntu; "

@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from tagjax.errors import UserError
+
 Dtype = Any
 
 GROUPED_CONV_MODES = ("xla", "block_diagonal")
@@ -197,8 +199,6 @@ class BatchNorm(nn.Module):
         b = x.shape[0]
         n = self.group_size if self.group_size > 0 else b
         if b % n:
-            from tagjax.errors import UserError
-
             raise UserError(
                 f"batch-norm group size {n} does not divide the batch of {b} images on this step: set "
                 "config.model.bn_group_size to a divisor of the per-step (micro-)batch, or 0 for global statistics."
@@ -337,7 +337,6 @@ def _get(cfg, key, default):
 
 def get_spec(name_or_spec: str | ArchSpec) -> ArchSpec:
     """An architecture by name (see ``ARCHS``), or the spec itself."""
-    from tagjax.errors import UserError
 
     if isinstance(name_or_spec, ArchSpec):
         return name_or_spec
@@ -351,7 +350,6 @@ def create(model_config, num_classes: int, *, spec: ArchSpec | None = None) -> R
 
     ``spec`` overrides ``config.model.name`` with an explicit architecture (reduced test variants).
     """
-    from tagjax.errors import UserError
 
     spec = spec or get_spec(_get(model_config, "name", "resnext101_32x8d"))
     dtype_name = str(_get(model_config, "dtype", "float32"))
