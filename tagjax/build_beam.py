@@ -34,7 +34,7 @@ import json
 import time
 from pathlib import Path
 
-from tagjax import build as B
+from tagjax import build_steps as steps
 from tagjax import dedup as dedup_lib
 from tagjax import posts as posts_lib
 from tagjax import records
@@ -82,19 +82,19 @@ def _first_occurrence(kv):
     _, occurrences = kv
     occurrences = sorted(occurrences, key=lambda x: x[0])
     for _, post in occurrences[1:]:
-        yield beam.pvalue.TaggedOutput(DROP, (post.source, B.DUPLICATE_POST_ID))
+        yield beam.pvalue.TaggedOutput(DROP, (post.source, steps.DUPLICATE_POST_ID))
     yield occurrences[0][1]
 
 
 def _admit_and_forms(post, optout, assume_public):
     beam = _beam()
-    reason = B.admit(post, optout, assume_public)
+    reason = steps.admit(post, optout, assume_public)
     if reason:
         yield beam.pvalue.TaggedOutput(DROP, (post.source, reason))
         return
-    forms = B.tag_forms(post)
+    forms = steps.tag_forms(post)
     if not forms:
-        yield beam.pvalue.TaggedOutput(DROP, (post.source, B.NO_HASHTAGS))
+        yield beam.pvalue.TaggedOutput(DROP, (post.source, steps.NO_HASHTAGS))
         return
     yield post, forms
 
@@ -106,7 +106,7 @@ def _user_habits(kv, fraction, min_posts):
     for forms in form_lists:
         n += 1
         counts.update(forms)
-    habits = B.habits_of_user(n, counts, fraction, min_posts)
+    habits = steps.habits_of_user(n, counts, fraction, min_posts)
     if habits:
         yield user, sorted(habits)
 
@@ -119,15 +119,15 @@ def _remove_habits(item, habits):
         for f in forms:
             if f in user_habits:
                 yield beam.pvalue.TaggedOutput(HABIT_USE, f)
-        forms = B.without_habits(forms, user_habits)
+        forms = steps.without_habits(forms, user_habits)
         if not forms:
-            yield beam.pvalue.TaggedOutput(DROP, (post.source, B.HABITUAL_ONLY))
+            yield beam.pvalue.TaggedOutput(DROP, (post.source, steps.HABITUAL_ONLY))
             return
     yield post, forms
 
 
 def _vocab_from_counts(counts, cfg):
-    return B.build_vocabulary(cfg, dict(counts)).to_json()
+    return steps.build_vocabulary(cfg, dict(counts)).to_json()
 
 
 _CANON: dict = {}
@@ -152,7 +152,7 @@ def _canonicalize(item, vocab_json, drop_ancestors):
     for reason, n in result.dropped.items():
         yield beam.pvalue.TaggedOutput(TAGDROP, (reason, n))
     if not result.label_ids:
-        yield beam.pvalue.TaggedOutput(DROP, (post.source, B.NO_LABELS))
+        yield beam.pvalue.TaggedOutput(DROP, (post.source, steps.NO_LABELS))
         return
     yield post, tuple(result.label_ids)
 
@@ -161,12 +161,12 @@ def _cap_user(kv, cap):
     beam = _beam()
     _, items = kv
     items = list(items)
-    allowed = B.capped([post.post_id for post, _ in items], cap)
+    allowed = steps.capped([post.post_id for post, _ in items], cap)
     for post, labels in items:
         if post.post_id in allowed:
             yield post, labels
         else:
-            yield beam.pvalue.TaggedOutput(DROP, (post.source, B.USER_CAP))
+            yield beam.pvalue.TaggedOutput(DROP, (post.source, steps.USER_CAP))
 
 
 _CACHES: dict = {}
@@ -177,7 +177,7 @@ def _process_image(item, options, cache_dir):
     post, labels = item
     if cache_dir not in _CACHES:
         _CACHES[cache_dir] = posts_lib.RasterCache(cache_dir) if cache_dir else None
-    r = B.process_post_image(post, options, _CACHES[cache_dir])
+    r = steps.process_post_image(post, options, _CACHES[cache_dir])
     if r.reason:
         yield beam.pvalue.TaggedOutput(DROP, (post.source, r.reason))
         return
@@ -194,12 +194,12 @@ def _decontaminate(item, eval_hashes, threshold):
     key = (id(eval_hashes), threshold)
     if key not in _MATCHERS:
         _MATCHERS.clear()
-        _MATCHERS[key] = B.EvalMatcher([tuple(x) for x in eval_hashes], threshold)
+        _MATCHERS[key] = steps.EvalMatcher([tuple(x) for x in eval_hashes], threshold)
     m = _MATCHERS[key].match(item[6])
     if m is None:
         yield item
         return
-    yield beam.pvalue.TaggedOutput(DROP, (item[3], B.EVAL_DUPLICATE))
+    yield beam.pvalue.TaggedOutput(DROP, (item[3], steps.EVAL_DUPLICATE))
     yield beam.pvalue.TaggedOutput(
         EVAL_MATCH, {"post_id": item[0], "eval_image": m[0], "distance": m[1]}
     )
@@ -243,22 +243,24 @@ def _resolve_edges(edges):
 def _assign_split(item, resolution, heldout_fraction, seed):
     beam = _beam()
     if item[0] in resolution["dropped"]:
-        yield beam.pvalue.TaggedOutput(DROP, (item[3], B.NEAR_DUPLICATE))
+        yield beam.pvalue.TaggedOutput(DROP, (item[3], steps.NEAR_DUPLICATE))
         return
     root = resolution["root"].get(item[0], item[0])
-    yield B.split_of(root, heldout_fraction, seed), item
+    yield steps.split_of(root, heldout_fraction, seed), item
 
 
 def _shard_keyed(split_item, split_counts, shard_size):
     split, item = split_item
-    count = B.num_shards(split_counts[split], shard_size)
-    return (split, B.shard_of(item[0], count), count), item
+    count = steps.num_shards(split_counts[split], shard_size)
+    return (split, steps.shard_of(item[0], count), count), item
 
 
 def _write_shard(kv, output, keep_user_ids):
     (split, index, count), items = kv
-    encoded = [(it[0], B.make_record(it[0], it[7], it[1], it[2], keep_user_ids)) for it in items]
-    name, label_lists = B.write_one_shard(Path(output), split, index, count, encoded)
+    encoded = [
+        (it[0], steps.make_record(it[0], it[7], it[1], it[2], keep_user_ids)) for it in items
+    ]
+    name, label_lists = steps.write_one_shard(Path(output), split, index, count, encoded)
     return split, index, count, name, label_lists
 
 
@@ -279,7 +281,7 @@ def _finalize(
     started,
 ):
 
-    stats = B.Stats()
+    stats = steps.Stats()
     for source, n in read_counts:
         stats.read[source] += n
     for (source, reason), n in drops:
@@ -289,7 +291,7 @@ def _finalize(
     for reason, n in tag_drops:
         stats.tags_dropped[reason] += n
     stats.images_attempted = int(images_attempted)
-    stats.image_failures = sum(n for r, n in stats.dropped.items() if r in B.FAILURE_REASONS)
+    stats.image_failures = sum(n for r, n in stats.dropped.items() if r in steps.FAILURE_REASONS)
     habit_counter = collections.Counter(dict(habit_uses))
     stats.extra["habits"] = {
         "users_with_habits": int(habit_users),
@@ -300,19 +302,19 @@ def _finalize(
     }
     d = stats.dropped
     hashed = int(images_hashed)
-    removed = d[B.EXACT_DUPLICATE] + d[B.NEAR_DUPLICATE] + d[B.EVAL_DUPLICATE]
+    removed = d[steps.EXACT_DUPLICATE] + d[steps.NEAR_DUPLICATE] + d[steps.EVAL_DUPLICATE]
     stats.extra["dedup"] = {
         "near_threshold": cfg.dedup.near_threshold,
         "eval_threshold": cfg.dedup.eval_threshold,
         "eval_images": int(eval_count),
         "images_hashed": hashed,
-        "exact_removed": d[B.EXACT_DUPLICATE],
-        "near_removed": d[B.NEAR_DUPLICATE],
-        "eval_removed": d[B.EVAL_DUPLICATE],
+        "exact_removed": d[steps.EXACT_DUPLICATE],
+        "near_removed": d[steps.NEAR_DUPLICATE],
+        "eval_removed": d[steps.EVAL_DUPLICATE],
         "removal_rate": round(removed / hashed, 4) if hashed else 0.0,
         "eval_matches": sorted(eval_matches, key=lambda m: m["post_id"]),
     }
-    B._check_failures(
+    steps.check_failures(
         stats, cfg, final=True
     )  # raises: the run fails and no dataset.json is written
     by_split: dict[str, dict[int, tuple]] = collections.defaultdict(dict)
@@ -325,13 +327,13 @@ def _finalize(
         for index in range(count):
             # A shard whose hash range received no record has no group: write it empty, as the
             # local builder does, so both builds list the same files.
-            entry = by_split[split].get(index) or B.write_one_shard(
+            entry = by_split[split].get(index) or steps.write_one_shard(
                 Path(cfg.output), split, index, count, []
             )
             shards[split].append(entry)
     vocab = vocab_lib.Vocabulary.from_json(vocab_json)
     timing = {"beam_pipeline": time.time() - started}
-    summary = B.finalize(Path(cfg.output), cfg, vocab, shards, stats, timing)
+    summary = steps.finalize(Path(cfg.output), cfg, vocab, shards, stats, timing)
     return summary["posts_written"]
 
 
@@ -339,7 +341,7 @@ def _finalize(
 
 
 def build_pipeline(
-    p, cfg: B.BuildConfig, units, eval_hashes, optout: B.OptOut, given_vocab_json=None
+    p, cfg: steps.BuildConfig, units, eval_hashes, optout: steps.OptOut, given_vocab_json=None
 ):
     """Adds the build's stages to pipeline ``p``."""
     beam = _beam()
@@ -420,7 +422,7 @@ def build_pipeline(
         to_images = (capped_out.main, without_user) | "after cap" >> beam.Flatten()
     images_attempted = to_images | "count attempted" >> beam.combiners.Count.Globally()
     processed = split_outputs(
-        to_images, "images", _process_image, cfg.images, B._raster_cache_dir(cfg)
+        to_images, "images", _process_image, cfg.images, steps.raster_cache_dir(cfg)
     )
     images_hashed = processed.main | "count hashed" >> beam.combiners.Count.Globally()
 
@@ -442,7 +444,7 @@ def build_pipeline(
             | "group content" >> beam.GroupByKey(),
             "exact",
             _keep_best,
-            B.EXACT_DUPLICATE,
+            steps.EXACT_DUPLICATE,
         ).main
     if cfg.dedup.near_threshold >= 0:
         t = cfg.dedup.near_threshold
@@ -452,7 +454,7 @@ def build_pipeline(
             | "group phash" >> beam.GroupByKey(),
             "same phash",
             _keep_best,
-            B.NEAR_DUPLICATE,
+            steps.NEAR_DUPLICATE,
         ).main
         edges = (
             reps
@@ -513,7 +515,7 @@ def build_pipeline(
     )
 
 
-def build(cfg: B.BuildConfig, pipeline_args=()) -> dict:
+def build(cfg: steps.BuildConfig, pipeline_args=()) -> dict:
     """Runs the Beam build (DirectRunner unless ``pipeline_args`` say otherwise); returns stats.json."""
     beam = _beam()
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -523,12 +525,12 @@ def build(cfg: B.BuildConfig, pipeline_args=()) -> dict:
             "--limit is not supported by the Beam build; use the local builder for subsets."
         )
     root = Path(cfg.output).expanduser()
-    units = B.resolve_units(cfg)
-    optout = B.OptOut.load(cfg.optout_posts, cfg.optout_users)
+    units = steps.resolve_units(cfg)
+    optout = steps.OptOut.load(cfg.optout_posts, cfg.optout_users)
     given = vocab_lib.Vocabulary.load(cfg.vocab).to_json() if cfg.vocab else None
-    B.prepare_output(root, cfg.overwrite)
-    B._worker_init(cfg.images, B._raster_cache_dir(cfg))
-    eval_hashes = B.load_eval_hashes(cfg, None)
+    steps.prepare_output(root, cfg.overwrite)
+    steps.worker_init(cfg.images, steps.raster_cache_dir(cfg))
+    eval_hashes = steps.load_eval_hashes(cfg, None)
     options = PipelineOptions(list(pipeline_args))
     with beam.Pipeline(options=options) as p:
         build_pipeline(p, cfg, units, eval_hashes, optout, given)

@@ -1,8 +1,13 @@
-"""The ``tagjax`` command.
+"""The ``tagjax`` command: an explicit registry of subcommands, each one module of tagjax.commands.
 
-Each subcommand lives in the module of its stage of the data flow; that module defines
-``add_arguments(parser)`` and ``run(args) -> int | None``. Modules are imported only when their subcommand
-runs (or its ``--help`` is asked for), so ``tagjax --help`` is fast.
+Every command module exposes two functions and nothing else is looked up:
+
+* ``add_arguments(parser)``: its options, on the ``argparse`` subparser;
+* ``run(args) -> int | None``: does the work by calling library modules; the exit status (None is 0).
+
+Only the chosen command's module is imported (for running it or for its ``--help``), and command modules
+import the heavy library (JAX, grain, the models) inside ``run``, so ``tagjax --help`` and
+``tagjax X --help`` are fast for every X.
 
 Training-style subcommands take ``--config FILE[:arg]`` plus any number of ``--config.key=value``
 overrides (see tagjax.config); the overrides reach ``run`` as ``args.config_overrides``.
@@ -13,59 +18,73 @@ Errors a user can fix (tagjax.errors.UserError) print as one line and exit with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 
 from tagjax import __version__
+from tagjax import config as config_lib
 from tagjax.errors import UserError
 
-# name -> (module, one-line help); in the order of the data flow.
-COMMANDS = {
-    "vocab": ("tagjax.vocab", "build, show and look up hashtag vocabularies (WordNet synsets)"),
-    "build": ("tagjax.build", "tagged posts -> filtered, deduplicated ArrayRecord shards"),
-    "train": ("tagjax.train", "pretrain a model on hashtags (config file + overrides)"),
-    "evaluate": (
-        "tagjax.evaluate",
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand: the module that defines its ``add_arguments`` and ``run``, and its help line."""
+
+    module: str
+    help: str
+
+    def load(self):
+        """The command module, checked for the two functions every command module exposes."""
+        module = importlib.import_module(self.module)
+        for name in ("add_arguments", "run"):
+            if not callable(getattr(module, name, None)):
+                raise TypeError(f"{self.module} does not define {name}()")
+        return module
+
+
+# name -> command, in the order of the data flow.
+COMMANDS: dict[str, Command] = {
+    "vocab": Command(
+        "tagjax.commands.vocab",
+        "build, show and look up hashtag vocabularies (WordNet synsets)",
+    ),
+    "build": Command(
+        "tagjax.commands.build", "tagged posts -> filtered, deduplicated ArrayRecord shards"
+    ),
+    "train": Command(
+        "tagjax.commands.train", "pretrain a model on hashtags (config file + overrides)"
+    ),
+    "evaluate": Command(
+        "tagjax.commands.evaluate",
         "hashtag metrics on held-out shards; top-1/5 of a classifier on a dataset",
     ),
-    "transfer": ("tagjax.transfer", "linear probe or fine-tuning on a downstream dataset"),
-    "predict": ("tagjax.predict", "top hashtags for images"),
-    "embed": ("tagjax.predict", "pooled trunk features for images or shards, to .npy"),
-    "decontaminate": (
-        "tagjax.downstream",
+    "transfer": Command(
+        "tagjax.commands.transfer", "linear probe or fine-tuning on a downstream dataset"
+    ),
+    "predict": Command("tagjax.commands.predict", "top hashtags for images"),
+    "embed": Command(
+        "tagjax.commands.embed", "pooled trunk features for images or shards, to .npy"
+    ),
+    "decontaminate": Command(
+        "tagjax.commands.decontaminate",
         "training images near evaluation images in feature space -> exclude list",
     ),
-    "import-weights": (
-        "tagjax.interop.torchvision",
+    "import-weights": Command(
+        "tagjax.commands.import_weights",
         "PyTorch WSL/torchvision ResNeXt weights -> checkpoint",
     ),
-    "export-weights": (
-        "tagjax.interop.torchvision",
-        "checkpoint -> torchvision-layout .safetensors",
+    "export-weights": Command(
+        "tagjax.commands.export_weights", "checkpoint -> torchvision-layout .safetensors"
     ),
-    "demo": ("tagjax.demo", "the whole system end to end on the openclipart corpus, on CPU"),
+    "demo": Command(
+        "tagjax.commands.demo", "the whole system end to end on the openclipart corpus, on CPU"
+    ),
 }
 
 
-def _command_module(name: str):
-    module_name = COMMANDS[name][0]
-    return importlib.import_module(module_name)
-
-
-def _function_suffix(name: str) -> str:
-    """Modules holding two subcommands name their functions after them (add_embed_arguments, run_embed)."""
-    return name.replace("-", "_")
-
-
-def _hooks(name: str):
-    module = _command_module(name)
-    suffix = _function_suffix(name)
-    add = getattr(module, f"add_{suffix}_arguments", None) or module.add_arguments
-    run = getattr(module, f"run_{suffix}", None) or module.run
-    return add, run
-
-
-def build_parser(command: str | None) -> argparse.ArgumentParser:
+def build_parser(command: str | None):
+    """The parser of ``tagjax``, with the options of ``command`` (None: none) -> (parser, its module)."""
     parser = argparse.ArgumentParser(
         prog="tagjax",
         description="Weakly supervised image pretraining from hashtags (JAX/Flax).",
@@ -74,19 +93,20 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tagjax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+    module = None
+    for name, cmd in COMMANDS.items():
+        sp = sub.add_parser(name, help=cmd.help, description=cmd.help)
         if name == command:  # only the chosen command's module is imported
-            add, _ = _hooks(name)
-            add(sp)
-    return parser
+            module = cmd.load()
+            module.add_arguments(sp)
+    return parser, module
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     command = command if command in COMMANDS else None
-    parser = build_parser(command)
+    parser, module = build_parser(command)
     # `--config.key=value` overrides are not argparse options; they are collected and validated
     # against the config file itself (tagjax.config.load).
     overrides = [a for a in argv if a.startswith("--config.")]
@@ -102,12 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from tagjax.config import ensure_absl_flags_parsed
-
-    ensure_absl_flags_parsed()
-    _, run = _hooks(args.command)
+    config_lib.ensure_absl_flags_parsed()
     try:
-        return int(run(args) or 0)
+        return int(module.run(args) or 0)
     except UserError as e:
         print(f"tagjax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -25,24 +25,32 @@ from scratch, as is everything with ``--fresh``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import platform
 import shutil
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
+import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
+from tagjax import build as build_lib
+from tagjax import build_steps, downstream, plots, records, train, transfer
+from tagjax import config as config_lib
+from tagjax import dedup as dedup_lib
+from tagjax import evaluate as evaluate_lib
+from tagjax import images as images_lib
+from tagjax import metrics as metrics_lib
+from tagjax import sampling as sampling_lib
+from tagjax import vocab as vocab_lib
 from tagjax.errors import UserError
 
-DEFAULT_WORKDIR = "runs/demo"
-DEFAULT_CONFIG = "demo"
 STAGES_DIR = "stages"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
@@ -163,7 +171,6 @@ def _data_dir(cfg, workdir: Path) -> str:
 
 def _eval_set_spec(name: str, data_dir: str) -> tuple[str, Any]:
     """The downstream test split as a ``tagjax build --eval-set`` spec (preparing our own datasets)."""
-    from tagjax import downstream
 
     test = downstream.open_split(name, "test", data_dir)
     source = test.source
@@ -174,9 +181,6 @@ def _eval_set_spec(name: str, data_dir: str) -> tuple[str, Any]:
 
 
 def build_config(cfg, workdir: Path, eval_spec: str, data_dir: str, *, progress: bool):
-    from tagjax import build as build_lib
-    from tagjax import dedup as dedup_lib
-    from tagjax import images as images_lib
 
     c = cfg.corpus
     cache = str(c.raster_cache)
@@ -184,7 +188,7 @@ def build_config(cfg, workdir: Path, eval_spec: str, data_dir: str, *, progress:
         images = images_lib.ImageOptions(max_side=int(c.max_side), min_side=int(c.min_side))
     except ValueError as e:
         raise UserError(f"config.corpus: {e}.") from None
-    return build_lib.BuildConfig(
+    return build_steps.BuildConfig(
         inputs=tuple(str(s) for s in c.inputs),
         output=str(workdir / "dataset"),
         vocab_mode=str(c.vocab_mode),
@@ -210,7 +214,6 @@ def build_config(cfg, workdir: Path, eval_spec: str, data_dir: str, *, progress:
 
 
 def stage_corpus(cfg, workdir: Path, stages: Stages, *, progress: bool) -> dict:
-    from tagjax import build as build_lib
 
     log = stages.log
     data_dir = _data_dir(cfg, workdir)
@@ -230,7 +233,7 @@ def stage_corpus(cfg, workdir: Path, stages: Stages, *, progress: bool) -> dict:
             f"{bcfg.images.max_side}px through the raster cache)"
         )
         summary = build_lib.build(bcfg)
-        report = build_lib.render_report(summary)
+        report = build_steps.render_report(summary)
         result = stages.finish(
             "corpus",
             key,
@@ -289,8 +292,6 @@ def stage_pretrain(
     *,
     progress: bool,
 ) -> dict:
-    from tagjax import evaluate as evaluate_lib
-    from tagjax import train
 
     log = stages.log
     pcfg = pretrain_config(cfg, seed, corpus["dataset"])
@@ -300,7 +301,7 @@ def stage_pretrain(
     result = stages.begin(name, run_dir, key)
     if result is not None:
         log(
-            evaluate_lib.format_table(
+            metrics_lib.format_table(
                 _metrics_for_table(result["heldout"]),
                 title=f"hashtag prediction on held-out posts (seed {seed})",
             )
@@ -319,12 +320,12 @@ def stage_pretrain(
     metrics = evaluate_lib.evaluate_checkpoint(
         run_dir, corpus["dataset"], str(pcfg.data.eval_split), progress=progress
     )
-    table = evaluate_lib.format_table(
+    table = metrics_lib.format_table(
         metrics, title=f"hashtag prediction on held-out posts (seed {seed})"
     )
     out = run_dir / "eval" / f"{pcfg.data.eval_split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(evaluate_lib.to_json(metrics), indent=1) + "\n")
+    out.write_text(json.dumps(metrics_lib.to_json(metrics), indent=1) + "\n")
     out.with_suffix(".txt").write_text(table + "\n")
     log(table)
     heldout = {
@@ -375,7 +376,6 @@ def _metrics_for_table(heldout: Mapping) -> dict:
 
 def stage_random(cfg, seed: int, corpus: dict, workdir: Path, stages: Stages) -> dict:
     """The "no pretraining" trunk: the pretraining architecture at its initialization for this seed."""
-    from tagjax import transfer
 
     pcfg = pretrain_config(cfg, seed, corpus["dataset"])
     run_dir = workdir / f"seed{seed}" / "random"
@@ -404,7 +404,6 @@ def stage_downstream_only(
     cfg, seed: int, random_ckpt: str, workdir: Path, stages: Stages, *, progress: bool
 ) -> dict:
     """The same architecture trained from the random initialization on the downstream training split."""
-    from tagjax import transfer
 
     data_dir = _data_dir(cfg, workdir)
     scfg = scratch_config(cfg, seed, data_dir)
@@ -434,7 +433,6 @@ def stage_downstream_only(
 
 
 def probe_config(cfg, seed: int, data_dir: str):
-    import ml_collections
 
     pc = ml_collections.ConfigDict()
     pc.seed = int(seed)
@@ -456,7 +454,6 @@ def stage_probe(
     *,
     progress: bool,
 ) -> dict:
-    from tagjax import transfer
 
     data_dir = _data_dir(cfg, workdir)
     pc = probe_config(cfg, seed, data_dir)
@@ -528,7 +525,6 @@ def _range(s: Mapping, scale: float = 100.0) -> str:
 
 
 def machine_info() -> dict:
-    import jax
 
     cpu = ""
     try:
@@ -560,8 +556,6 @@ def resampled_label_share(dataset: str, num_labels: int, sampling: str, seed: in
     trainer's stream over positions ``[0, positions)`` (exactly the run's: tagjax.sampling is a pure
     function of the seed and the position); and (c) the probability of each hashtag being the *drawn* one
     (None without hashtag resampling)."""
-    from tagjax import records
-    from tagjax import sampling as sampling_lib
 
     index = records.LabelIndex.load(Path(dataset) / "train.labels.npz")
     before = index.counts(num_labels) / max(1, index.num_records)
@@ -581,9 +575,6 @@ def resampled_label_share(dataset: str, num_labels: int, sampling: str, seed: in
 def make_plots(
     cfg, workdir: Path, corpus: dict, pretrain: list[dict], scratch: list[dict], probes: dict
 ) -> dict:
-    from tagjax import evaluate as evaluate_lib
-    from tagjax import plots
-    from tagjax import vocab as vocab_lib
 
     out = workdir / PLOTS_DIR
     dataset = corpus["dataset"]
@@ -624,7 +615,7 @@ def make_plots(
     ap = np.asarray(
         [np.nan if v is None else v for v in first["heldout"]["per_label_ap"]], np.float64
     )
-    counts = evaluate_lib.label_counts_of(dataset, vocab.num_labels)
+    counts = metrics_lib.label_counts_of(dataset, vocab.num_labels)
     files["per_label_ap"] = plots.per_label_ap(ap, counts, names, out / "per_label_ap.png")
     rows = [
         {"key": t, "label": TRUNKS[t], "top1": [p["test_top1"] for p in probes[t]]} for t in TRUNKS
@@ -850,13 +841,10 @@ def run_all(
 ) -> dict:
     """Runs every stage (reusing finished ones, see the module docstring); returns the summary dict that
     is also written to ``WORKDIR/summary.json``."""
-    from tagjax import config as config_lib
 
     check_config(cfg)
     config_lib.ensure_absl_flags_parsed()
     if not progress:  # TFDS draws its own bars while preparing the downstream set
-        import tensorflow_datasets as tfds
-
         tfds.disable_progress_bar()
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -934,59 +922,3 @@ def run_all(
 # ----------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (parser.description or "") + (
-        ": openclipart -> WordNet hashtag vocabulary -> shards -> pretraining -> hashtag metrics -> linear "
-        "probes against a random and a downstream-only trunk -> summary and plots."
-    )
-    parser.add_argument(
-        "--workdir",
-        default=DEFAULT_WORKDIR,
-        help=f"output directory (default {DEFAULT_WORKDIR}); rerun to reuse finished stages",
-    )
-    parser.add_argument(
-        "--config",
-        default=DEFAULT_CONFIG,
-        help="config file (default configs/demo.py); override fields with --config.key=value",
-    )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=None,
-        help="repeat pretraining, baselines and probes with this many seeds and report mean "
-        "± std (default: the config's demo.seeds)",
-    )
-    parser.add_argument(
-        "--fresh",
-        action="store_true",
-        help="recompute every stage (the rasterized-SVG cache is still used)",
-    )
-    parser.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="no progress bars (they are off anyway when stderr is not a terminal)",
-    )
-
-
-def run(args) -> int:
-    import logging
-
-    from tagjax import config as config_lib
-
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = config_lib.load(args.config, args.config_overrides)
-    if args.seeds is not None:
-        with cfg.unlocked():
-            cfg.demo.seeds = int(args.seeds)
-    command = (
-        "tagjax " + " ".join(sys.argv[1:])
-        if sys.argv and "tagjax" in Path(sys.argv[0]).name
-        else f"tagjax demo --workdir {args.workdir}"
-        + (f" --seeds {args.seeds}" if args.seeds else "")
-    )
-    progress = not args.no_progress and sys.stderr.isatty()
-    run_all(cfg, args.workdir, fresh=args.fresh, progress=progress, command=command)
-    return 0

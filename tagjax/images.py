@@ -21,7 +21,9 @@ import dataclasses
 import io
 import warnings
 
+import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageFile, ImageOps
 
 # A file that ends early must fail, not decode as a grey lower half.
@@ -135,7 +137,6 @@ _ORIENT = {
 
 def _decode_fast_jpeg(data: bytes, opts: ImageOptions) -> tuple[Image.Image, int, int] | None:
     """Baseline YCbCr/gray JPEG -> (RGB image, source w, h) via libjpeg-turbo; None to use PIL instead."""
-    import simplejpeg
 
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -226,7 +227,6 @@ def decode(data: bytes, opts: ImageOptions) -> tuple[Image.Image, int, int]:
 
 def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
     """RGB uint8 [H, W, 3] -> baseline JPEG (4:2:0), the format every decoder reads fastest."""
-    import simplejpeg
 
     return simplejpeg.encode_jpeg(
         np.ascontiguousarray(pixels), quality=quality, colorspace="RGB", colorsubsampling="420"
@@ -242,8 +242,6 @@ def process(data: bytes, opts: ImageOptions) -> Processed:
     tw, th = target_size(image.width, image.height, opts.max_side)
     pixels = np.asarray(image, dtype=np.uint8)
     if (tw, th) != image.size:
-        import cv2
-
         # Only ever a downscale: area averaging is the alias-free filter for that, and OpenCV's is
         # about twice as fast as PIL's bicubic (this resize is a third of the per-image cost).
         pixels = cv2.resize(pixels, (tw, th), interpolation=cv2.INTER_AREA)

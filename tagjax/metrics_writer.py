@@ -24,6 +24,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from etils import epath
+from tensorboardX import SummaryWriter
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -31,8 +34,6 @@ TENSORBOARD_DIR = "tensorboard"
 def as_path(path: str | os.PathLike):
     """A local ``pathlib.Path`` (``~`` expanded), or an ``etils.epath.Path`` for URLs such as gs://."""
     if "://" in str(path):
-        from etils import epath
-
         return epath.Path(str(path))
     return Path(path).expanduser()
 
@@ -87,7 +88,6 @@ class MetricWriter:
             resume_images = max(
                 (int(r["images_seen"]) for r in kept if "images_seen" in r), default=0
             )
-        from tensorboardX import SummaryWriter
 
         # purge_step drops events logged past the restored point by the interrupted run.
         self._tb = SummaryWriter(

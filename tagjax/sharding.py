@@ -26,6 +26,7 @@ import os
 
 import jax
 import numpy as np
+from jax._src import distributed as _distributed  # the only way to ask "already initialized?"
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -56,7 +57,6 @@ def maybe_initialize_distributed() -> bool:
 
     Safe to call twice (the second call does nothing). Must run before the first JAX computation.
     """
-    from jax._src import distributed as _distributed  # the only way to ask "already initialized?"
 
     if _distributed.global_state.client is not None:
         return True

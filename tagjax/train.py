@@ -416,9 +416,9 @@ def evaluate(
     Stops after ``max_images`` real images (0 = the whole iterator). ``label_counts`` (training images per
     label) defines the head/torso/tail buckets.
     """
-    from tagjax import evaluate as evaluate_lib
+    from tagjax import metrics as metrics_lib
 
-    acc = evaluate_lib.MetricsAccumulator(num_classes, max_images=max_images)
+    acc = metrics_lib.MetricsAccumulator(num_classes, max_images=max_images)
     loss_sum = count = 0.0
     for local in batches:
         batch = sharding.global_batch({k: local[k] for k in EVAL_BATCH_KEYS}, mesh)
@@ -430,7 +430,7 @@ def evaluate(
             break
     if acc.count == 0:
         return {"num_images": 0}
-    metrics = evaluate_lib.scalar_summary(acc.result(label_counts=label_counts))
+    metrics = metrics_lib.scalar_summary(acc.result(label_counts=label_counts))
     metrics["loss"] = loss_sum / max(count, 1.0)
     return metrics
 
@@ -467,15 +467,15 @@ class DataSource:
 
 def open_data(config) -> DataSource:
     """The training iterator and held-out batches from ``config.data`` (a built dataset or synthetic)."""
-    from tagjax import evaluate as evaluate_lib
     from tagjax import input_pipeline
+    from tagjax import metrics as metrics_lib
 
     source = input_pipeline.open_source(config)
     if config.data.synthetic:
         task = input_pipeline.synthetic_task(config, "train")
         counts = task.label_index.counts(source.num_classes)
     else:
-        counts = evaluate_lib.label_counts_of(
+        counts = metrics_lib.label_counts_of(
             source.dataset_dir, source.num_classes, config.data.train_split
         )
     return DataSource(

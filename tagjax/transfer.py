@@ -55,7 +55,7 @@ def _downstream(config, split: str):
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    from tagjax.evaluate import to_json
+    from tagjax.metrics import to_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -117,7 +117,7 @@ def extract_features(
     """
     from tqdm import tqdm
 
-    from tagjax.predict import BadImageCounter, image_batches
+    from tagjax.inference import BadImageCounter, image_batches
 
     cache_dir, identity = feature_cache_dir(Path(cache_root), inference, ds)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -345,7 +345,7 @@ def linear_probe(
 ) -> dict:
     """The sweep, the refit and the test numbers (fractions). ``train``/``test`` are :class:`Features` or
     ``(x, y)`` / ``(x, y, groups)`` tuples."""
-    from tagjax.evaluate import topk_accuracy
+    from tagjax.metrics import topk_accuracy
 
     def unpack(f):
         if isinstance(f, Features):
@@ -424,7 +424,7 @@ def run_linear(
     config, checkpoint_path: str | Path, workdir: str | Path, *, progress: bool = True, log_fn=print
 ) -> dict:
     """Feature extraction (cached) + the linear probe; writes ``WORKDIR/results.json``."""
-    from tagjax.predict import Inference
+    from tagjax.inference import Inference
 
     t = config.transfer
     workdir = Path(workdir).expanduser()
@@ -683,8 +683,8 @@ def evaluate_classifier(
     import jax
 
     from tagjax import augment
-    from tagjax.evaluate import topk_accuracy
-    from tagjax.predict import BadImageCounter, image_batches
+    from tagjax.inference import BadImageCounter, image_batches
+    from tagjax.metrics import topk_accuracy
     from tagjax.train import normalize_images
 
     tf = augment.EvalTransform(int(config.data.eval_resize), int(config.data.eval_image_size))

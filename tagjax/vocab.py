@@ -38,7 +38,6 @@ string to its label id (or drop reason); first-seen strings go through the preco
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import collections
 import dataclasses
@@ -50,7 +49,7 @@ import json
 import os
 import sys
 from collections import _count_elements  # the C loop behind Counter.update
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
@@ -60,13 +59,14 @@ from tqdm import tqdm
 
 import tagjax
 from tagjax import hashtags as H
-from tagjax import wordnet
 from tagjax.errors import UserError
 
 FORMAT = "tagjax-vocabulary"
 VERSION = 1
 MODES = ("in1k", "nouns")
 IN1K_VOCAB_FILE = "vocab_in1k.json.gz"
+# wnid<TAB>synset<TAB>name of the 1000 ImageNet-1k classes (tagjax.wordnet.write_imagenet1k_classes).
+IMAGENET1K_CLASSES_FILE = H.DATA_DIR / "imagenet1k_classes.tsv"
 BUILTIN = {"in1k": IN1K_VOCAB_FILE}  # names Vocabulary.load accepts besides paths
 
 
@@ -869,218 +869,3 @@ def read_tag_counts(path: str | os.PathLike, max_bad_fraction: float = 0.001) ->
 
 
 # -- package data --------------------------------------------------------------------------------------
-
-
-def rebuild_package_data(out_dir: Path | None = None, wn=None) -> dict:
-    """Rebuilds every derived file in tagjax/data from WordNet 3.0 (the one command:
-    ``tagjax vocab rebuild-data``): the noun table, its glosses and the in1k vocabulary."""
-
-    out_dir = Path(out_dir) if out_dir is not None else H.DATA_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    wn = wn or wordnet.load()
-    table = H.NounTable.from_wordnet(wn)
-    table.save(out_dir / H.NOUN_TABLE_FILE, out_dir / H.GLOSS_FILE)
-    v = build_vocabulary(None, mode="in1k", table=table, source="wordnet")
-    v.save(out_dir / IN1K_VOCAB_FILE)
-    return {
-        "synsets": len(table),
-        "forms": len(table.keys),
-        "in1k_labels": v.num_labels,
-        "files": {
-            p: (out_dir / p).stat().st_size
-            for p in (H.NOUN_TABLE_FILE, H.GLOSS_FILE, IN1K_VOCAB_FILE)
-        },
-    }
-
-
-# -- CLI: tagjax vocab build | show | lookup | rebuild-data ------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="vocab_command", metavar="ACTION", required=True)
-    b = sub.add_parser(
-        "build",
-        help="hashtag counts -> vocab.json",
-        description="Build a vocabulary from hashtag counts (or WordNet alone).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=read_tag_counts.__doc__.split("\n", 1)[1].replace("``", ""),
-    )
-    b.add_argument(
-        "--counts",
-        help="hashtag counts (.tsv/.json/.jsonl, optionally .gz); omit to build from WordNet alone",
-    )
-    b.add_argument("--mode", choices=MODES, default="nouns")
-    b.add_argument(
-        "--top-k", type=int, default=None, help="keep this many labels (17000, 8500, ...)"
-    )
-    b.add_argument(
-        "--min-count", type=int, default=1, help="drop canonical hashtags seen fewer times"
-    )
-    b.add_argument(
-        "--sense-policy",
-        choices=H.SENSE_POLICIES,
-        default="all",
-        help="'first' collapses each hashtag to WordNet's first sense (see README caveats)",
-    )
-    b.add_argument("--no-visual-filter", action="store_true", help="keep every noun")
-    b.add_argument("--visual-threshold", type=float, default=H.VisualRule.threshold)
-    b.add_argument(
-        "--meta-hashtags",
-        default="default",
-        help="'default' (package list), 'none', or a word-list file",
-    )
-    b.add_argument(
-        "--split-compounds",
-        action="store_true",
-        help="split unknown forms into known nouns (#sunsetbeach -> sunset + beach)",
-    )
-    b.add_argument("--out", required=True, help="output vocabulary file (.json, or .json.gz)")
-    s = sub.add_parser("show", help="summarize a vocabulary and list its labels")
-    s.add_argument("vocab", help="vocab.json, a dataset directory, or a built-in name (in1k)")
-    s.add_argument("--limit", type=int, default=25, help="labels to list (0 = all)")
-    s.add_argument("--json", action="store_true", help="print label entries as JSON lines")
-    lk = sub.add_parser(
-        "lookup",
-        help="explain what happens to hashtags",
-        description="For each hashtag: its label (id, name, synsets) or why it is dropped.",
-    )
-    lk.add_argument(
-        "tags", nargs="*", help="hashtags ('-' reads whitespace-separated tags from stdin)"
-    )
-    lk.add_argument(
-        "--vocab", default="in1k", help="vocab.json, dataset dir, or built-in name (default in1k)"
-    )
-    lk.add_argument(
-        "--drop-ancestors",
-        action="store_true",
-        help="also show the labels kept for all tags as one post under the specificity option",
-    )
-    lk.add_argument("--split-compounds", action="store_true")
-    lk.add_argument("--json", action="store_true", help="one JSON object per hashtag")
-    r = sub.add_parser("rebuild-data", help="rebuild tagjax's package data from WordNet 3.0")
-    r.add_argument(
-        "--out-dir", default=None, help="default: the installed package's data directory"
-    )
-
-
-def run(args) -> int:
-    return {
-        "build": _run_build,
-        "show": _run_show,
-        "lookup": _run_lookup,
-        "rebuild-data": _run_rebuild,
-    }[args.vocab_command](args)
-
-
-def _run_build(args) -> int:
-    counts = read_tag_counts(args.counts) if args.counts else None
-    visual = H.VisualRule(threshold=args.visual_threshold, enabled=not args.no_visual_filter)
-    v = build_vocabulary(
-        counts,
-        mode=args.mode,
-        top_k=args.top_k,
-        min_count=args.min_count,
-        sense_policy=args.sense_policy,
-        visual=visual,
-        meta_hashtags=args.meta_hashtags,
-        split_compounds=args.split_compounds,
-        source=str(args.counts or "wordnet"),
-        progress=True,
-    )
-    v.save(args.out)
-    _print_summary(v)
-    print(f"wrote {args.out}")
-    return 0
-
-
-def _print_summary(v: Vocabulary) -> None:
-    st, se = v.stats, v.settings
-    print(
-        f"vocabulary: {v.num_labels} labels, mode {se.get('mode')}, fingerprint {v.fingerprint()}, "
-        f"sense policy {se.get('hashtags', {}).get('sense_policy')}"
-    )
-    if st.get("input_forms") is not None:
-        frac = st.get("kept_fraction")
-        print(
-            f"input: {st['input_forms']} hashtag forms, {st['input_count']} occurrences; "
-            f"candidate labels {st.get('candidate_labels')}; kept "
-            f"{'n/a' if frac is None else f'{frac:.1%}'} of occurrences"
-        )
-    if "in1k_synsets_covered" in st:
-        print(f"ImageNet-1k synsets covered: {st['in1k_synsets_covered']} of 1000")
-    for reason, d in st.get("dropped", {}).items():
-        print(f"  dropped {reason:16s} {d['forms']:>9} forms {d['count']:>12} occurrences")
-
-
-def _run_show(args) -> int:
-    v = Vocabulary.load(args.vocab)
-    _print_summary(v)
-    n = v.num_labels if args.limit == 0 else min(args.limit, v.num_labels)
-    entries = v.to_json()["labels"][:n] if args.json else None
-    for i in range(n):
-        if args.json:
-            print(json.dumps(entries[i], ensure_ascii=False))
-            continue
-        aliases = ", ".join(f"{a}:{c}" for a, c in list(v.aliases_of(i).items())[:6])
-        print(
-            f"{i:>6}  {v.name_of(i):24s} {v.count_of(i):>10}  {' '.join(v.synsets_of(i))}  [{aliases}]"
-        )
-    return 0
-
-
-def _iter_lookup_tags(tags: list[str]) -> Iterator[str]:
-    for t in tags:
-        if t == "-":
-            for line in sys.stdin:
-                yield from line.split()
-        else:
-            yield t
-
-
-def _run_lookup(args) -> int:
-    v = Vocabulary.load(args.vocab)
-    canon = Canonicalizer(
-        v,
-        drop_ancestors=args.drop_ancestors,
-        split_compounds=True if args.split_compounds else None,
-    )
-    tags = list(_iter_lookup_tags(args.tags))
-    if not tags:
-        raise UserError(
-            "give hashtags to look up, e.g. `tagjax vocab lookup dogs tbt sunset` ('-' = stdin)."
-        )
-    for tag in tags:
-        e = canon.explain(tag)
-        if args.json:
-            print(json.dumps(e, ensure_ascii=False))
-            continue
-        if "labels" in e:
-            for lab in e["labels"]:
-                print(
-                    f"{tag}\t-> label {lab['id']} #{lab['name']}\tsynsets: {', '.join(lab['synsets'])}"
-                )
-        else:
-            senses = "; ".join(
-                f"{', '.join(m['synsets'][:4])}{' ...' if len(m['synsets']) > 4 else ''}"
-                f" (visual share {m['visual_share']})"
-                for m in e["meanings"]
-            )
-            print(f"{tag}\t-> dropped: {e['dropped']}" + (f"\t{senses}" if senses else ""))
-    result = canon(tags)
-    names = [f"#{v.name_of(i)}" for i in result.label_ids]
-    drops = ", ".join(f"{r}={n}" for r, n in sorted(result.dropped.items()))
-    print(
-        f"as one post: {' '.join(names) or '(no labels)'}" + (f"; dropped {drops}" if drops else "")
-    )
-    return 0
-
-
-def _run_rebuild(args) -> int:
-    info = rebuild_package_data(args.out_dir)
-    print(
-        f"WordNet 3.0: {info['synsets']} noun synsets, {info['forms']} hashtag forms; "
-        f"in1k vocabulary: {info['in1k_labels']} labels"
-    )
-    for name, size in info["files"].items():
-        print(f"  {name}: {size / 1e6:.2f} MB")
-    return 0

@@ -12,6 +12,7 @@ ships the same WordNet 3.0 database in ``/usr/share/wordnet``, but nltk 3.10 can
 
 :func:`load` returns one reader per process (loading takes ~1.5 s; the prepared copy is reused across
 processes). Search order: an nltk-installed WordNet, then a previously prepared copy, then Debian's files.
+:func:`rebuild_package_data` rebuilds tagjax/data from it (``tagjax vocab rebuild-data``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ import shutil
 import warnings
 from pathlib import Path
 
+import nltk
+import tensorflow_datasets as tfds
 from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
+from tagjax import hashtags as H
+from tagjax import vocab as vocab_lib
 from tagjax.hashtags import LEXNAMES
 
 DEBIAN_WORDNET_DIR = Path("/usr/share/wordnet")
@@ -117,7 +122,6 @@ def prepare_copy(source_dir: Path, nltk_data_dir: Path) -> Path:
 
 def _nltk_installed_root() -> Path | None:
     """The directory of an nltk-downloaded WordNet, unzipped, if nltk can find one."""
-    import nltk
 
     try:
         found = nltk.data.find("corpora/wordnet")
@@ -134,7 +138,6 @@ def find_or_prepare(cache_dir: Path | None = None, debian_dir: Path | None = Non
     prepared in ``cache_dir``, Debian's ``/usr/share/wordnet``. Raises WordNetNotFoundError with both
     install routes when none exists.
     """
-    import nltk
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     nltk_data_dir = cache_dir / "nltk_data"
@@ -158,7 +161,6 @@ def find_or_prepare(cache_dir: Path | None = None, debian_dir: Path | None = Non
 
 def open_reader(root: Path) -> WordNetCorpusReader:
     """Opens a WordNet 3.0 corpus root with nltk (about 1.5 s)."""
-    import nltk
 
     parent = str(Path(root).parent.parent)
     if parent not in nltk.data.path:
@@ -194,3 +196,53 @@ def synset_from_wnid(wnid: str, wn: WordNetCorpusReader | None = None):
 def wnid_of(synset) -> str:
     """Synset -> ImageNet-style wnid ``nXXXXXXXX``."""
     return f"{synset.pos()}{synset.offset():08d}"
+
+
+def rebuild_package_data(out_dir: Path | None = None, wn=None) -> dict:
+    """Rebuilds every derived file in tagjax/data from WordNet 3.0 (the one command:
+    ``tagjax vocab rebuild-data``): the noun table, its glosses and the in1k vocabulary."""
+
+    out_dir = Path(out_dir) if out_dir is not None else H.DATA_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wn = wn or load()
+    table = H.NounTable.from_wordnet(wn)
+    table.save(out_dir / H.NOUN_TABLE_FILE, out_dir / H.GLOSS_FILE)
+    v = vocab_lib.build_vocabulary(None, mode="in1k", table=table, source="wordnet")
+    v.save(out_dir / vocab_lib.IN1K_VOCAB_FILE)
+    return {
+        "synsets": len(table),
+        "forms": len(table.keys),
+        "in1k_labels": v.num_labels,
+        "files": {
+            p: (out_dir / p).stat().st_size
+            for p in (H.NOUN_TABLE_FILE, H.GLOSS_FILE, vocab_lib.IN1K_VOCAB_FILE)
+        },
+    }
+
+
+def imagenet1k_classes_from_sources(wn=None) -> list[tuple[str, str, str]]:
+    """(wnid, synset name, display name) for the 1000 ImageNet-1k classes, from their sources.
+
+    The wnids are tensorflow-datasets' packaged ``imagenet2012/labels.txt`` (sorted: the order torchvision's
+    ImageFolder and every released model use); the names are each synset's first WordNet 3.0 lemma.
+    Loading nltk's WordNet takes 10-30 s, so import-weights reads the packaged copy
+    (:data:`tagjax.vocab.IMAGENET1K_CLASSES_FILE`, written by :func:`write_imagenet1k_classes`) instead; a test checks
+    that the two agree.
+    """
+    labels = Path(tfds.__file__).parent / "datasets" / "imagenet2012" / "labels.txt"
+    wnids = labels.read_text().split()
+    wn = wn or load()
+    synsets = [synset_from_wnid(wnid, wn) for wnid in wnids]
+    names = [s.lemmas()[0].name().replace("_", " ") for s in synsets]
+    # Two first lemmas repeat ("crane": the bird and the machine; "maillot"): the synset disambiguates.
+    repeated = {n for n in names if names.count(n) > 1}
+    names = [f"{n} ({s.name()})" if n in repeated else n for n, s in zip(names, synsets)]
+    return [(wnid, s.name(), n) for wnid, s, n in zip(wnids, synsets, names)]
+
+
+def write_imagenet1k_classes(path: str | Path = vocab_lib.IMAGENET1K_CLASSES_FILE) -> Path:
+    """(Re)writes the packaged class list: ``wnid<TAB>synset<TAB>name``, one line per class."""
+    p = Path(path)
+    lines = ["\t".join(row) for row in imagenet1k_classes_from_sources()]
+    p.write_text("\n".join(lines) + "\n")
+    return p

@@ -39,20 +39,23 @@ wnids, the order every torchvision ImageNet model uses) with WordNet names in it
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import os
-import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from tqdm import tqdm
 
-from tagjax import models
+from tagjax import __version__, checkpoint, models
+from tagjax import config as config_lib
 from tagjax.errors import UserError
+from tagjax.vocab import IMAGENET1K_CLASSES_FILE
 
 TORCH_CPU_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
 IMAGENET1K_NUM_CLASSES = 1000
@@ -316,9 +319,6 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         )
     name = p.name.lower()
     if name.endswith(SAFETENSORS_SUFFIXES):
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
         try:
             return dict(load_file(str(p)))
         except (SafetensorError, OSError, ValueError) as e:
@@ -357,7 +357,6 @@ def write_safetensors(
     sd: Mapping[str, np.ndarray], path: str | Path, metadata: Mapping[str, str]
 ) -> Path:
     """Writes ``sd`` atomically (temporary file, then rename); refuses to overwrite."""
-    from safetensors.numpy import save_file
 
     p = Path(path).expanduser()
     if p.exists():
@@ -371,7 +370,6 @@ def write_safetensors(
 
 def sha256_of(path: Path) -> str:
     """Hex SHA-256 of a file, with a progress bar for the multi-GB releases."""
-    from tqdm import tqdm
 
     h = hashlib.sha256()
     size = path.stat().st_size
@@ -390,41 +388,6 @@ def sha256_of(path: Path) -> str:
             h.update(chunk)
             bar.update(len(chunk))
     return h.hexdigest()
-
-
-IMAGENET1K_CLASSES_FILE = Path(__file__).resolve().parent.parent / "data" / "imagenet1k_classes.tsv"
-
-
-def imagenet1k_classes_from_sources(wn=None) -> list[tuple[str, str, str]]:
-    """(wnid, synset name, display name) for the 1000 ImageNet-1k classes, from their sources.
-
-    The wnids are tensorflow-datasets' packaged ``imagenet2012/labels.txt`` (sorted: the order torchvision's
-    ImageFolder and every released model use); the names are each synset's first WordNet 3.0 lemma.
-    Loading nltk's WordNet takes 10-30 s, so import-weights reads the packaged copy
-    (:data:`IMAGENET1K_CLASSES_FILE`, written by :func:`write_imagenet1k_classes`) instead; a test checks
-    that the two agree.
-    """
-    import tensorflow_datasets as tfds
-
-    from tagjax import wordnet
-
-    labels = Path(tfds.__file__).parent / "datasets" / "imagenet2012" / "labels.txt"
-    wnids = labels.read_text().split()
-    wn = wn or wordnet.load()
-    synsets = [wordnet.synset_from_wnid(wnid, wn) for wnid in wnids]
-    names = [s.lemmas()[0].name().replace("_", " ") for s in synsets]
-    # Two first lemmas repeat ("crane": the bird and the machine; "maillot"): the synset disambiguates.
-    repeated = {n for n in names if names.count(n) > 1}
-    names = [f"{n} ({s.name()})" if n in repeated else n for n, s in zip(names, synsets)]
-    return [(wnid, s.name(), n) for wnid, s, n in zip(wnids, synsets, names)]
-
-
-def write_imagenet1k_classes(path: str | Path = IMAGENET1K_CLASSES_FILE) -> Path:
-    """(Re)writes the packaged class list: ``wnid<TAB>synset<TAB>name``, one line per class."""
-    p = Path(path)
-    lines = ["\t".join(row) for row in imagenet1k_classes_from_sources()]
-    p.write_text("\n".join(lines) + "\n")
-    return p
 
 
 def imagenet1k_classes() -> tuple[list[str], list[str], list[str]]:
@@ -446,7 +409,6 @@ def imagenet1k_classes() -> tuple[list[str], list[str], list[str]]:
 
 
 def _count(tree) -> int:
-    import jax
 
     return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
 
@@ -466,8 +428,6 @@ def import_weights(
     set to ``arch``. ``class_names``: names of the head's classes (default: ImageNet-1k for 1000 classes).
     Returns (checkpoint path, metadata).
     """
-    from tagjax import checkpoint
-    from tagjax import config as config_lib
 
     models.get_spec(arch)  # an unknown name is a UserError listing the choices
     file = Path(file).expanduser()
@@ -516,9 +476,6 @@ def export_weights(
     Load it in PyTorch with ``torchvision.models.<arch>(num_classes=N).load_state_dict(
     safetensors.torch.load_file(path))`` (``strict=False`` for a ``--no-head`` export).
     """
-    import jax
-
-    from tagjax import __version__, checkpoint
 
     out = Path(out).expanduser()
     if not out.name.lower().endswith(".safetensors"):
@@ -549,90 +506,3 @@ def export_weights(
     if meta.get("vocab_fingerprint"):
         header["vocab_fingerprint"] = str(meta["vocab_fingerprint"])
     return write_safetensors(sd, out, header), header
-
-
-def add_import_weights_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Convert torchvision-layout ResNet/ResNeXt weights (the released WSL ig_resnext101_32x*d and SWSL "
-        "models; .safetensors without PyTorch, .pth with PyTorch's weights-only loader) into a tagjax "
-        "checkpoint for predict, embed, evaluate and transfer."
-    )
-    parser.add_argument("file", help="weights file: .safetensors, or .pth/.pt (needs PyTorch)")
-    parser.add_argument(
-        "--arch",
-        required=True,
-        choices=list(models.ARCHS),
-        metavar="ARCH",
-        help=f"architecture of the weights: {', '.join(models.ARCHS)}",
-    )
-    parser.add_argument("--out", required=True, help="new checkpoint directory to write")
-    parser.add_argument(
-        "--no-head", action="store_true", help="import the trunk only (drop or allow no 'fc')"
-    )
-    parser.add_argument(
-        "--classes",
-        default=None,
-        help="text file with one class name per line for a head that is not ImageNet-1k's",
-    )
-    parser.add_argument(
-        "--config",
-        default="default",
-        help="tagjax config stored with the weights (preprocessing, model options); default configs/default.py",
-    )
-
-
-def run_import_weights(args: argparse.Namespace) -> int:
-    from tagjax import config as config_lib
-
-    t0 = time.perf_counter()
-    cfg = config_lib.load(args.config, getattr(args, "config_overrides", []))
-    # The released models were trained and evaluated in float32; keep that unless asked otherwise.
-    if not any(o.startswith("--config.model.dtype") for o in getattr(args, "config_overrides", [])):
-        cfg.model.dtype = "float32"
-    class_names = None
-    if args.classes:
-        classes_path = Path(args.classes).expanduser()
-        if not classes_path.is_file():
-            raise UserError(
-                f"--classes {args.classes!r} does not exist; pass a text file, one class per line."
-            )
-        class_names = [
-            line.strip() for line in classes_path.read_text().splitlines() if line.strip()
-        ]
-    path, meta = import_weights(
-        args.file, args.arch, args.out, head=not args.no_head, config=cfg, class_names=class_names
-    )
-    if args.no_head:
-        head = "no head"
-    else:
-        head = f"{meta['num_classes']}-way head"
-        if meta.get("label_set") == "imagenet2012":
-            head += " (ImageNet-1k classes)"
-    print(
-        f"imported {args.arch} from {Path(args.file).name}: {meta['num_params']:,} parameters, {head}, "
-        f"in {time.perf_counter() - t0:.1f} s -> {path}"
-    )
-    return 0
-
-
-def add_export_weights_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Write a tagjax checkpoint's weights as a torchvision-layout .safetensors file (for PyTorch / timm)."
-    parser.add_argument(
-        "checkpoint",
-        help="workdir (newest checkpoint), checkpoints/ folder or checkpoint directory",
-    )
-    parser.add_argument("--out", required=True, help="FILE.safetensors to write")
-    parser.add_argument("--no-head", action="store_true", help="export the trunk only (no 'fc')")
-
-
-def run_export_weights(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
-    path, header = export_weights(args.checkpoint, args.out, head=not args.no_head)
-    size = path.stat().st_size / 2**20
-    head = f"{header['num_classes']}-way head" if "num_classes" in header else "no head"
-    print(
-        f"exported {header['arch']} ({head}) to {path} ({size:,.1f} MiB, torchvision layout) "
-        f"in {time.perf_counter() - t0:.1f} s",
-        file=sys.stdout,
-    )
-    return 0

@@ -1,0 +1,653 @@
+"""The pieces of ``tagjax build`` that the local builder (tagjax.build) and the Apache Beam pipeline
+(tagjax.build_beam) share, so both make the same decisions for every post and write identical files.
+
+* the build's configuration (:class:`BuildConfig`) and the drop reasons every post is counted under;
+* the per-post steps, pure functions of one post (or one user's posts): the privacy gate (:func:`admit`),
+  hashtag forms and uploader habits (:func:`tag_forms`, :func:`habits_of_user`, :func:`without_habits`),
+  the user cap (:func:`capped`), image processing (:func:`process_post_image`), the split and the shard
+  of a post id (:func:`split_of`, :func:`shard_of`), the record (:func:`make_record`);
+* the dataset directory: staging, shards, statistics and the manifest written last
+  (:func:`prepare_output`, :func:`write_one_shard`, :func:`summarize`, :func:`finalize`);
+* image worker processes (:func:`worker_init`) and the evaluation-set hashes (:func:`load_eval_hashes`).
+
+The stages themselves are described in tagjax.build.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from importlib.metadata import version
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+import tagjax
+from tagjax import dedup as dedup_lib
+from tagjax import images as images_lib
+from tagjax import posts as posts_lib
+from tagjax import records
+from tagjax import vocab as vocab_lib
+from tagjax.errors import UserError
+from tagjax.hashtags import normalize
+
+# Post-level drop reasons of the builder itself (readers', images' and dedup's reasons join them).
+DUPLICATE_POST_ID = "duplicate_post_id"
+
+
+PRIVATE = "private"
+
+
+VISIBILITY_UNKNOWN = "visibility_unknown"
+
+
+OPTOUT_POST = "optout_post"
+
+
+OPTOUT_USER = "optout_user"
+
+
+NO_HASHTAGS = "no_hashtags"
+
+
+HABITUAL_ONLY = "habitual_hashtags_only"
+
+
+NO_LABELS = "no_labels"
+
+
+USER_CAP = "user_cap"
+
+
+EVAL_DUPLICATE = "eval_near_duplicate"
+
+
+EXACT_DUPLICATE = "exact_duplicate"
+
+
+NEAR_DUPLICATE = "near_duplicate"
+
+
+OPTOUT_AFTER_BUILD = "optout_after_build"
+
+
+# Inputs that are broken (not merely filtered): they count against --max-failure-fraction.
+FAILURE_REASONS = frozenset(
+    images_lib.FAILURE_REASONS | {posts_lib.MISSING_IMAGE, posts_lib.SVG_UNRENDERABLE}
+)
+
+
+STAGING = ".staging"
+
+
+OUTPUT_FILES = (
+    "vocab.json",
+    "stats.json",
+    "report.txt",
+    "train.labels.npz",
+    "heldout.labels.npz",
+    records.MANIFEST,
+    records.MANIFEST + ".tmp",
+    "dataset.json.pending",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    """Everything a build depends on; written into dataset.json so a dataset says how it was made.
+    Every field is a ``tagjax build`` flag of the same name."""
+
+    inputs: tuple[str, ...]
+    output: str
+    vocab: str | None = None  # vocab.json path or "in1k"; None = build one from this corpus' counts
+    vocab_mode: str = (
+        "nouns"  # when building: "nouns" (any visual noun) or "in1k" (ImageNet-aligned)
+    )
+    vocab_top_k: int = 0  # when building: keep the k most frequent labels (0 = all)
+    vocab_min_count: int = 2  # when building: a label needs at least this many posts
+    drop_ancestors: bool = False  # drop a label when a WordNet descendant is on the same post
+    images: images_lib.ImageOptions = dataclasses.field(default_factory=images_lib.ImageOptions)
+    dedup: dedup_lib.DedupOptions = dataclasses.field(default_factory=dedup_lib.DedupOptions)
+    eval_sets: tuple[str, ...] = ()  # folders or tfds:NAME/SPLIT to decontaminate against
+    tfds_data_dir: str | None = None
+    assume_public: bool = False  # treat posts whose source gives no visibility as public
+    optout_posts: str | None = None  # file: one post id per line
+    optout_users: str | None = None  # file: one user id per line
+    keep_user_ids: bool = False  # write the uploader id into each record
+    max_posts_per_user: int = 0  # posts kept per user (0 = no cap)
+    habit_fraction: float = 0.5  # a hashtag on more than this fraction of a user's posts is a habit
+    habit_min_posts: int = 20  # users with fewer posts have no habits (too little evidence)
+    habit_action: str = "drop"  # "drop" habitual hashtags from that user's posts, or "keep" them
+    heldout_fraction: float = 0.02  # share of near-duplicate groups held out for hashtag metrics
+    split_seed: str = "tagjax"  # salt of the split hash (changing it draws another split)
+    shard_size: int = 10_000  # records per shard (at most)
+    workers: int = 0  # image worker processes; 0 = all CPU cores, 1 = in this process
+    max_failure_fraction: float = 0.05  # broken images / attempted above this stops the build
+    failure_min_images: int = (
+        1000  # ... checked once this many images were attempted (and at the end)
+    )
+    limit: int = 0  # read at most this many posts in total (0 = all); a quick subset
+    raster_cache: str | None = (
+        None  # rasterized-SVG cache dir; None = ~/.cache/tagjax/raster, "" = off
+    )
+    overwrite: bool = False  # replace a previous build in `output`
+    yfcc_images: str | None = None  # folder of YFCC100M photos
+    progress: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise UserError(f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}.")
+        if not 0.0 < self.habit_fraction <= 1.0:
+            raise UserError(f"--habit-fraction must be in (0, 1], got {self.habit_fraction}.")
+        if self.habit_action not in ("drop", "keep"):
+            raise UserError(f"--habit-action must be drop or keep, got {self.habit_action!r}.")
+        if self.shard_size < 1:
+            raise UserError(f"--shard-size must be at least 1, got {self.shard_size}.")
+        if self.vocab_mode not in ("nouns", "in1k"):
+            raise UserError(f"--vocab-mode must be nouns or in1k, got {self.vocab_mode!r}.")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["inputs"] = list(self.inputs)
+        d["eval_sets"] = list(self.eval_sets)
+        for k in ("progress", "overwrite", "workers"):  # how it ran, not what it made
+            d.pop(k)
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class OptOut:
+    posts: frozenset[str] = frozenset()
+    users: frozenset[str] = frozenset()
+
+    @classmethod
+    def load(cls, posts_file: str | None, users_file: str | None) -> OptOut:
+        posts = frozenset(posts_lib.read_id_list(posts_file)) if posts_file else frozenset()
+        users = frozenset(posts_lib.read_id_list(users_file)) if users_file else frozenset()
+        return cls(posts=posts, users=users)
+
+
+def admit(post: posts_lib.Post, optout: OptOut, assume_public: bool) -> str | None:
+    """The privacy gate: None if the post may be used, else the drop reason."""
+    if post.problem:
+        return post.problem
+    if post.post_id in optout.posts:
+        return OPTOUT_POST
+    if post.user is not None and post.user in optout.users:
+        return OPTOUT_USER
+    if post.public is False:
+        return PRIVATE
+    if post.public is None and not assume_public:
+        return VISIBILITY_UNKNOWN
+    return None
+
+
+def tag_forms(post: posts_lib.Post) -> tuple[str, ...]:
+    """The post's hashtags as normalized forms (tagjax.hashtags.normalize), unique, in order."""
+
+    out = []
+    for tag in posts_lib.hashtags_of(post):
+        form = normalize(tag)
+        if form and form not in out:
+            out.append(form)
+    return tuple(out)
+
+
+def habits_of_user(
+    num_posts: int, form_posts: Mapping[str, int], fraction: float, min_posts: int
+) -> frozenset[str]:
+    """The hashtags one user puts on more than ``fraction`` of their posts (users with >= min_posts)."""
+    if num_posts < min_posts:
+        return frozenset()
+    return frozenset(f for f, n in form_posts.items() if n > fraction * num_posts)
+
+
+def without_habits(forms: Sequence[str], habits: frozenset[str]) -> tuple[str, ...]:
+    return tuple(f for f in forms if f not in habits)
+
+
+def id_hash(post_id: str, salt: str = "") -> int:
+    """64-bit hash of a post id: split, user-cap sample and shard placement are keyed on it."""
+    h = hashlib.blake2b(f"{salt}\x00{post_id}".encode(), digest_size=8, person=b"tagjax-id")
+    return int.from_bytes(h.digest(), "big")
+
+
+def split_of(root_id: str, heldout_fraction: float, seed: str) -> str:
+    return "heldout" if id_hash(root_id, "split:" + seed) < heldout_fraction * 2.0**64 else "train"
+
+
+def capped(post_ids: Iterable[str], cap: int) -> set[str]:
+    """The ``cap`` posts of one user that are kept: the smallest id hashes (a fixed random sample)."""
+    ids = sorted(post_ids, key=lambda p: (id_hash(p, "cap"), p))
+    return set(ids if cap <= 0 else ids[:cap])
+
+
+def num_shards(n: int, shard_size: int) -> int:
+    return math.ceil(n / shard_size) if n else 0
+
+
+def shard_of(post_id: str, shards: int) -> int:
+    return id_hash(post_id, "shard") % shards
+
+
+def record_sort_key(post_id: str) -> tuple[int, str]:
+    return (id_hash(post_id, "order"), post_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageResult:
+    """What a worker returns for one post: the stored JPEG and the keys dedup needs, or a reason."""
+
+    post_id: str
+    reason: str | None = None
+    detail: str = ""
+    jpeg: bytes = b""
+    source_pixels: int = 0
+    content_hash: str = ""
+    phash: int = 0
+
+
+def process_post_image(
+    post: posts_lib.Post, options: images_lib.ImageOptions, cache: posts_lib.RasterCache | None
+) -> ImageResult:
+    """Load, normalize and hash one post's image; every failure becomes a counted reason."""
+    try:
+        data = posts_lib.load_image_bytes(post, options.max_side, cache)
+        p = images_lib.process(data, options)
+    except images_lib.ImageSkip as e:
+        return ImageResult(post.post_id, reason=e.reason, detail=e.detail[:200])
+    return ImageResult(
+        post.post_id,
+        jpeg=p.jpeg,
+        source_pixels=p.source_pixels,
+        content_hash=dedup_lib.content_hash(p.pixels),
+        phash=dedup_lib.phash(p.pixels),
+    )
+
+
+class EvalMatcher:
+    """Training image hash -> the closest evaluation image within the threshold, through the same
+    chunk keys as near-duplicate search (exact: every eval image within the threshold is a candidate)."""
+
+    def __init__(self, eval_hashes: Sequence[tuple[str, int]], threshold: int):
+        self.threshold = threshold
+        self.hashes = list(eval_hashes)
+        self.index: dict = collections.defaultdict(list)
+        if threshold >= 0:
+            for i, (_, h) in enumerate(self.hashes):
+                for key in dedup_lib.chunk_keys(h, threshold):
+                    self.index[key].append(i)
+
+    def match(self, h: int) -> tuple[str, int] | None:
+        if not self.hashes or self.threshold < 0:
+            return None
+        best = None
+        for key in dedup_lib.chunk_keys(h, self.threshold):
+            for i in self.index.get(key, ()):
+                name, eh = self.hashes[i]
+                d = dedup_lib.hamming(h, eh)
+                if d <= self.threshold and (best is None or (d, name) < best):
+                    best = (d, name)
+        return None if best is None else (best[1], best[0])
+
+
+def build_vocabulary(cfg: BuildConfig, form_counts: Mapping[str, int]):
+    """The vocabulary: the given file (or builtin name), or one built from the corpus' counts."""
+
+    if cfg.vocab:
+        return vocab_lib.Vocabulary.load(cfg.vocab)
+    if not form_counts:
+        raise UserError(
+            "no post has a hashtag left to build a vocabulary from; check the inputs "
+            "(or pass --vocab in1k / --vocab FILE)."
+        )
+    return vocab_lib.build_vocabulary(
+        form_counts,
+        mode=cfg.vocab_mode,
+        top_k=cfg.vocab_top_k or None,
+        min_count=cfg.vocab_min_count,
+        source="tagjax build",
+        progress=False,
+    )
+
+
+def make_record(
+    post_id: str, jpeg: bytes, labels: Sequence[int], user: str | None, keep_user_ids: bool
+) -> bytes:
+    return records.encode(
+        records.Record(
+            post_id=post_id, image=jpeg, labels=tuple(labels), user=user if keep_user_ids else None
+        )
+    )
+
+
+def write_one_shard(
+    root: Path, split: str, index: int, count: int, items: Iterable[tuple[str, bytes]]
+) -> tuple[str, list[list[int]]]:
+    """Writes one shard from (post_id, encoded record) items in the canonical order (sorted by id hash);
+    returns its file name and its records' label lists in order. Local and Beam builds both call this,
+    which is why they write identical shards."""
+    group = sorted(items, key=lambda x: record_sort_key(x[0]))
+    name = records.shard_name(split, index, count)
+    records.write_shard(root / name, (data for _, data in group))
+    return name, [list(records.decode(data).labels) for _, data in group]
+
+
+class Stats:
+    """Counts of a build: posts in, out, and dropped per reason, overall and per input source."""
+
+    def __init__(self):
+        self.read = collections.Counter()  # source -> posts read
+        self.dropped = collections.Counter()  # reason -> posts
+        self.dropped_by_source: dict[str, collections.Counter] = collections.defaultdict(
+            collections.Counter
+        )
+        self.kept_by_source = collections.Counter()
+        self.tags_dropped = collections.Counter()  # hashtag-level reasons (tagjax.hashtags)
+        self.images_attempted = 0
+        self.image_failures = 0
+        self.extra: dict = {}
+
+    def drop(self, source: str, reason: str, n: int = 1) -> None:
+        self.dropped[reason] += n
+        self.dropped_by_source[source][reason] += n
+
+
+def summarize(
+    stats: Stats,
+    cfg_json: dict,
+    vocab,
+    split_labels: Mapping[str, list[list[int]]],
+    timing: Mapping[str, float],
+) -> dict:
+    """stats.json content."""
+    counts = {s: len(v) for s, v in split_labels.items()}
+    train_counts = np.zeros(vocab.num_labels, np.int64)
+    for labels in split_labels.get("train", []):
+        train_counts[labels] += 1
+    order = np.argsort(-train_counts, kind="stable")
+    top = [[vocab.name_of(int(i)), int(train_counts[i])] for i in order[:30] if train_counts[i] > 0]
+    posts_read = sum(stats.read.values())
+    dedup_reasons = (EVAL_DUPLICATE, EXACT_DUPLICATE, NEAR_DUPLICATE)
+    per_source = {}
+    for source in sorted(stats.read):
+        d = stats.dropped_by_source.get(source, collections.Counter())
+        hashed = stats.kept_by_source[source] + sum(d[r] for r in dedup_reasons)
+        per_source[source] = {
+            "read": stats.read[source],
+            "kept": stats.kept_by_source[source],
+            "dropped": dict(sorted(d.items())),
+            "dedup_removal_rate": round(sum(d[r] for r in dedup_reasons) / hashed, 4)
+            if hashed
+            else 0.0,
+        }
+    num_labels_per_post = [len(x) for v in split_labels.values() for x in v]
+    return {
+        "posts_read": posts_read,
+        "posts_written": sum(counts.values()),
+        "records": counts,
+        "dropped": dict(sorted(stats.dropped.items(), key=lambda kv: -kv[1])),
+        "per_source": per_source,
+        "images": {"attempted": stats.images_attempted, "failed": stats.image_failures},
+        "hashtags_dropped": dict(sorted(stats.tags_dropped.items(), key=lambda kv: -kv[1])),
+        "labels": {
+            "vocabulary_size": vocab.num_labels,
+            "used_in_train": int((train_counts > 0).sum()),
+            "mean_per_post": round(float(np.mean(num_labels_per_post)), 3)
+            if num_labels_per_post
+            else 0,
+            "most_frequent_train": top,
+        },
+        **stats.extra,
+        "timing_s": {k: round(v, 2) for k, v in timing.items()},
+        "config": cfg_json,
+    }
+
+
+def render_report(s: dict) -> str:
+    """report.txt: the numbers a person checks after a build."""
+    lines = ["tagjax build report", "=" * 19, ""]
+    lines.append(f"posts read      {s['posts_read']:>10,}")
+    for split, n in s["records"].items():
+        lines.append(f"{split:<15} {n:>10,}")
+    lines.append(
+        f"kept            {s['posts_written']:>10,}  "
+        f"({s['posts_written'] / max(1, s['posts_read']):.1%} of posts read)"
+    )
+    lines += ["", "dropped, per reason:"]
+    for reason, n in s["dropped"].items():
+        lines.append(f"  {reason:<28} {n:>10,}")
+    img = s["images"]
+    lines += [
+        "",
+        f"images decoded: {img['attempted']:,} attempted, {img['failed']:,} broken "
+        f"({img['failed'] / max(1, img['attempted']):.2%})",
+    ]
+    if "dedup" in s:
+        d = s["dedup"]
+        lines += [
+            "",
+            f"deduplication (near threshold {d['near_threshold']}, eval threshold "
+            f"{d['eval_threshold']}, Hamming distance of 64-bit perceptual hashes):",
+            f"  exact duplicates removed       {d['exact_removed']:>8,}",
+            f"  near duplicates removed        {d['near_removed']:>8,}",
+            f"  near-duplicates of eval images {d['eval_removed']:>8,}",
+            f"  removal rate                   {d['removal_rate']:>8.2%}",
+        ]
+        for m in d.get("eval_matches", [])[:20]:
+            lines.append(f"    {m['post_id']}  ~  {m['eval_image']}  (distance {m['distance']})")
+        if len(d.get("eval_matches", [])) > 20:
+            lines.append(f"    ... {len(d['eval_matches']) - 20} more in stats.json")
+    lines += ["", "per input source:"]
+    for source, ps in s["per_source"].items():
+        lines.append(
+            f"  {source}: read {ps['read']:,}, kept {ps['kept']:,}, "
+            f"dedup removal rate {ps['dedup_removal_rate']:.2%}"
+        )
+    if "habits" in s:
+        h = s["habits"]
+        lines += [
+            "",
+            f"uploader habits: {h['users_with_habits']} users, {h['hashtags_removed']:,} "
+            f"hashtag uses removed; most common habitual hashtags: "
+            + ", ".join(f"#{t} ({n})" for t, n in h["top_habitual"][:10]),
+        ]
+    lab = s["labels"]
+    lines += [
+        "",
+        f"labels: {lab['vocabulary_size']:,} in the vocabulary, {lab['used_in_train']:,} used "
+        f"in train, {lab['mean_per_post']} per post on average",
+        "most frequent labels (train images):",
+    ]
+    for name, n in lab["most_frequent_train"][:20]:
+        lines.append(f"  #{name:<26} {n:>8,}")
+    if s["hashtags_dropped"]:
+        lines += [
+            "",
+            "hashtags dropped, per reason: "
+            + ", ".join(f"{r} {n:,}" for r, n in s["hashtags_dropped"].items()),
+        ]
+    lines += ["", "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["timing_s"].items()), ""]
+    return "\n".join(lines)
+
+
+def _is_output_file(name: str) -> bool:
+    return (
+        name in OUTPUT_FILES
+        or name == STAGING
+        or name.endswith(".array_record")
+        or name.endswith(".array_record.tmp")
+        or name.endswith(".tmp.npz")
+    )
+
+
+def prepare_output(path: Path, overwrite: bool) -> None:
+    """Refuses a non-empty directory unless ``overwrite``; even then, only files a build writes are
+    removed (dataset.json first, so an interrupted cleanup never leaves a complete-looking dataset)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output {path} exists and is not a directory; choose another --output.")
+    path.mkdir(parents=True, exist_ok=True)
+    entries = sorted(os.listdir(path))
+    if not entries:
+        return
+    if not overwrite:
+        raise UserError(
+            f"output directory {path} is not empty; pass --overwrite to replace the "
+            "dataset in it, or choose another --output."
+        )
+    foreign = [e for e in entries if not _is_output_file(e)]
+    if foreign:
+        raise UserError(
+            f"output directory {path} holds files a build did not write ({foreign[0]!r}, "
+            f"{len(foreign)} in all); --overwrite only replaces a dataset, choose an empty "
+            "directory."
+        )
+    manifest = path / records.MANIFEST
+    if manifest.exists():
+        manifest.unlink()
+    for e in entries:
+        p = path / e
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def finalize(
+    root: Path,
+    cfg: BuildConfig,
+    vocab,
+    shards: Mapping[str, Sequence[tuple[str, list]]],
+    stats: Stats,
+    timing: dict,
+) -> dict:
+    """After every shard is written: label indexes, vocab, stats, report, and dataset.json last.
+
+    ``shards``: split -> [(shard file name, label lists of its records)] in shard order.
+    """
+    splits, split_labels = {}, {}
+    for split in records.SPLITS:
+        entries = list(shards.get(split, []))
+        label_lists = [labels for _, lists in entries for labels in lists]
+        records.LabelIndex.from_lists(label_lists).save(root / f"{split}.labels.npz")
+        splits[split] = {"shards": [name for name, _ in entries], "num_records": len(label_lists)}
+        split_labels[split] = label_lists
+    vocab.save(root / "vocab.json")
+    summary = summarize(stats, cfg.to_json(), vocab, split_labels, timing)
+    (root / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (root / "report.txt").write_text(render_report(summary))
+    manifest = records.Manifest(
+        schema_version=records.SCHEMA_VERSION,
+        splits=splits,
+        vocab_file="vocab.json",
+        vocab_fingerprint=vocab.fingerprint(),
+        build={
+            **cfg.to_json(),
+            "tagjax_version": _version(),
+            "records_have_user": cfg.keep_user_ids,
+        },
+    )
+    manifest.save(root)
+    return summary
+
+
+def _version() -> str:
+
+    try:
+        return tagjax.__version__
+    except AttributeError:  # a stale editable install can expose tagjax as a namespace package
+        return version("tagjax")
+
+
+_WORKER: dict = {}
+
+
+def worker_init(
+    options: images_lib.ImageOptions, cache_dir: str | None, subprocess: bool = False
+) -> None:
+    if subprocess:  # one image per worker at a time: OpenCV's own thread pool would only contend
+        cv2.setNumThreads(1)
+    _WORKER["options"] = options
+    _WORKER["cache"] = posts_lib.RasterCache(cache_dir) if cache_dir else None
+
+
+def worker_process_image(post: posts_lib.Post) -> ImageResult:
+    return process_post_image(post, _WORKER["options"], _WORKER["cache"])
+
+
+def _worker_eval_hash(path: str) -> tuple[str, int] | None:
+    try:
+        p = images_lib.process(Path(path).read_bytes(), _WORKER["options"])
+    except (images_lib.ImageSkip, OSError):
+        return None
+    return path, dedup_lib.phash(p.pixels)
+
+
+def _eval_options(options: images_lib.ImageOptions) -> images_lib.ImageOptions:
+    """Evaluation images are hashed whatever their size or shape: a tiny one can still be copied."""
+    return dataclasses.replace(options, min_side=1, max_aspect=1e9)
+
+
+def raster_cache_dir(cfg: BuildConfig) -> str | None:
+    if cfg.raster_cache == "":
+        return None
+    return (
+        str(Path(cfg.raster_cache).expanduser())
+        if cfg.raster_cache
+        else str(posts_lib.default_raster_cache())
+    )
+
+
+def resolve_units(cfg: BuildConfig) -> list[posts_lib.Unit]:
+    if not cfg.inputs:
+        raise UserError("no input given; pass one or more KIND:PATH inputs (e.g. openclipart).")
+    units = []
+    for spec in cfg.inputs:
+        units.extend(posts_lib.parse_source(spec, cfg.yfcc_images))
+    return units
+
+
+def load_eval_hashes(cfg: BuildConfig, pool) -> list[tuple[str, int]]:
+    out = []
+    options = _eval_options(cfg.images)
+    for spec in cfg.eval_sets:
+        if spec.startswith("tfds:"):
+            out.extend(dedup_lib.load_eval_hashes(spec, options, cfg.tfds_data_dir))
+            continue
+        root = Path(spec).expanduser()
+        if not root.is_dir():
+            raise UserError(f"evaluation set {spec!r} is neither a folder nor tfds:NAME/SPLIT.")
+        files = sorted(
+            str(p)
+            for p in root.rglob("*")
+            if p.suffix.lower() in posts_lib.IMAGE_EXTENSIONS and p.is_file()
+        )
+        results = (
+            pool.imap(_worker_eval_hash, files, chunksize=16)
+            if pool
+            else map(_worker_eval_hash, files)
+        )
+        for r in results:
+            if r is not None:
+                out.append((f"{spec}:{Path(r[0]).relative_to(root).as_posix()}", r[1]))
+    return out
+
+
+def check_failures(stats: Stats, cfg: BuildConfig, final: bool) -> None:
+    if stats.images_attempted < (1 if final else cfg.failure_min_images):
+        return
+    fraction = stats.image_failures / stats.images_attempted
+    if fraction > cfg.max_failure_fraction:
+        broken = {r: n for r, n in stats.dropped.items() if r in FAILURE_REASONS}
+        raise UserError(
+            f"{stats.image_failures} of {stats.images_attempted} images are broken ({fraction:.1%}: "
+            f"{broken}), above --max-failure-fraction {cfg.max_failure_fraction}; check the inputs "
+            "or raise the threshold."
+        )
