@@ -50,8 +50,8 @@ from tqdm import tqdm
 
 from tagjax import build_steps as steps
 from tagjax import dedup as dedup_lib
+from tagjax import eval_sets, records
 from tagjax import posts as posts_lib
-from tagjax import records
 from tagjax import vocab as vocab_lib
 from tagjax.errors import UserError
 
@@ -247,7 +247,7 @@ def build(cfg: steps.BuildConfig) -> dict:
         [],
     )
     try:
-        eval_hashes = steps.load_eval_hashes(cfg, pool)
+        eval_hashes = eval_sets.load_eval_hashes(cfg, pool)
         results = (
             _bounded_imap(pool, steps.worker_process_image, image_jobs(), window=256 * workers)
             if pool

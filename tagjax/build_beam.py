@@ -36,8 +36,8 @@ from pathlib import Path
 
 from tagjax import build_steps as steps
 from tagjax import dedup as dedup_lib
+from tagjax import eval_sets, records
 from tagjax import posts as posts_lib
-from tagjax import records
 from tagjax import vocab as vocab_lib
 from tagjax.errors import UserError
 
@@ -530,7 +530,7 @@ def build(cfg: steps.BuildConfig, pipeline_args=()) -> dict:
     given = vocab_lib.Vocabulary.load(cfg.vocab).to_json() if cfg.vocab else None
     steps.prepare_output(root, cfg.overwrite)
     steps.worker_init(cfg.images, steps.raster_cache_dir(cfg))
-    eval_hashes = steps.load_eval_hashes(cfg, None)
+    eval_hashes = eval_sets.load_eval_hashes(cfg, None)
     options = PipelineOptions(list(pipeline_args))
     with beam.Pipeline(options=options) as p:
         build_pipeline(p, cfg, units, eval_hashes, optout, given)

@@ -8,7 +8,7 @@
   of a post id (:func:`split_of`, :func:`shard_of`), the record (:func:`make_record`);
 * the dataset directory: staging, shards, statistics and the manifest written last
   (:func:`prepare_output`, :func:`write_one_shard`, :func:`summarize`, :func:`finalize`);
-* image worker processes (:func:`worker_init`) and the evaluation-set hashes (:func:`load_eval_hashes`).
+* image worker processes (:func:`worker_init`, :func:`worker_process_image`, :func:`worker_eval_hash`).
 
 The stages themselves are described in tagjax.build.
 """
@@ -582,17 +582,12 @@ def worker_process_image(post: posts_lib.Post) -> ImageResult:
     return process_post_image(post, _WORKER["options"], _WORKER["cache"])
 
 
-def _worker_eval_hash(path: str) -> tuple[str, int] | None:
+def worker_eval_hash(path: str) -> tuple[str, int] | None:
     try:
         p = images_lib.process(Path(path).read_bytes(), _WORKER["options"])
     except (images_lib.ImageSkip, OSError):
         return None
     return path, dedup_lib.phash(p.pixels)
-
-
-def _eval_options(options: images_lib.ImageOptions) -> images_lib.ImageOptions:
-    """Evaluation images are hashed whatever their size or shape: a tiny one can still be copied."""
-    return dataclasses.replace(options, min_side=1, max_aspect=1e9)
 
 
 def raster_cache_dir(cfg: BuildConfig) -> str | None:
@@ -612,32 +607,6 @@ def resolve_units(cfg: BuildConfig) -> list[posts_lib.Unit]:
     for spec in cfg.inputs:
         units.extend(posts_lib.parse_source(spec, cfg.yfcc_images))
     return units
-
-
-def load_eval_hashes(cfg: BuildConfig, pool) -> list[tuple[str, int]]:
-    out = []
-    options = _eval_options(cfg.images)
-    for spec in cfg.eval_sets:
-        if spec.startswith("tfds:"):
-            out.extend(dedup_lib.load_eval_hashes(spec, options, cfg.tfds_data_dir))
-            continue
-        root = Path(spec).expanduser()
-        if not root.is_dir():
-            raise UserError(f"evaluation set {spec!r} is neither a folder nor tfds:NAME/SPLIT.")
-        files = sorted(
-            str(p)
-            for p in root.rglob("*")
-            if p.suffix.lower() in posts_lib.IMAGE_EXTENSIONS and p.is_file()
-        )
-        results = (
-            pool.imap(_worker_eval_hash, files, chunksize=16)
-            if pool
-            else map(_worker_eval_hash, files)
-        )
-        for r in results:
-            if r is not None:
-                out.append((f"{spec}:{Path(r[0]).relative_to(root).as_posix()}", r[1]))
-    return out
 
 
 def check_failures(stats: Stats, cfg: BuildConfig, final: bool) -> None:

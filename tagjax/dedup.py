@@ -11,7 +11,7 @@ and copies of evaluation images, which make held-out numbers lie. The builder re
   the Hamming distance of their hashes is at most a threshold. The default was tuned on real openclipart
   pairs (``benchmarks/dedup_threshold.py``; numbers and the reasoning in benchmarks/README.md).
 * **evaluation**: training images within a threshold of any evaluation image (a folder, or a TFDS
-  split) are removed and listed in the build report.
+  split, hashed by tagjax.eval_sets) are removed and listed in the build report.
 
 Finding pairs (:func:`near_pairs`) does not compare all n^2 pairs: by the pigeonhole principle, two
 64-bit hashes within distance t agree exactly on at least one of t+1 disjoint bit chunks, so images are
@@ -31,18 +31,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import io
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
-
-from tagjax import emoji_dataset  # noqa: F401  (registers tagjax's own TFDS builders, e.g. emoji)
-from tagjax import images as images_lib
-from tagjax.errors import UserError
-from tagjax.posts import IMAGE_EXTENSIONS
 
 HASH_BITS = 64
 _DCT_SIZE = 32
@@ -246,66 +238,3 @@ def best_of_groups(keys: Mapping[Hashable, Hashable], ranks: Mapping[Hashable, t
             for m in members:
                 best[m] = top
     return best
-
-
-# ---- evaluation sets ------------------------------------------------------------------------------
-
-
-def load_eval_hashes(
-    spec: str, image_options, data_dir: str | None = None
-) -> list[tuple[str, int]]:
-    """(name, phash) of every image of an evaluation set.
-
-    ``spec`` is a folder of images (searched recursively) or ``tfds:NAME/SPLIT`` (read with
-    ``tfds.data_source``, which needs the dataset prepared in the TFDS data dir but not TensorFlow).
-    Images go through the same normalization as training images (:func:`tagjax.images.process`).
-    """
-
-    out: list[tuple[str, int]] = []
-    if spec.startswith("tfds:"):
-        # The split is after the last '/': names may carry a config (tfds:emoji_subgroups/64px/test).
-        name, _, split = spec[len("tfds:") :].rpartition("/")
-        if not name or not split:
-            raise UserError(
-                f"evaluation set {spec!r}: write tfds:NAME/SPLIT, e.g. tfds:imagenet2012/validation."
-            )
-        try:
-            # download=False: an unprepared dataset is an error to report, never a download to start.
-            source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        except Exception as e:
-            raise UserError(
-                f"cannot open TFDS split {name}/{split} ({type(e).__name__}: {e}); prepare it "
-                "first (tfds build) or pass a folder of images."
-            ) from None
-        for i in range(len(source)):
-            example = source[i]
-            image = example.get("image")
-            if image is None:
-                raise UserError(
-                    f"TFDS dataset {name} has no 'image' feature; pass a folder of images."
-                )
-            pixels = np.asarray(image)
-            if pixels.ndim == 3 and pixels.shape[-1] == 1:
-                pixels = pixels[..., 0]
-            # Through the same normalization as every training image (RGB, resize), via lossless PNG.
-            buf = io.BytesIO()
-            Image.fromarray(pixels.astype(np.uint8)).save(buf, "PNG")
-            try:
-                processed = images_lib.process(buf.getvalue(), image_options)
-            except images_lib.ImageSkip:
-                continue
-            out.append((f"{name}/{split}/{i}", phash(processed.pixels)))
-        return out
-    root = Path(spec).expanduser()
-    if not root.is_dir():
-        raise UserError(f"evaluation set {spec!r} is neither a folder nor tfds:NAME/SPLIT.")
-    files = sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
-    for p in files:
-        try:
-            processed = images_lib.process(p.read_bytes(), image_options)
-        except images_lib.ImageSkip:
-            continue  # an unreadable evaluation image cannot contaminate anything
-        out.append((p.relative_to(root).as_posix(), phash(processed.pixels)))
-    return out

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tagjax import build, dedup, images, posts, records
+from tagjax import build, build_steps, dedup, images, posts, records
 from tagjax import vocab as vocab_lib
 from tagjax.cli import main as cli_main
 from tagjax.errors import UserError
@@ -75,19 +75,19 @@ CORPUS = [
 ]
 KEPT = {f"p{i:02d}" for i in range(1, 11)}
 EXPECTED_DROPS = {
-    build.PRIVATE: 1,
-    build.VISIBILITY_UNKNOWN: 1,
-    build.OPTOUT_USER: 1,
-    build.OPTOUT_POST: 1,
+    build_steps.PRIVATE: 1,
+    build_steps.VISIBILITY_UNKNOWN: 1,
+    build_steps.OPTOUT_USER: 1,
+    build_steps.OPTOUT_POST: 1,
     images.CORRUPT: 1,
     images.TRUNCATED: 1,
     posts.MISSING_IMAGE: 1,
-    build.EXACT_DUPLICATE: 1,
-    build.NEAR_DUPLICATE: 1,
-    build.EVAL_DUPLICATE: 1,
-    build.NO_LABELS: 1,
-    build.NO_HASHTAGS: 1,
-    build.DUPLICATE_POST_ID: 1,
+    build_steps.EXACT_DUPLICATE: 1,
+    build_steps.NEAR_DUPLICATE: 1,
+    build_steps.EVAL_DUPLICATE: 1,
+    build_steps.NO_LABELS: 1,
+    build_steps.NO_HASHTAGS: 1,
+    build_steps.DUPLICATE_POST_ID: 1,
 }
 
 
@@ -133,7 +133,7 @@ def write_corpus(root: Path) -> dict:
     }
 
 
-def corpus_config(paths: dict, output: Path, **overrides) -> build.BuildConfig:
+def corpus_config(paths: dict, output: Path, **overrides) -> build_steps.BuildConfig:
     kw = dict(
         inputs=(f"jsonl:{paths['manifest']}",),
         output=str(output),
@@ -150,7 +150,7 @@ def corpus_config(paths: dict, output: Path, **overrides) -> build.BuildConfig:
         progress=False,
     )
     kw.update(overrides)
-    return build.BuildConfig(**kw)
+    return build_steps.BuildConfig(**kw)
 
 
 def read_split(root: Path, split: str) -> list[records.Record]:
@@ -224,19 +224,19 @@ def test_split_is_keyed_on_post_id_and_rebuild_is_identical(built, tmp_path):
     for name in sorted(p.name for p in built["out"].glob("*.array_record")):
         assert (tmp_path / "again" / name).read_bytes() == (built["out"] / name).read_bytes()
     for r in read_split(built["out"], "heldout"):
-        assert build.split_of(r.post_id, 0.3, "tagjax") == "heldout"
+        assert build_steps.split_of(r.post_id, 0.3, "tagjax") == "heldout"
 
 
 def test_near_duplicate_groups_never_straddle_the_split():
     # A chain a~b~c where a and c are both kept (distance 8 apart): they share a root, hence a split.
-    cfg = build.BuildConfig(
+    cfg = build_steps.BuildConfig(
         inputs=(), output="", dedup=dedup.DedupOptions(near_threshold=4), heldout_fraction=0.5
     )
     ids = ["a", "b", "c"]
     ranks = [dedup.rank_key("a", 100, 1), dedup.rank_key("b", 50, 1), dedup.rank_key("c", 80, 1)]
     phashes = [0, 0b1111, 0b11111111]
     decision = build.deduplicate(ids, ranks, ["x", "y", "z"], phashes, [], cfg)
-    assert decision.dropped == {1: build.NEAR_DUPLICATE}
+    assert decision.dropped == {1: build_steps.NEAR_DUPLICATE}
     assert decision.root_of("a") == decision.root_of("c") == "a"
 
 
@@ -256,7 +256,7 @@ def test_refuses_non_empty_output_and_overwrites_only_datasets(built, tmp_path):
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("keep me")
     with pytest.raises(UserError, match="did not write"):
-        build.prepare_output(foreign, overwrite=True)
+        build_steps.prepare_output(foreign, overwrite=True)
     assert (foreign / "thesis.tex").exists()
 
 
@@ -339,10 +339,10 @@ def test_apply_optout_after_the_fact(built, tmp_path):
     )
     assert not (out / "dataset.json.pending").exists()
     with pytest.raises(UserError, match="original inputs"):
-        build.apply_optout(str(out), build.OptOut(users=frozenset({"u5"})), progress=False)
+        build.apply_optout(str(out), build_steps.OptOut(users=frozenset({"u5"})), progress=False)
     result = build.apply_optout(
         str(out),
-        build.OptOut(users=frozenset({"u5"})),
+        build_steps.OptOut(users=frozenset({"u5"})),
         inputs=[f"jsonl:{built['paths']['manifest']}"],
         progress=False,
     )
@@ -358,7 +358,7 @@ def test_apply_optout_after_the_fact(built, tmp_path):
         ids |= {r.post_id for r in recs}
     assert ids == KEPT - {"p03", "p07", "p09", "p10"}
     after = json.loads((out / "stats.json").read_text())
-    assert after["dropped"][build.OPTOUT_AFTER_BUILD] == 4
+    assert after["dropped"][build_steps.OPTOUT_AFTER_BUILD] == 4
     assert after["posts_written"] == before["posts_written"] - 4
     assert len(records.load_manifest(out).build["optouts_applied"]) == 2
 
@@ -390,7 +390,7 @@ def test_uploader_habits_and_user_cap(tmp_path):
             }
         )
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
-    cfg = build.BuildConfig(
+    cfg = build_steps.BuildConfig(
         inputs=(str(tmp_path / "p.jsonl"),),
         output=str(tmp_path / "out"),
         vocab_min_count=1,
@@ -409,7 +409,7 @@ def test_uploader_habits_and_user_cap(tmp_path):
     assert computer is not None
     assert all(computer not in r.labels for pid, r in recs.items() if pid.startswith("t"))
     assert recs["o0"].labels == (computer,) and recs["o1"].labels == (computer,)
-    assert stats["dropped"][build.USER_CAP] == 2
+    assert stats["dropped"][build_steps.USER_CAP] == 2
     assert sum(pid.startswith("t") for pid in recs) == 4
     assert stats["habits"]["users_with_habits"] == 1
     assert "theme" not in json.dumps(stats)  # no user ids in the outputs
@@ -438,7 +438,7 @@ def test_archive_path_traversal_is_refused_and_nothing_escapes(tmp_path):
     out = tmp_path / "deep" / "out"
     before = {p for p in tmp_path.rglob("*")}
     stats = build.build(
-        build.BuildConfig(
+        build_steps.BuildConfig(
             inputs=(f"wds:{shard.parent}",),
             output=str(out),
             vocab_min_count=1,
@@ -450,7 +450,7 @@ def test_archive_path_traversal_is_refused_and_nothing_escapes(tmp_path):
         )
     )
     assert stats["dropped"][posts.UNSAFE_ARCHIVE_MEMBER] == 2
-    assert stats["dropped"][build.DUPLICATE_POST_ID] == 1
+    assert stats["dropped"][build_steps.DUPLICATE_POST_ID] == 1
     recs = read_split(out, "train")
     assert sorted(r.post_id for r in recs) == ["00000", "00001", "00002"]  # the first 00000 only
     first = next(r for r in recs if r.post_id == "00000")
@@ -464,18 +464,18 @@ def test_archive_path_traversal_is_refused_and_nothing_escapes(tmp_path):
 
 def test_bad_settings_are_user_errors(tmp_path):
     with pytest.raises(UserError):
-        build.BuildConfig(inputs=(), output="", heldout_fraction=1.5)
+        build_steps.BuildConfig(inputs=(), output="", heldout_fraction=1.5)
     with pytest.raises(UserError, match="no input"):
-        build.build(build.BuildConfig(inputs=(), output=str(tmp_path / "o"), progress=False))
+        build.build(build_steps.BuildConfig(inputs=(), output=str(tmp_path / "o"), progress=False))
     with pytest.raises(UserError, match="opt-out list"):
-        build.OptOut.load(str(tmp_path / "nope.txt"), None)
+        build_steps.OptOut.load(str(tmp_path / "nope.txt"), None)
 
 
 @pytest.mark.skipif(
     not Path(posts.OPENCLIPART_ROOT).is_dir(), reason="openclipart-svg not installed"
 )
 def test_openclipart_end_to_end(tmp_path):
-    cfg = build.BuildConfig(
+    cfg = build_steps.BuildConfig(
         inputs=("openclipart",),
         output=str(tmp_path / "oc"),
         limit=150,
@@ -490,7 +490,9 @@ def test_openclipart_end_to_end(tmp_path):
     assert stats["posts_read"] == 150
     assert stats["posts_written"] > 20
     assert stats["labels"]["most_frequent_train"]
-    assert stats["dropped"].get(build.HABITUAL_ONLY, 0) > 0  # the icon themes and star collection
+    assert (
+        stats["dropped"].get(build_steps.HABITUAL_ONLY, 0) > 0
+    )  # the icon themes and star collection
     recs = read_split(tmp_path / "oc", "train")
     img = Image.open(io.BytesIO(recs[0].image))
     assert min(img.size) == 32 and img.mode == "RGB"

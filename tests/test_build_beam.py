@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tagjax import build, images, records
+from tagjax import build, build_steps, images, records
 
 pytest.importorskip("apache_beam")
 from tagjax import build_beam
@@ -63,7 +63,9 @@ def test_beam_manifest_and_refusals(both, tmp_path):
     from tagjax.errors import UserError
 
     with pytest.raises(UserError, match="--limit"):
-        build_beam.build(build.BuildConfig(inputs=("x",), output=str(tmp_path / "o"), limit=5))
+        build_beam.build(
+            build_steps.BuildConfig(inputs=("x",), output=str(tmp_path / "o"), limit=5)
+        )
 
 
 def test_beam_habits_and_user_cap_match_local(tmp_path):
@@ -83,7 +85,7 @@ def test_beam_habits_and_user_cap_match_local(tmp_path):
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
 
     def cfg(out):
-        return build.BuildConfig(
+        return build_steps.BuildConfig(
             inputs=(str(tmp_path / "p.jsonl"),),
             output=str(tmp_path / out),
             vocab_min_count=1,
@@ -99,6 +101,6 @@ def test_beam_habits_and_user_cap_match_local(tmp_path):
     local = build.build(cfg("local"))
     beam = build_beam.build(cfg("beam"))
     assert local["dropped"] == beam["dropped"] and local["habits"] == beam["habits"]
-    assert local["dropped"][build.USER_CAP] == 4
+    assert local["dropped"][build_steps.USER_CAP] == 4
     for split in records.SPLITS:
         assert read_split(tmp_path / "local", split) == read_split(tmp_path / "beam", split)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tagjax import dedup, images
+from tagjax import dedup, eval_sets, images
 
 OPTS = images.ImageOptions(max_side=64, min_side=8)
 
@@ -134,7 +134,7 @@ def test_eval_hashes_from_a_folder(tmp_path):
     for i in range(3):
         Image.fromarray(drawing(100 + i)).save(tmp_path / f"e{i}.png")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff nope")
-    got = dedup.load_eval_hashes(str(tmp_path), OPTS)
+    got = eval_sets.hashes_of_set(str(tmp_path), OPTS)
     assert [name for name, _ in got] == ["e0.png", "e1.png", "e2.png"]
     assert got[0][1] == dedup.phash(images.process((tmp_path / "e0.png").read_bytes(), OPTS).pixels)
 
@@ -142,7 +142,7 @@ def test_eval_hashes_from_a_folder(tmp_path):
 def test_eval_hashes_from_a_tfds_split():
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=4):
-        got = dedup.load_eval_hashes(
+        got = eval_sets.hashes_of_set(
             "tfds:mnist/test", images.ImageOptions(max_side=32, min_side=1)
         )
     assert [name for name, _ in got] == [f"mnist/test/{i}" for i in range(4)]
@@ -150,4 +150,4 @@ def test_eval_hashes_from_a_tfds_split():
     from tagjax.errors import UserError
 
     with pytest.raises(UserError, match="tfds:NAME/SPLIT"):
-        dedup.load_eval_hashes("tfds:mnist", OPTS)
+        eval_sets.hashes_of_set("tfds:mnist", OPTS)

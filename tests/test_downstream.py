@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tagjax import downstream
+from tagjax import build_steps, decontaminate, downstream, emoji_dataset, posts
 from tagjax.errors import UserError
 
-HAVE_EMOJI = Path(downstream.EMOJI_FONT).is_file() and Path(downstream.EMOJI_TEST).is_file()
+HAVE_EMOJI = Path(emoji_dataset.EMOJI_FONT).is_file() and Path(emoji_dataset.EMOJI_TEST).is_file()
 needs_emoji = pytest.mark.skipif(
     not HAVE_EMOJI, reason="needs Debian fonts-noto-color-emoji and unicode-data"
 )
@@ -18,7 +18,7 @@ needs_emoji = pytest.mark.skipif(
 
 @needs_emoji
 def test_emoji_variant_groups_merge_skin_tones_and_genders():
-    emoji = {e.name: e for e in downstream.parse_emoji_test()}
+    emoji = {e.name: e for e in emoji_dataset.parse_emoji_test()}
     assert len(emoji) > 3000  # Unicode 15.0 lists 3,655 fully-qualified emoji
     wave = emoji["waving hand"]
     assert emoji["waving hand: medium skin tone"].variant_group == wave.variant_group
@@ -38,10 +38,10 @@ def test_emoji_variant_groups_merge_skin_tones_and_genders():
 
 @needs_emoji
 def test_emoji_split_is_stratified_and_never_separates_variants():
-    emoji = downstream.parse_emoji_test()
-    classes = downstream.emoji_classes(emoji, 5)
-    side = downstream.emoji_split(emoji, classes, 0.25, seed=0)
-    assert side == downstream.emoji_split(emoji, classes, 0.25, seed=0)  # deterministic
+    emoji = emoji_dataset.parse_emoji_test()
+    classes = emoji_dataset.emoji_classes(emoji, 5)
+    side = emoji_dataset.emoji_split(emoji, classes, 0.25, seed=0)
+    assert side == emoji_dataset.emoji_split(emoji, classes, 0.25, seed=0)  # deterministic
     per_class = collections.defaultdict(set)
     for e in emoji:
         if e.subgroup in classes:
@@ -56,7 +56,7 @@ def test_emoji_builder_prepares_offline_and_reads_back_with_tfds_data_source(tmp
 
     import tensorflow_datasets as tfds
 
-    directory = downstream.prepare_own("emoji_subgroups/32px", str(tmp_path))
+    directory = emoji_dataset.prepare_own("emoji_subgroups/32px", str(tmp_path))
     assert (directory / "dataset_info.json").is_file()
     assert any(directory.glob("emoji_subgroups-train.array_record-*"))
     sources = tfds.data_source("emoji_subgroups/32px", data_dir=str(tmp_path), download=False)
@@ -84,7 +84,7 @@ def test_emoji_builder_prepares_offline_and_reads_back_with_tfds_data_source(tmp
     again = downstream.open_split("emoji_subgroups/32px", "train", str(tmp_path))
     assert len(again.source) == len(train) and again.num_classes == len(names)
     with pytest.raises(UserError, match="unicode-data"):
-        downstream.prepare_own("emoji_subgroups/128px", str(tmp_path))
+        emoji_dataset.prepare_own("emoji_subgroups/128px", str(tmp_path))
 
 
 def test_stock_dataset_through_mock_data():
@@ -163,7 +163,7 @@ def test_nearest_neighbours_match_brute_force_across_chunks():
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(37, 8)).astype(np.float32)
     queries = rng.normal(size=(5, 8)).astype(np.float32)
-    sims, idx = downstream.nearest_neighbours(queries, keys, 3, chunk=10)
+    sims, idx = decontaminate.nearest_neighbours(queries, keys, 3, chunk=10)
     kn = keys / np.linalg.norm(keys, axis=1, keepdims=True)
     qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     full = qn @ kn.T
@@ -176,19 +176,18 @@ def test_near_duplicates_become_an_exclude_list(tmp_path):
     train = rng.normal(size=(100, 16)).astype(np.float32)
     evals = np.stack([train[7] + 0.01 * rng.normal(size=16), train[42] * 3.0, rng.normal(size=16)])
     ids = [f"post-{i}" for i in range(100)]
-    result = downstream.find_near_duplicates(
+    result = decontaminate.find_near_duplicates(
         evals, train, ids, threshold=0.95, k=3, eval_names=["a", "b", "c"], center=False
     )
     assert set(result.train_ids) == {"post-7", "post-42"}  # scale does not matter (cosine)
     assert result.nearest.shape == (3,) and result.nearest[2] < 0.95
-    centred = downstream.find_near_duplicates(evals[:1], train, ids, threshold=0.95, k=3)
+    centred = decontaminate.find_near_duplicates(evals[:1], train, ids, threshold=0.95, k=3)
     assert centred.train_ids == ["post-7"]
     assert {p["eval_name"] for p in result.pairs} == {"a", "b"}
-    path = downstream.write_exclude_list(result, tmp_path / "exclude.txt")
-    assert downstream.read_id_list(path) == result.train_ids
-    from tagjax import build  # the contract: `tagjax build --optout-posts` reads this file as it is
-
-    assert build.read_id_list(str(path)) == frozenset(result.train_ids)
+    path = decontaminate.write_exclude_list(result, tmp_path / "exclude.txt")
+    assert posts.read_id_list(path) == result.train_ids
+    # the contract: `tagjax build --optout-posts` reads this file as it is
+    assert build_steps.OptOut.load(str(path), None).posts == frozenset(result.train_ids)
     assert path.read_text().startswith("# tagjax decontamination")
     assert len(Path(f"{path}.pairs.jsonl").read_text().splitlines()) == 2
 
@@ -242,5 +241,5 @@ def test_decontaminate_command_lists_training_copies_of_evaluation_images(tmp_pa
         )
         == 0
     )
-    assert downstream.read_id_list(out) == ["post4"]
+    assert posts.read_id_list(out) == ["post4"]
     assert "1 of 12 training images" in capsys.readouterr().out

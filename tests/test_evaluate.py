@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from tagjax import evaluate as ev
+from tagjax import metrics
+from tagjax.errors import UserError
 
 
 def reference_ap(scores, positives):
@@ -28,7 +30,7 @@ def test_average_precision_hand_computed_without_ties():
     # Positives at ranks 1, 3, 4: precisions 1, 2/3, 3/4.
     scores = np.array([[0.9], [0.8], [0.7], [0.6]], np.float32)
     labels = np.array([[0], [-1], [0], [0]])
-    ap = ev.average_precision(scores, labels, 1)
+    ap = metrics.average_precision(scores, labels, 1)
     assert ap[0] == pytest.approx((1 + 2 / 3 + 3 / 4) / 3)
 
 
@@ -37,18 +39,18 @@ def test_average_precision_ties_enter_together_and_ignore_order():
     # AP = 1/2 * 1 + 1/2 * 2/3 = 5/6, whichever of the two comes first in the input.
     scores = np.array([[0.9], [0.8], [0.8], [0.1]], np.float32)
     y = np.array([[True], [False], [True], [False]])
-    assert ev.average_precision(scores, y)[0] == pytest.approx(5 / 6)
+    assert metrics.average_precision(scores, y)[0] == pytest.approx(5 / 6)
     order = [2, 0, 3, 1]
-    assert ev.average_precision(scores[order], y[order])[0] == pytest.approx(5 / 6)
+    assert metrics.average_precision(scores[order], y[order])[0] == pytest.approx(5 / 6)
     # All images tied: AP is the positive rate.
     flat = np.zeros((4, 1), np.float32)
-    assert ev.average_precision(flat, y)[0] == pytest.approx(0.5)
+    assert metrics.average_precision(flat, y)[0] == pytest.approx(0.5)
 
 
 def test_labels_without_positives_are_nan_and_left_out_of_map():
     scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.4]], np.float32)
     labels = np.array([[0], [1]])  # label 2 has no positive
-    m = ev.hashtag_metrics(scores, labels)
+    m = metrics.hashtag_metrics(scores, labels)
     assert math.isnan(m["per_label_ap"][2])
     assert m["labels_without_positives"] == 1 and m["labels_with_positives"] == 2
     assert m["mAP"] == pytest.approx(1.0)  # labels 0 and 1 are both ranked perfectly
@@ -60,7 +62,7 @@ def test_average_precision_matches_reference_on_random_tied_scores():
     for _ in range(10):
         scores = (rng.integers(0, 4, (n, num)) / 3).astype(np.float32)  # many ties
         y = rng.random((n, num)) < 0.25
-        got = ev.average_precision(
+        got = metrics.average_precision(
             scores, y, label_chunk=7
         )  # chunking and padding of the last chunk
         want = np.array([reference_ap(scores[:, j], y[:, j]) for j in range(num)])
@@ -72,7 +74,7 @@ def test_average_precision_matches_reference_on_random_tied_scores():
 def test_precision_recall_at_k_and_buckets_hand_computed():
     scores = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]], np.float32)
     labels = np.array([[0, -1], [1, 2]])
-    m = ev.hashtag_metrics(scores, labels, label_counts=[10, 5, 1], ks=(1, 2))
+    m = metrics.hashtag_metrics(scores, labels, label_counts=[10, 5, 1], ks=(1, 2))
     # Image 0: top-1 {0} hit; top-2 {0,1}: 1 hit. Image 1: top-1 {2} hit; top-2 {2,1}: 2 hits.
     assert m["precision@1"] == pytest.approx(1.0)
     assert m["recall@1"] == pytest.approx((1 / 1 + 1 / 2) / 2)
@@ -94,14 +96,14 @@ def test_precision_recall_at_k_and_buckets_hand_computed():
 
 def test_topk_ties_break_towards_lower_label_id():
     scores = np.array([[0.2, 0.4, 0.4, 0.4]], np.float32)
-    top, hits = ev.topk_predictions(scores, np.array([[3]]), 2)
+    top, hits = metrics.topk_predictions(scores, np.array([[3]]), 2)
     assert top.tolist() == [[1, 2]] and not hits.any()
-    assert ev.topk_accuracy(scores, [3], (1, 3)) == {"top1": 0.0, "top3": 1.0}
+    assert metrics.topk_accuracy(scores, [3], (1, 3)) == {"top1": 0.0, "top3": 1.0}
 
 
 def test_frequency_buckets_cut_sorted_labels_into_thirds():
     counts = np.array([5, 100, 1, 50, 7, 7])
-    bucket = ev.frequency_buckets(counts)
+    bucket = metrics.frequency_buckets(counts)
     # Sorted: 100 (1), 50 (3), 7 (4), 7 (5), 5 (0), 1 (2) -> ties by id.
     assert bucket.tolist() == [2, 0, 2, 0, 1, 1]
 
@@ -113,7 +115,7 @@ def test_accumulator_equals_one_call_and_respects_mask():
     for i in range(10):
         k = rng.integers(1, 4)
         labels[i, :k] = rng.choice(6, k, replace=False)
-    acc = ev.MetricsAccumulator(6)
+    acc = metrics.MetricsAccumulator(6)
     acc.update(scores[:4], labels[:4])
     # The second batch pads its labels wider and its rows with two masked-out (padding) images.
     wider = np.pad(labels[4:], ((0, 0), (0, 2)), constant_values=-1)
@@ -122,20 +124,20 @@ def test_accumulator_equals_one_call_and_respects_mask():
         np.concatenate([wider, np.full((2, 5), -1)]),
         mask=np.array([True] * 6 + [False] * 2),
     )
-    got, want = acc.result(), ev.hashtag_metrics(scores, labels)
+    got, want = acc.result(), metrics.hashtag_metrics(scores, labels)
     assert acc.count == 10
     for key in ("mAP", "precision@1", "precision@5", "recall@5"):
         assert got[key] == pytest.approx(want[key])
 
 
 def test_json_and_table_are_readable():
-    m = ev.hashtag_metrics(np.array([[0.9, 0.1]], np.float32), np.array([[0]]))
-    text = json.dumps(ev.to_json(m), allow_nan=False)  # NaN (label 1 has no positive) -> null
+    m = metrics.hashtag_metrics(np.array([[0.9, 0.1]], np.float32), np.array([[0]]))
+    text = json.dumps(metrics.to_json(m), allow_nan=False)  # NaN (label 1 has no positive) -> null
     assert json.loads(text)["per_label_ap"] == [1.0, None]
-    table = ev.format_table(m)
+    table = metrics.format_table(m)
     for row in ("all", "head", "torso", "tail", "mAP", "P@1", "R@5"):
         assert row in table
-    flat = ev.scalar_summary(m, "eval/")
+    flat = metrics.scalar_summary(m, "eval/")
     assert flat["eval/mAP"] == 1.0 and "eval/head/mAP" in flat
 
 
@@ -326,13 +328,13 @@ def test_map_classes_by_wnid_then_name_and_refusals():
     # A folder named by class names, a subset: matched by name; the third output is outside the dataset.
     m = ev.map_classes(meta, 3, ["ant", "cat"])
     assert m.by == "name" and m.to_checkpoint.tolist() == [1, 2] and m.outputs_outside_dataset == 1
-    with pytest.raises(ev.UserError, match=r"1 of the 2 classes of imagenet2012 .* 'n09'"):
+    with pytest.raises(UserError, match=r"1 of the 2 classes of imagenet2012 .* 'n09'"):
         ev.map_classes(meta, 3, ["n01", "n09"], "imagenet2012")
-    with pytest.raises(ev.UserError, match="named twice"):
+    with pytest.raises(UserError, match="named twice"):
         ev.map_classes({"class_names": ["a", "b", "a"]}, 3, ["a", "b"])
-    with pytest.raises(ev.UserError, match="hashtag model"):
+    with pytest.raises(UserError, match="hashtag model"):
         ev.map_classes({"vocab_fingerprint": "abc"}, 3, ["a"])
-    with pytest.raises(ev.UserError, match="damaged"):
+    with pytest.raises(UserError, match="damaged"):
         ev.map_classes({"class_names": ["a", "b"]}, 3, ["a"])
 
 

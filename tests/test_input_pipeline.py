@@ -15,7 +15,7 @@ import pytest
 import simplejpeg
 
 from configs import default
-from tagjax import augment, input_pipeline, records, sampling
+from tagjax import augment, input_pipeline, records, sampling, sharding
 from tagjax import vocab as vocab_lib
 from tagjax.errors import UserError
 
@@ -440,7 +440,7 @@ def test_synthetic_task_is_deterministic_and_learnable():
     assert input_pipeline.num_labels(c) == 8
 
 
-def test_shard_batch_builds_global_arrays_on_the_mesh():
+def test_global_batch_builds_global_arrays_on_the_mesh():
     import jax
     from jax.sharding import Mesh
 
@@ -449,7 +449,7 @@ def test_shard_batch_builds_global_arrays_on_the_mesh():
         "image": np.arange(8 * 2 * 2 * 3, dtype=np.uint8).reshape(8, 2, 2, 3),
         "num_labels": np.arange(8, dtype=np.int32),
     }
-    out = input_pipeline.shard_batch(batch, mesh)
+    out = sharding.global_batch(batch, mesh)
     assert out["image"].shape == (8, 2, 2, 3) and len(out["image"].addressable_shards) == 8
     assert out["image"].sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_array_equal(np.asarray(out["num_labels"]), batch["num_labels"])

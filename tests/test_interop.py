@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from tagjax import checkpoint, cli, models
+from tagjax import checkpoint, cli, models, wordnet
 from tagjax.errors import UserError
 from tagjax.interop import reference_numpy as ref
 from tagjax.interop import torchvision as tv
@@ -178,7 +178,7 @@ def test_wrong_architecture_missing_extra_and_misshapen_keys_are_named():
 
 def test_packaged_imagenet_classes_match_tfds_labels_and_wordnet(wn):
     """The packaged list (read at import time; nltk WordNet is slow to load) equals its sources."""
-    rows = tv.imagenet1k_classes_from_sources(wn)
+    rows = wordnet.imagenet1k_classes_from_sources(wn)
     wnids, names, synsets = tv.imagenet1k_classes()
     assert (
         [r[0] for r in rows] == wnids

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tagjax import cli, config, predict, records, transfer
+from tagjax import cli, config, emoji_dataset, records, transfer
+from tagjax import inference as inference_lib
 
 CLIPART = Path("/usr/share/openclipart/svg/science/provetta_plasma_sangue_a_01.svg")
 
@@ -43,16 +44,14 @@ def images(tmp_path_factory):
     """Real images: rendered color emoji (PNG) and, where Debian's openclipart-svg is installed, a clipart."""
     from PIL import Image, ImageFont
 
-    from tagjax import downstream
-
     root = tmp_path_factory.mktemp("images")
     font = ImageFont.truetype(
-        downstream.EMOJI_FONT, downstream.EMOJI_STRIKE, layout_engine=ImageFont.Layout.RAQM
+        emoji_dataset.EMOJI_FONT, emoji_dataset.EMOJI_STRIKE, layout_engine=ImageFont.Layout.RAQM
     )
     paths = []
     for name, text in [("dog", "\U0001f415"), ("smile", "\U0001f600"), ("car", "\U0001f697")]:
         path = root / f"{name}.png"
-        Image.fromarray(downstream.render_emoji(text, font, 64)).save(path)
+        Image.fromarray(emoji_dataset.render_emoji(text, font, 64)).save(path)
         paths.append(path)
     jpeg = root / "car.jpg"
     Image.open(paths[-1]).save(jpeg, quality=90)
@@ -179,9 +178,9 @@ def test_embed_folder_matches_features_and_resumes(workdir, images, tmp_path):
         == 0
     )
     emb = np.load(f"{prefix}.npy")
-    index = predict.read_index(f"{prefix}.index.jsonl")
+    index = inference_lib.read_index(f"{prefix}.index.jsonl")
     assert emb.shape[0] == len(images) == len(index) and all(r["valid"] for r in index)
-    inference = predict.Inference(workdir, head=False)
+    inference = inference_lib.Inference(workdir, head=False)
     from tagjax import downstream
 
     for row in index:
@@ -192,7 +191,7 @@ def test_embed_folder_matches_features_and_resumes(workdir, images, tmp_path):
     # An interrupted run: rows from 2 on never written, the partial marker says 2 are done.
     ident = None
     partial = Path(f"{prefix}.partial.json")
-    src = predict.folder_input(folder)
+    src = inference_lib.folder_input(folder)
     emb_rw = np.load(f"{prefix}.npy", mmap_mode="r+")
     emb_rw[2:] = 0
     emb_rw.flush()
@@ -211,7 +210,7 @@ def test_embed_folder_matches_features_and_resumes(workdir, images, tmp_path):
         "dtype": "float32",
     }
     partial.write_text(json.dumps({"identity": ident, "done": 2}))
-    summary = predict.embed(inference, src, prefix, batch_size=2, progress=False)
+    summary = inference_lib.embed(inference, src, prefix, batch_size=2, progress=False)
     assert summary["rows"] == len(images) and not partial.exists()
     np.testing.assert_allclose(np.load(f"{prefix}.npy"), emb, rtol=1e-5, atol=1e-6)
     rows = [json.loads(x)["row"] for x in Path(f"{prefix}.index.jsonl").read_text().splitlines()]
@@ -243,7 +242,10 @@ def test_embed_built_dataset_records_post_ids(workdir, images, tmp_path):
         )
         == 0
     )
-    index = predict.read_index(f"{prefix}.index.jsonl")
+    index = inference_lib.read_index(f"{prefix}.index.jsonl")
     assert [r["id"] for r in index] == ["post0", "post1", "post2"]
     assert [r["labels"] for r in index] == [[0], [1], [2]]
-    assert np.load(f"{prefix}.npy").shape == (3, predict.Inference(workdir, head=False).feature_dim)
+    assert np.load(f"{prefix}.npy").shape == (
+        3,
+        inference_lib.Inference(workdir, head=False).feature_dim,
+    )

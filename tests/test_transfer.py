@@ -147,7 +147,7 @@ def test_linear_probe_on_a_tiny_image_task_with_cached_resumable_features(tmp_pa
     # The cache: a rerun computes nothing; a lost chunk (an interrupted extraction) is recomputed alone.
     inference_path = str(checkpoint.resolve(ckpt))
     from tagjax import downstream
-    from tagjax.predict import Inference
+    from tagjax.inference import Inference
 
     inference = Inference(inference_path, head=False, dtype="float32")
     train_ds = downstream.open_split(str(color_task), "train")
@@ -201,7 +201,7 @@ def _finetune_config(dataset, **overrides):
 
 def test_finetune_restores_the_trunk_exactly(tmp_path, color_task):
     from tagjax import optim, sharding
-    from tagjax.predict import Inference
+    from tagjax.inference import Inference
 
     ckpt = _pretrained(tmp_path / "ckpt")
     cfg = transfer.prepare_finetune_config(

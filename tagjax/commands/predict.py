@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
 from tagjax.errors import UserError
 
 
@@ -41,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    import numpy as np
+
     from tagjax import augment
     from tagjax.inference import Inference
     from tagjax.predict import ClassNames, find_vocabulary, read_user_image, top_hashtags
