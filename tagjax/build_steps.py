@@ -169,9 +169,10 @@ class OptOut:
 
     @classmethod
     def load(cls, posts_file: str | None, users_file: str | None) -> OptOut:
-        posts = frozenset(posts_lib.read_id_list(posts_file)) if posts_file else frozenset()
-        users = frozenset(posts_lib.read_id_list(users_file)) if users_file else frozenset()
-        return cls(posts=posts, users=users)
+        def ids(path: str | None) -> frozenset[str]:
+            return frozenset(posts_lib.read_id_list(path, "opt-out list")) if path else frozenset()
+
+        return cls(posts=ids(posts_file), users=ids(users_file))
 
 
 def admit(post: posts_lib.Post, optout: OptOut, assume_public: bool) -> str | None:

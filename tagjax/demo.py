@@ -5,7 +5,7 @@
    so a re-run skips cairosvg), canonicalized into a WordNet noun vocabulary built from the corpus' own
    counts, deduplicated, decontaminated against the downstream *test* images, and written as shards
    with a build report (tagjax.build). The downstream set (color emoji by Unicode subgroup, prepared
-   offline by tagjax.downstream) is prepared first because decontamination needs its test split.
+   offline by tagjax.emoji_dataset) is prepared first because decontamination needs its test split.
 2. **Pretraining** of a small ResNeXt on the hashtags with square-root resampling and the softmax loss
    (tagjax.train, checkpoints included), then hashtag-prediction mAP and precision@k on the held-out
    posts (tagjax.evaluate).

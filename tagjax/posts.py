@@ -615,12 +615,12 @@ def load_image_bytes(post: Post, side: int, cache: RasterCache | None = None) ->
     return png
 
 
-def read_id_list(path: str | os.PathLike) -> list[str]:
+def read_id_list(path: str | os.PathLike, what: str = "id list") -> list[str]:
     """The ids of an id-list file, in file order: one id per line; blank lines and lines starting with
     ``#`` are ignored. Opt-out lists (tagjax build --optout-posts/--optout-users) and exclude lists
-    (tagjax.decontaminate.write_exclude_list) are such files."""
+    (tagjax.decontaminate.write_exclude_list) are such files; ``what`` names the file in the error."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise UserError(f"id list {p} does not exist.")
+        raise UserError(f"{what} {p} does not exist.")
     with p.open(encoding="utf-8") as f:
         return [s for line in f if (s := line.strip()) and not s.startswith("#")]
