@@ -55,15 +55,6 @@ from tagjax import posts as posts_lib
 from tagjax import vocab as vocab_lib
 from tagjax.errors import UserError
 
-# ---- per-post functions shared with the Beam pipeline -----------------------------------------------
-
-
-# ---- statistics and report ---------------------------------------------------------------------------
-
-
-# ---- output directory --------------------------------------------------------------------------------
-
-
 # ---- the local builder -------------------------------------------------------------------------------
 
 
@@ -494,6 +485,3 @@ def apply_optout(
     new.save(root)
     pending.unlink()
     return {"removed": sum(removed.values()), "per_split": dict(removed)}
-
-
-# ---- command line ------------------------------------------------------------------------------------

@@ -40,53 +40,23 @@ from tagjax.hashtags import normalize
 
 # Post-level drop reasons of the builder itself (readers', images' and dedup's reasons join them).
 DUPLICATE_POST_ID = "duplicate_post_id"
-
-
 PRIVATE = "private"
-
-
 VISIBILITY_UNKNOWN = "visibility_unknown"
-
-
 OPTOUT_POST = "optout_post"
-
-
 OPTOUT_USER = "optout_user"
-
-
 NO_HASHTAGS = "no_hashtags"
-
-
 HABITUAL_ONLY = "habitual_hashtags_only"
-
-
 NO_LABELS = "no_labels"
-
-
 USER_CAP = "user_cap"
-
-
 EVAL_DUPLICATE = "eval_near_duplicate"
-
-
 EXACT_DUPLICATE = "exact_duplicate"
-
-
 NEAR_DUPLICATE = "near_duplicate"
-
-
 OPTOUT_AFTER_BUILD = "optout_after_build"
-
-
 # Inputs that are broken (not merely filtered): they count against --max-failure-fraction.
 FAILURE_REASONS = frozenset(
     images_lib.FAILURE_REASONS | {posts_lib.MISSING_IMAGE, posts_lib.SVG_UNRENDERABLE}
 )
-
-
 STAGING = ".staging"
-
-
 OUTPUT_FILES = (
     "vocab.json",
     "stats.json",

@@ -366,8 +366,3 @@ def open_split(
             raise UserError(f"{path} is not a directory of class folders.")
         return _folder_split(path, split, folder_test_fraction)
     return _tfds_split(name, split, data_dir)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Decontamination in feature space.
-# ----------------------------------------------------------------------------------------------------

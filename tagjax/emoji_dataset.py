@@ -30,21 +30,11 @@ from PIL import Image, ImageDraw, ImageFont
 from tagjax.errors import UserError
 
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"  # Debian fonts-noto-color-emoji
-
-
 EMOJI_TEST = "/usr/share/unicode/emoji/emoji-test.txt"  # Debian unicode-data
-
-
 # CBDT color fonts have fixed bitmap strikes; Noto Color Emoji's only strike is 109 px (136 x 128 glyphs).
 EMOJI_STRIKE = 109
-
-
 _SKIN_TONES = frozenset(range(0x1F3FB, 0x1F400))
-
-
 _GENDER_SIGNS = frozenset({0x2640, 0x2642})
-
-
 # man / woman -> person, boy / girl -> child, old man / old woman -> older person: variants of one picture.
 _GENDERED = {
     0x1F468: 0x1F9D1,
@@ -54,8 +44,6 @@ _GENDERED = {
     0x1F474: 0x1F9D3,
     0x1F475: 0x1F9D3,
 }
-
-
 _ZWJ, _VS16 = 0x200D, 0xFE0F
 
 

@@ -29,7 +29,7 @@ from tagjax.errors import UserError
 from tagjax.inference import DEFAULT_THREADS, BadImageCounter, Inference, image_batches
 
 # ----------------------------------------------------------------------------------------------------
-# tagjax evaluate
+# Hashtag metrics of a checkpoint on a built dataset.
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -114,7 +114,7 @@ def evaluate_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------------------
-# tagjax evaluate on a downstream dataset: classifier checkpoints, top-k accuracy.
+# A classifier checkpoint on a downstream dataset: top-k accuracy.
 # ----------------------------------------------------------------------------------------------------
 
 # --split names of a downstream dataset -> tagjax.downstream's split. "test" is the dataset's labelled

@@ -34,8 +34,6 @@ from tagjax import augment, checkpoint, downstream, models, records
 from tagjax.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
 DEFAULT_BATCH_SIZE = (
     64  # images per forward pass across all local devices (rounded up to a multiple)
 )

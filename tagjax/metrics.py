@@ -55,11 +55,7 @@ from tagjax import records
 from tagjax.errors import UserError
 
 BUCKETS = ("head", "torso", "tail")
-
-
 DEFAULT_KS = (1, 5)
-
-
 DEFAULT_BUCKET_FRACTIONS = (1 / 3, 1 / 3)  # head, torso; the tail is the rest
 
 

@@ -11,8 +11,6 @@ from pathlib import Path
 from tagjax import config as config_lib
 
 DEFAULT_WORKDIR = "runs/demo"
-
-
 DEFAULT_CONFIG = "demo"
 
 
