@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tagjax import build, images
+from tagjax import build, build_steps, images
 
 TAGS = [
     "dog",
@@ -104,7 +104,7 @@ def main():
                 print(f"generated {args.posts} {w}x{h} JPEGs in {time.time() - t0:.1f}s")
             inputs = (f"jsonl:{corpus / 'posts.jsonl'}",)
         for workers in args.workers:
-            cfg = build.BuildConfig(
+            cfg = build_steps.BuildConfig(
                 inputs=inputs,
                 output=str(tmp / f"out{workers}"),
                 workers=workers,
