@@ -137,8 +137,17 @@ def test_every_registered_command_is_a_command_module():
         assert command.help, name
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["vocab", "--help"]])
+def _registered_commands() -> list[str]:
+    from tagjax import cli
+
+    return list(cli.COMMANDS)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], *([name, "--help"] for name in _registered_commands())], ids=" ".join
+)
 def test_help_does_not_import_jax(argv):
+    """`tagjax --help` and `tagjax X --help` stay fast: no JAX, Flax, grain, Orbax or TFDS import."""
     code = (
         "import contextlib, io, json, sys\n"
         "from tagjax import cli\n"
