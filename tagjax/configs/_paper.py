@@ -18,7 +18,7 @@ Without ``ARG`` the layout is the paper's own: 336 devices of 24 images, no accu
 
 from __future__ import annotations
 
-from configs import default
+from tagjax.configs import default
 
 PAPER_BATCH = 8064  # 336 GPUs x 24 images [V]
 PAPER_BN_GROUP = 24  # [R] the per-GPU batch; BN statistics per GPU
