@@ -27,19 +27,16 @@ import json
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import jax
 import numpy as np
 
-from configs import default
 from tagjax import checkpoint, models, sharding, train
 from tagjax.config import ensure_absl_flags_parsed
+from tagjax.configs import default
 
 
 def _random_state(abstract):

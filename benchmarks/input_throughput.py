@@ -35,11 +35,9 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from configs import default
 from tagjax import augment, images, input_pipeline, records, sampling
 from tagjax import vocab as vocab_lib
+from tagjax.configs import default
 
 PHOTOS = [
     *sorted(glob.glob("/usr/share/tuxpaint/templates/*.jpg")),

@@ -12,7 +12,7 @@ peak is tagjax.train.PEAK_FLOPS for the device kind (dense bf16; "n/a" on CPU).
 Run::
 
     python benchmarks/train_throughput.py --config tiny                      # CPU smoke
-    python benchmarks/train_throughput.py --config configs/bench_gpu.py:resnet50 --steps 50
+    python benchmarks/train_throughput.py --config bench_gpu:resnet50 --steps 50
     python benchmarks/train_throughput.py --config tiny --config.model.grouped_conv=block_diagonal
 
 Any ``--config.key=value`` override applies (batch size, image size, dtype, grouped-conv mode, remat, mesh).
@@ -27,9 +27,6 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax
 import numpy as np
@@ -60,7 +57,9 @@ def main(argv=None) -> int:
     overrides = [a for a in argv if a.startswith("--config.")]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--config", default="tiny", help="config file or name in configs/ (default tiny)"
+        "--config",
+        default="tiny",
+        help="config file, or the name of a packaged config (default tiny)",
     )
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument(

@@ -25,10 +25,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(
-    0, str(__import__("pathlib").Path(__file__).resolve().parent.parent)
-)  # run from a checkout
-
 from tagjax import hashtags as H
 from tagjax import vocab as V
 

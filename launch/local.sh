@@ -38,7 +38,7 @@ show() {
   echo "$out"
 }
 
-(($# > 0)) || die "pass the arguments of tagjax train, e.g. --config configs/tiny.py --workdir /tmp/tagjax-tiny"
+(($# > 0)) || die "pass the arguments of tagjax train, e.g. --config tiny --workdir /tmp/tagjax-tiny"
 [[ "$NUM_PROCESSES" =~ ^[1-9][0-9]*$ ]] || die "NUM_PROCESSES must be a positive integer, not '$NUM_PROCESSES'"
 if [[ "$DRY_RUN" != 1 && ! -x "$TAGJAX" ]]; then
   command -v "$TAGJAX" >/dev/null 2>&1 || die "$TAGJAX not found: run 'bash launch/setup.sh' first (or set TAGJAX)"

@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-.venv/bin/ruff check tagjax configs tests benchmarks
-.venv/bin/ruff format --check tagjax configs tests benchmarks
+.venv/bin/ruff check tagjax tests benchmarks
+.venv/bin/ruff format --check tagjax tests benchmarks
 exec .venv/bin/python -m pytest -q -n "${TAGJAX_TEST_WORKERS:-2}" --durations=15 "$@"

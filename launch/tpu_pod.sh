@@ -12,10 +12,10 @@
 #   status              print the queued resource's state
 #   stop                stop the trainer on every worker (it was started by `train` or `run`)
 #   delete              release the slice (deletes the queued resource and its TPU VMs)
-# ARGS must hold --config FILE and --workdir gs://BUCKET/PATH (every worker writes to it, and it outlives
-# the slice). Example:
+# ARGS must hold --config NAME (a packaged config, or a config file inside the checkout) and
+# --workdir gs://BUCKET/PATH (every worker writes to it, and it outlives the slice). Example:
 #   TPU_NAME=wsl ZONE=us-east5-a ACCELERATOR=v5p-64 bash launch/tpu_pod.sh run \
-#     --config configs/NAME.py --workdir gs://my-bucket/runs/NAME
+#     --config NAME --workdir gs://my-bucket/runs/NAME
 #
 # Environment:
 #   TPU_NAME (required)   name of the queued resource and of its TPU VM node

@@ -1,15 +1,19 @@
 """Experiment configs: ml_collections files with ``--config.key=value`` overrides.
 
-The convention of big_vision and the Flax examples: a config is a Python file under ``configs/`` whose
+The convention of big_vision and the Flax examples: a config is a Python file whose
 ``get_config(arg=None)`` returns a ``ConfigDict``; ``path.py:arg`` passes ``arg`` (e.g. a size switch).
 Overrides are parsed by ``ml_collections.config_flags`` against the types of the config's own fields,
 so an unknown key or a value of the wrong type is refused instead of silently ignored.
+
+The project's configs ship inside the package (``tagjax/configs/``; a checkout also shows them as
+``configs/``), so a bare name such as ``tiny`` or ``ig940m_1k5_32x8d:8`` works from a checkout and from
+an installed wheel alike. A config file of one's own, anywhere, starts from the defaults with
+``from tagjax.configs import default``.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,20 +23,29 @@ from ml_collections import config_flags
 
 from tagjax.errors import UserError
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_names() -> list[str]:
+    """The names of the configs shipped in ``tagjax/configs/`` (``_``-prefixed helpers excluded)."""
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("[!_]*.py"))
 
 
 def resolve_path(config: str) -> str:
-    """Accepts a path, or a bare name of a file in the repository's configs/ (``tiny`` -> configs/tiny.py)."""
+    """A path to a config file, or the name of a packaged config (``tiny`` -> tagjax/configs/tiny.py).
+
+    A file at the given path wins over a packaged config of the same name; ``:arg`` is kept.
+    """
     path, _, arg = config.partition(":")
     if not Path(path).is_file():
-        candidate = REPO_CONFIGS / (path if path.endswith(".py") else path + ".py")
-        if candidate.is_file():
-            path = str(candidate)
-        else:
+        name = path.removesuffix(".py")
+        candidate = PACKAGED_CONFIGS / (name + ".py")
+        if "/" in name or name.startswith("_") or not candidate.is_file():
             raise UserError(
-                f"config file {path!r} does not exist (pass a path, or a name in configs/)."
+                f"config file {path!r} does not exist: pass a path to a config file, or one of the "
+                f"packaged configs: {', '.join(packaged_names())}."
             )
+        path = str(candidate)
     return path + (":" + arg if arg else "")
 
 
@@ -42,10 +55,6 @@ def load(config: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDic
     if bad:
         raise UserError(f"unexpected argument {bad[0]!r}: overrides look like --config.key=value.")
     resolved = resolve_path(config)
-    # Configs import their shared default as `configs.default`: make the folder holding configs/ importable.
-    configs_parent = str(Path(resolved.partition(":")[0]).resolve().parent.parent)
-    if configs_parent not in sys.path:
-        sys.path.insert(0, configs_parent)
     argv = ["tagjax", f"--config={resolved}", *overrides]
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file(

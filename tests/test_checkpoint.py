@@ -23,8 +23,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import tiny
 from tagjax import checkpoint, models
+from tagjax.configs import tiny
 from tagjax.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -352,7 +352,7 @@ _RESTORE_WORKER = textwrap.dedent(
     """
     import sys, json
     import jax
-    sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+    sys.path.insert(0, {tests!r})
     from absl import flags; flags.FLAGS.mark_as_parsed()
     import test_checkpoint as t
     from tagjax import checkpoint
@@ -387,7 +387,7 @@ def test_saved_on_8_devices_restores_on_4_and_1(tmp_path):
     assert meta["mesh_shape"] == {"data": 4, "fsdp": 2} and meta["device_count"] == 8
 
     script = tmp_path / "restore_worker.py"
-    script.write_text(_RESTORE_WORKER.format(repo=str(REPO), tests=str(REPO / "tests")))
+    script.write_text(_RESTORE_WORKER.format(tests=str(REPO / "tests")))
     for data, fsdp in ((2, 2), (1, 1)):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={data * fsdp}")
         proc = subprocess.run(

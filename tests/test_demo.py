@@ -164,7 +164,7 @@ def test_demo_end_to_end_and_rerun_reuses_every_stage(tmp_path, capsys):
     argv = [
         "demo",
         "--config",
-        "configs/demo.py:tiny",
+        "demo:tiny",
         "--workdir",
         str(wd),
         "--no-progress",

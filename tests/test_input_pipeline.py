@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from configs import default
 from tagjax import augment, input_pipeline, records, sampling, sharding
 from tagjax import vocab as vocab_lib
+from tagjax.configs import default
 from tagjax.errors import UserError
 
 NOUNS = ["dog", "cat", "goldenretriever", "car", "tree", "house", "bird", "flower", "boat", "horse"]
@@ -204,7 +204,7 @@ def test_resampled_streams_differ_per_host_and_are_deterministic(dataset):
 _RESUME = """
 import json, sys
 import numpy as np
-from configs import default
+from tagjax.configs import default
 from tagjax import config as config_lib, input_pipeline
 config_lib.ensure_absl_flags_parsed()
 args = json.loads(sys.argv[1])

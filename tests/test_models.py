@@ -6,8 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import default
 from tagjax import models
+from tagjax.configs import default
 from tagjax.errors import UserError
 
 # torchvision / timm parameter counts with the 1000-way head (the paper's table rounds them).

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default, tiny
 from tagjax import optim
+from tagjax.configs import default, tiny
 from tagjax.errors import UserError
 
 

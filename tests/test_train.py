@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny
 from tagjax import cli, losses, metrics_writer, models, sharding, train
+from tagjax.configs import tiny
 from tagjax.errors import UserError
 
 NUM_CLASSES = 10

@@ -3,12 +3,12 @@
 A 2-stage ResNeXt at 32px with global batch 32 on 8 simulated CPU devices (or on one); a few hundred
 steps take about a minute on 2 CPU cores. Run it with::
 
-    tagjax train --config configs/tiny.py --workdir /tmp/tagjax-tiny
+    tagjax train --config tiny --workdir /tmp/tagjax-tiny
 
 Use ``--config.data.synthetic=False --config.data.dataset=DIR`` to train it on a built dataset.
 """
 
-from configs import default
+from tagjax.configs import default
 
 
 def get_config(arg=None):

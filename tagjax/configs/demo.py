@@ -21,7 +21,7 @@ downstream set alone (configs/transfer_finetune.py); ``demo`` what ties them tog
 
 import ml_collections
 
-from configs import default, transfer_finetune, transfer_linear
+from tagjax.configs import default, transfer_finetune, transfer_linear
 
 # Pretraining / probing resolution: crops of IMAGE px from images resized to RESIZE px (shorter side).
 IMAGE = 56

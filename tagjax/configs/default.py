@@ -9,7 +9,17 @@ and the number of learning-rate halvings are config values precisely so they can
 
 Run any config with::
 
-    tagjax train --config configs/NAME.py --workdir /path/to/workdir [--config.key=value ...]
+    tagjax train --config NAME --workdir /path/to/workdir [--config.key=value ...]
+
+where NAME is a config of this package (``tiny``, ``ig940m_1k5_32x8d:64``, ...; ``NAME:ARG`` passes ARG
+to ``get_config``) or the path to a config file of one's own, which starts from these defaults::
+
+    from tagjax.configs import default
+
+    def get_config(arg=None):
+        c = default.get_config(arg)
+        c.train.batch_size = 512
+        return c
 """
 
 import ml_collections

@@ -12,7 +12,7 @@ sweep only refits the classifier. The model and preprocessing statistics come fr
 
 import ml_collections
 
-from configs import default
+from tagjax.configs import default
 
 
 def get_config(arg=None):

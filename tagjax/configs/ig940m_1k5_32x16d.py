@@ -13,14 +13,14 @@ labels). Run on N accelerators (``:N`` lays out the 8,064 batch in micro-batches
 must divide 8,064; see configs/_paper.py)::
 
     # one 8-GPU machine
-    tagjax train --config configs/ig940m_1k5_32x16d.py:8 --workdir /runs/ig940m_1k5_32x16d \
+    tagjax train --config ig940m_1k5_32x16d:8 --workdir /runs/ig940m_1k5_32x16d \
         --config.data.dataset=/data/ig940m_1k5
     # SLURM, 14 nodes x 8 GPUs
-    sbatch --nodes=14 launch/slurm_gpu.sbatch --config configs/ig940m_1k5_32x16d.py:112 \
+    sbatch --nodes=14 launch/slurm_gpu.sbatch --config ig940m_1k5_32x16d:112 \
         --workdir /shared/runs/ig940m_1k5_32x16d --config.data.dataset=/shared/data/ig940m_1k5
     # Cloud TPU v5p-128 (64 chips)
     TPU_NAME=wsl ZONE=us-east5-a ACCELERATOR=v5p-128 bash launch/tpu_pod.sh run \
-        --config configs/ig940m_1k5_32x16d.py:64 --workdir gs://BUCKET/runs/ig940m_1k5_32x16d \
+        --config ig940m_1k5_32x16d:64 --workdir gs://BUCKET/runs/ig940m_1k5_32x16d \
         --config.data.dataset=/data/ig940m_1k5
 
 On 112 devices the layout is 2 micro-batches of 36 images per device, BN groups of 18.
@@ -33,7 +33,7 @@ on IG-3.5B took ~22 days. Released (after ImageNet fine-tuning) top-1 / top-5 of
 84.2 / 97.2.
 """
 
-from configs import _paper
+from tagjax.configs import _paper
 
 
 def get_config(arg=None):

@@ -15,7 +15,7 @@ runs ~10 steps/s.
 
 import ml_collections
 
-from configs import default
+from tagjax.configs import default
 
 
 def get_config(arg=None):

@@ -13,14 +13,14 @@ synset, 17k labels). Run on N accelerators (``:N`` lays out the 8,064 batch in m
 groups; N must divide 8,064; see configs/_paper.py)::
 
     # one 8-GPU machine
-    tagjax train --config configs/ig3b5_17k_32x16d.py:8 --workdir /runs/ig3b5_17k_32x16d \
+    tagjax train --config ig3b5_17k_32x16d:8 --workdir /runs/ig3b5_17k_32x16d \
         --config.data.dataset=/data/ig3b5_17k
     # SLURM, 42 nodes x 8 GPUs
-    sbatch --nodes=42 launch/slurm_gpu.sbatch --config configs/ig3b5_17k_32x16d.py:336 \
+    sbatch --nodes=42 launch/slurm_gpu.sbatch --config ig3b5_17k_32x16d:336 \
         --workdir /shared/runs/ig3b5_17k_32x16d --config.data.dataset=/shared/data/ig3b5_17k
     # Cloud TPU v5p-128 (64 chips)
     TPU_NAME=wsl ZONE=us-east5-a ACCELERATOR=v5p-128 bash launch/tpu_pod.sh run \
-        --config configs/ig3b5_17k_32x16d.py:64 --workdir gs://BUCKET/runs/ig3b5_17k_32x16d \
+        --config ig3b5_17k_32x16d:64 --workdir gs://BUCKET/runs/ig3b5_17k_32x16d \
         --config.data.dataset=/data/ig3b5_17k
 
 On 336 devices the layout is 1 micro-batch of 24 images per device, BN groups of 24.
@@ -32,7 +32,7 @@ with benchmarks/train_throughput.py before booking. For scale, the paper trained
 32x16d on IG-3.5B took ~22 days. No weights of this setting were released.
 """
 
-from configs import _paper
+from tagjax.configs import _paper
 
 
 def get_config(arg=None):

@@ -6,16 +6,16 @@ paper's schedule shape (linear warm-up, then 3 halvings) and hashtag resampling,
 task (32 labels: colored shapes) or on a built dataset. 1,500 steps of 64 images at 110-270 img/s:
 6 to 15 minutes on 2 CPU cores::
 
-    tagjax train --config configs/small_cpu.py --workdir /tmp/tagjax-small
+    tagjax train --config small_cpu --workdir /tmp/tagjax-small
     # on 8 simulated devices (data x FSDP mesh) with launch/local.sh
-    CPU_DEVICES=8 bash launch/local.sh --config configs/small_cpu.py --workdir /tmp/tagjax-small8 \
+    CPU_DEVICES=8 bash launch/local.sh --config small_cpu --workdir /tmp/tagjax-small8 \
         --config.mesh.fsdp=2
     # on a dataset built by `tagjax build`
-    tagjax train --config configs/small_cpu.py --workdir /tmp/tagjax-small-data \
+    tagjax train --config small_cpu --workdir /tmp/tagjax-small-data \
         --config.data.synthetic=False --config.data.dataset=DIR
 """
 
-from configs import default
+from tagjax.configs import default
 
 
 def get_config(arg=None):

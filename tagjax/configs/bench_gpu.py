@@ -6,20 +6,20 @@ number is the model's training rate without any input pipeline. Commands (record
 benchmarks/README.md; the issue's targets on one H100: ResNet-50 >= 3,000 img/s, ResNeXt-101 32x8d
 >= 1,000 img/s)::
 
-    python benchmarks/train_throughput.py --config configs/bench_gpu.py:resnet50 --steps 50
-    python benchmarks/train_throughput.py --config configs/bench_gpu.py:resnext101_32x8d --steps 30
+    python benchmarks/train_throughput.py --config bench_gpu:resnet50 --steps 50
+    python benchmarks/train_throughput.py --config bench_gpu:resnext101_32x8d --steps 30
     # the grouped-conv choice (XLA's grouped conv vs a block-diagonal dense kernel), and BN per 24 images
-    python benchmarks/train_throughput.py --config configs/bench_gpu.py:resnext101_32x8d --steps 30 \
+    python benchmarks/train_throughput.py --config bench_gpu:resnext101_32x8d --steps 30 \
         --config.model.grouped_conv=block_diagonal
-    python benchmarks/train_throughput.py --config configs/bench_gpu.py:resnext101_32x8d --steps 30 \
+    python benchmarks/train_throughput.py --config bench_gpu:resnext101_32x8d --steps 30 \
         --config.train.batch_size=120 --config.model.bn_group_size=24
 
 Each takes a few minutes, most of it compilation. The same config trains too (``tagjax train --config
-configs/bench_gpu.py:resnet50 --workdir DIR``) on the synthetic task, for an end-to-end rate with the
+bench_gpu:resnet50 --workdir DIR``) on the synthetic task, for an end-to-end rate with the
 input pipeline.
 """
 
-from configs import default
+from tagjax.configs import default
 
 BATCH = {"resnet50": 256, "resnext101_32x8d": 128}
 

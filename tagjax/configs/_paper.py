@@ -1,7 +1,7 @@
 """Shared by the paper configs (ig940m_1k5_*.py, ig3b5_17k_*.py): the recipe plus a device layout.
 
 Not a config itself. Each paper config calls :func:`paper_config` with its model and dataset and passes on
-the ``arg`` of ``--config FILE.py:ARG``: the number of accelerators the run will use. From it the batch of
+the ``arg`` of ``--config NAME:ARG``: the number of accelerators the run will use. From it the batch of
 8,064 images is laid out so that it fits and keeps the paper's batch-norm semantics:
 
 * per device: 8,064 / devices images per step (the device count must divide 8,064 = 2^7 x 3^2 x 7);
@@ -18,7 +18,7 @@ Without ``ARG`` the layout is the paper's own: 336 devices of 24 images, no accu
 
 from __future__ import annotations
 
-from configs import default
+from tagjax.configs import default
 
 PAPER_BATCH = 8064  # 336 GPUs x 24 images [V]
 PAPER_BN_GROUP = 24  # [R] the per-GPU batch; BN statistics per GPU
