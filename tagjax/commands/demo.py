@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         default=DEFAULT_CONFIG,
-        help="config file (default configs/demo.py); override fields with --config.key=value",
+        help="config name or file (default: demo, tagjax/configs/demo.py); override fields with --config.key=value",
     )
     parser.add_argument(
         "--seeds",

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         default="default",
-        help="tagjax config stored with the weights (preprocessing, model options); default configs/default.py",
+        help="tagjax config stored with the weights (preprocessing, model options); default: default, tagjax/configs/default.py",
     )
 
 
