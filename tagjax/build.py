@@ -460,9 +460,7 @@ def apply_optout(
                     records.write_shard(path, keep)
                 n_kept += len(keep)
                 bar.update(len(data))
-            num_labels = len(records.label_store_meta(root, split)["counts"])
-            records.LabelIndex.from_lists(label_lists).save(root, split, num_labels)
-            (root / (split + records.LEGACY_SUFFIX)).unlink(missing_ok=True)
+            records.LabelIndex.from_lists(label_lists).save(root / f"{split}.labels.npz")
             splits[split] = {"shards": manifest.splits[split]["shards"], "num_records": n_kept}
     stats_path = root / "stats.json"
     if stats_path.is_file():

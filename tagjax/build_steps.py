@@ -61,8 +61,8 @@ OUTPUT_FILES = (
     "vocab.json",
     "stats.json",
     "report.txt",
-    *(name for split in records.SPLITS for name in records.label_store_files(split)),
-    *(split + records.LEGACY_SUFFIX for split in records.SPLITS),
+    "train.labels.npz",
+    "heldout.labels.npz",
     records.MANIFEST,
     records.MANIFEST + ".tmp",
     "dataset.json.pending",
@@ -507,7 +507,7 @@ def finalize(
     for split in records.SPLITS:
         entries = list(shards.get(split, []))
         label_lists = [labels for _, lists in entries for labels in lists]
-        records.LabelIndex.from_lists(label_lists).save(root, split, vocab.num_labels)
+        records.LabelIndex.from_lists(label_lists).save(root / f"{split}.labels.npz")
         splits[split] = {"shards": [name for name, _ in entries], "num_records": len(label_lists)}
         split_labels[split] = label_lists
     vocab.save(root / "vocab.json")

@@ -557,7 +557,7 @@ def resampled_label_share(dataset: str, num_labels: int, sampling: str, seed: in
     function of the seed and the position); and (c) the probability of each hashtag being the *drawn* one
     (None without hashtag resampling)."""
 
-    index = records.LabelIndex.open(dataset, "train")
+    index = records.LabelIndex.load(Path(dataset) / "train.labels.npz")
     before = index.counts(num_labels) / max(1, index.num_records)
     inverted = (
         sampling_lib.InvertedIndex.in_memory(index, num_labels) if sampling != "images" else None

@@ -844,21 +844,18 @@ def make_train_iterator(
             config, dataset_dir if isinstance(dataset_dir, SourceInfo) else dataset_root
         )
         source = RecordSource(dataset_root, d.train_split, vocab.num_labels)
-        if not records.has_label_store(dataset_root, d.train_split):
-            raise UserError(
-                f"the label store of split {d.train_split!r} is missing in {dataset_root}; rebuild "
-                "the dataset with `tagjax build`."
-            )
+        labels_file = dataset_root / f"{d.train_split}.labels.npz"
+        if not labels_file.is_file():
+            raise UserError(f"{labels_file} is missing; rebuild the dataset with `tagjax build`.")
         inverted = None
         if d.sampling != "images" or d.label_noise > 0:
             inverted = sampling.InvertedIndex.load_or_build(
-                dataset_root, d.train_split, source.num_labels, _cache_dir(config, dataset_root)
+                labels_file, source.num_labels, _cache_dir(config, dataset_root)
             )
             if inverted.num_records != source.num_records:
                 raise UserError(
-                    f"the label store of {dataset_root} ({d.train_split}) indexes "
-                    f"{inverted.num_records} records but the split has {source.num_records}; "
-                    "rebuild the dataset."
+                    f"{labels_file} indexes {inverted.num_records} records but the split has "
+                    f"{source.num_records}; rebuild the dataset."
                 )
     sampler = sampling.make_sampler(d.sampling, config.seed, source.num_records, inverted)
     noise_cdf = None

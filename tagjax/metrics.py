@@ -41,7 +41,6 @@ Definitions (every choice below is deliberate and tested against hand-computed v
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -51,7 +50,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from tagjax import records
 from tagjax.errors import UserError
@@ -59,11 +57,6 @@ from tagjax.errors import UserError
 BUCKETS = ("head", "torso", "tail")
 DEFAULT_KS = (1, 5)
 DEFAULT_BUCKET_FRACTIONS = (1 / 3, 1 / 3)  # head, torso; the tail is the rest
-# Streamed metrics (StreamingMetrics): config.train.eval_exact_max_mb and config.train.eval_ap_bins set
-# these for the trainer and `tagjax evaluate`; the logit range covers probabilities ~1e-13 to 1 - 1e-13.
-DEFAULT_EXACT_MAX_BYTES = 1 << 30
-DEFAULT_AP_BINS = 1024
-DEFAULT_LOGIT_RANGE = (-30.0, 30.0)
 
 
 def scores_from_logits(logits, loss: str = "softmax") -> np.ndarray:
@@ -243,84 +236,26 @@ def hashtag_metrics(
     scores, ids, num_true = scores[keep], ids[keep], num_true[keep]
 
     ap = average_precision(scores, ids, num_labels, label_chunk=label_chunk)
-    kmax = min(max(ks), num_labels)
-    totals = TopKTotals.zeros(kmax, num_labels)
-    totals.add(*topk_predictions(scores, ids, kmax), num_true)
-    positives = np.bincount(ids[ids >= 0], minlength=num_labels)
-    out = _summarize(ap, positives, totals, n - int(keep.sum()), label_counts, ks, bucket_fractions)
-    out["ap_method"] = "exact"
-    return out
-
-
-@dataclasses.dataclass
-class TopKTotals:
-    """Sums over images of their top-``kmax`` predictions, kept per rank so that precision and recall
-    at any k <= kmax, overall and per frequency bucket, follow by summing ranks < k. O(kmax x L) memory
-    whatever the number of images."""
-
-    num_images: int
-    predicted: np.ndarray  # int64 [kmax, L]: images whose rank-r prediction is label l
-    hit: np.ndarray  # int64 [kmax, L]: ... and l is one of the image's labels
-    hits_at_rank: np.ndarray  # float64 [kmax]: images whose rank-r prediction is a hit
-    recall_at_rank: np.ndarray  # float64 [kmax]: sum over images of hit_r / |true labels|
-
-    @classmethod
-    def zeros(cls, kmax: int, num_labels: int) -> TopKTotals:
-        return cls(
-            0,
-            np.zeros((kmax, num_labels), np.int64),
-            np.zeros((kmax, num_labels), np.int64),
-            np.zeros(kmax),
-            np.zeros(kmax),
-        )
-
-    @property
-    def kmax(self) -> int:
-        return len(self.hits_at_rank)
-
-    def add(self, top: np.ndarray, hits: np.ndarray, num_true: np.ndarray) -> None:
-        """One batch: ``top`` [B, kmax] label ids, ``hits`` [B, kmax] bool, ``num_true`` [B] (> 0)."""
-        num_labels = self.predicted.shape[1]
-        for r in range(self.kmax):
-            self.predicted[r] += np.bincount(top[:, r], minlength=num_labels)
-            self.hit[r] += np.bincount(top[hits[:, r], r], minlength=num_labels)
-        self.hits_at_rank += hits.sum(axis=0)
-        self.recall_at_rank += (hits / np.asarray(num_true)[:, None]).sum(axis=0)
-        self.num_images += len(top)
-
-
-def _summarize(
-    ap: np.ndarray,
-    positives: np.ndarray,
-    totals: TopKTotals,
-    images_without_labels: int,
-    label_counts,
-    ks: Sequence[int],
-    bucket_fractions: Sequence[float],
-) -> dict[str, Any]:
-    """The metrics dict from per-label AP, per-label positives and the top-k totals (both paths)."""
-    num_labels = len(ap)
     has_pos = ~np.isnan(ap)
-    n = totals.num_images
-    if min(max(ks), num_labels) > totals.kmax:
-        raise ValueError(
-            f"precision@{max(ks)} needs top-{max(ks)} totals; these hold {totals.kmax}"
-        )
+    kmax = min(max(ks), num_labels)
+    top, hits = topk_predictions(scores, ids, kmax)
+
     out: dict[str, Any] = {
-        "num_images": int(n),
-        "images_without_labels": int(images_without_labels),
+        "num_images": int(keep.sum()),
+        "images_without_labels": int(n - keep.sum()),
         "num_labels": int(num_labels),
         "labels_with_positives": int(has_pos.sum()),
         "labels_without_positives": int(num_labels - has_pos.sum()),
         "mAP": _nanmean(ap),
     }
     for k in ks:
-        kk = min(k, num_labels)
-        out[f"precision@{k}"] = float(totals.hits_at_rank[:kk].sum() / (k * n)) if n else math.nan
-        out[f"recall@{k}"] = float(totals.recall_at_rank[:kk].sum() / n) if n else math.nan
+        kk = min(k, kmax)
+        h = hits[:, :kk].sum(axis=1)
+        out[f"precision@{k}"] = float((h / k).mean()) if len(h) else float("nan")
+        out[f"recall@{k}"] = float((h / num_true).mean()) if len(h) else float("nan")
 
     if label_counts is None:
-        counts = np.asarray(positives)
+        counts = np.bincount(ids[ids >= 0], minlength=num_labels)
         out["bucket_counts_source"] = "evaluated images"
     else:
         counts = np.asarray(label_counts)
@@ -328,6 +263,8 @@ def _summarize(
             raise ValueError(f"label_counts has shape {counts.shape}, expected ({num_labels},)")
         out["bucket_counts_source"] = "training images"
     bucket = frequency_buckets(counts, bucket_fractions)
+    true_bucket = np.where(ids >= 0, bucket[np.maximum(ids, 0)], -1)
+    pred_bucket = bucket[top] if top.size else np.zeros_like(top, np.int8)
     buckets: dict[str, Any] = {}
     for b, name in enumerate(BUCKETS):
         in_b = bucket == b
@@ -338,191 +275,40 @@ def _summarize(
             "min_count": int(counts[in_b].min()) if in_b.any() else 0,
             "max_count": int(counts[in_b].max()) if in_b.any() else 0,
         }
-        true_in_b = int(positives[in_b].sum())
+        true_in_b = int((true_bucket == b).sum())
         for k in ks:
-            kk = min(k, num_labels)
-            found = int(totals.hit[:kk, in_b].sum())
-            pred_in_b = int(totals.predicted[:kk, in_b].sum())
-            entry[f"precision@{k}"] = found / pred_in_b if pred_in_b else math.nan
-            entry[f"recall@{k}"] = found / true_in_b if true_in_b else math.nan
+            kk = min(k, kmax)
+            pred_in_b = pred_bucket[:, :kk] == b
+            found = int((hits[:, :kk] & pred_in_b).sum())
+            entry[f"precision@{k}"] = (
+                found / int(pred_in_b.sum()) if pred_in_b.any() else float("nan")
+            )
+            entry[f"recall@{k}"] = found / true_in_b if true_in_b else float("nan")
         buckets[name] = entry
     out["buckets"] = buckets
     out["per_label_ap"] = ap
     return out
 
 
-# ---- streamed metrics: memory independent of the number of images ---------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=("bins",), donate_argnums=(0, 1))
-def _histogram_update(pos, every, scores, ids, lo, hi, *, bins: int):
-    """Adds one batch to the per-label score histograms ``pos`` (positives) and ``every`` (all images),
-    both int32 [L, bins]; scores are binned by their logit, uniformly over [lo, hi] (clipped)."""
-    num_labels = scores.shape[1]
-
-    def bin_of(s):
-        s = s.astype(jnp.float32)
-        x = jnp.log(s) - jnp.log1p(-s)  # -inf at 0, +inf at 1; both land in the end bins
-        b = jnp.floor((x - lo) * (bins / (hi - lo)))
-        return jnp.clip(jnp.where(jnp.isnan(b), 0, b), 0, bins - 1).astype(jnp.int32)
-
-    columns = jnp.arange(num_labels, dtype=jnp.int32)[None, :]
-    every = every.reshape(-1).at[(columns * bins + bin_of(scores)).reshape(-1)].add(1)
-    valid = ids >= 0
-    safe = jnp.where(valid, ids, 0)
-    pos_bins = bin_of(jnp.take_along_axis(scores, safe, axis=1))
-    pos = (
-        pos.reshape(-1)
-        .at[(safe * bins + pos_bins).reshape(-1)]
-        .add(valid.astype(jnp.int32).reshape(-1))
-    )
-    return pos.reshape(num_labels, bins), every.reshape(num_labels, bins)
-
-
-def histogram_average_precision(pos: np.ndarray, every: np.ndarray, label_chunk: int = 1024):
-    """Per-label AP of the binned scores, float64 [L] (NaN without positives). Bins are thresholds: a
-    bin's images enter together, as tied scores do in :func:`average_precision`, so the result is the
-    exact AP of scores rounded to their bin; its error against the unrounded AP is measured in
-    benchmarks/streamed_ap.py."""
-    num_labels = pos.shape[0]
-    out = np.full(num_labels, np.nan)
-    for first in range(0, num_labels, label_chunk):
-        p = np.asarray(pos[first : first + label_chunk], np.int64)[:, ::-1]  # highest bin first
-        e = np.asarray(every[first : first + label_chunk], np.int64)[:, ::-1]
-        tp = np.cumsum(p, axis=1)
-        seen = np.cumsum(e, axis=1)
-        total = tp[:, -1]
-        precision = tp / np.maximum(seen, 1)
-        ap = (p * precision).sum(axis=1) / np.maximum(total, 1)
-        out[first : first + len(p)] = np.where(total > 0, ap, np.nan)
-    return out
-
-
-class StreamingMetrics:
-    """:func:`hashtag_metrics` over any number of images in fixed memory: per-label histograms of the
-    scores of positives and of all images (``2 x L x bins x 4`` bytes, on the default device: 139 MB at
-    17k labels and 1,024 bins) for AP, and :class:`TopKTotals` for precision/recall@k (exact).
-
-    AP is computed on scores rounded to ``bins`` bins of their logit over ``logit_range``; everything
-    else equals the exact path.
-    """
-
-    def __init__(
-        self,
-        num_labels: int,
-        *,
-        kmax: int = max(DEFAULT_KS),
-        bins: int = DEFAULT_AP_BINS,
-        logit_range: tuple[float, float] = DEFAULT_LOGIT_RANGE,
-    ):
-        if num_labels * bins >= 1 << 31:
-            raise UserError(
-                f"{num_labels} labels x {bins} AP bins is too many histogram cells; lower "
-                "config.train.eval_ap_bins."
-            )
-        self.num_labels, self.bins = int(num_labels), int(bins)
-        self.lo, self.hi = (float(x) for x in logit_range)
-        self._pos = jnp.zeros((num_labels, bins), jnp.int32)
-        self._every = jnp.zeros((num_labels, bins), jnp.int32)
-        self.totals = TopKTotals.zeros(min(int(kmax), self.num_labels), self.num_labels)
-        self.positives = np.zeros(self.num_labels, np.int64)
-        self.images_without_labels = 0
-
-    def add(self, scores, labels) -> None:
-        scores = np.asarray(scores)
-        ids = _as_padded_labels(labels, self.num_labels)
-        num_true = (ids >= 0).sum(axis=1)
-        keep = num_true > 0
-        self.images_without_labels += int((~keep).sum())
-        scores, ids, num_true = scores[keep], ids[keep], num_true[keep]
-        if not len(scores):
-            return
-        self._pos, self._every = _histogram_update(
-            self._pos,
-            self._every,
-            jnp.asarray(scores, jnp.float32),
-            jnp.asarray(ids),
-            self.lo,
-            self.hi,
-            bins=self.bins,
-        )
-        self.totals.add(*topk_predictions(scores, ids, self.totals.kmax), num_true)
-        self.positives += np.bincount(ids[ids >= 0], minlength=self.num_labels)
-
-    def result(
-        self,
-        *,
-        label_counts=None,
-        ks: Sequence[int] = DEFAULT_KS,
-        bucket_fractions: Sequence[float] = DEFAULT_BUCKET_FRACTIONS,
-        label_chunk: int = 1024,
-    ) -> dict[str, Any]:
-        ap = histogram_average_precision(
-            np.asarray(self._pos), np.asarray(self._every), label_chunk
-        )
-        out = _summarize(
-            ap,
-            self.positives,
-            self.totals,
-            self.images_without_labels,
-            label_counts,
-            ks,
-            bucket_fractions,
-        )
-        out["ap_method"] = f"histogram ({self.bins} logit bins over [{self.lo:g}, {self.hi:g}])"
-        return out
-
-
-def accumulator_for(config, num_labels: int, *, max_images: int = 0) -> MetricsAccumulator:
-    """The accumulator ``config.train.eval_exact_max_mb`` / ``eval_ap_bins`` ask for (defaults if absent
-    or if ``config`` is None)."""
-    train = config.train if config is not None else {}
-    return MetricsAccumulator(
-        num_labels,
-        max_images=max_images,
-        exact_max_bytes=int(train.get("eval_exact_max_mb", DEFAULT_EXACT_MAX_BYTES >> 20)) << 20,
-        ap_bins=int(train.get("eval_ap_bins", DEFAULT_AP_BINS)),
-    )
-
-
 class MetricsAccumulator:
-    """Collects per-batch scores and labels, then computes the metrics: exactly while the scores fit in
-    ``exact_max_bytes`` (config.train.eval_exact_max_mb), streamed (:class:`StreamingMetrics`) beyond.
+    """Collects per-batch scores and labels on the host, then computes :func:`hashtag_metrics`.
 
-    The exact path keeps N x L x itemsize bytes of scores (``score_dtype``; 50k images x 17k labels in
-    float32 is 3.4 GB); when the next batch would pass the limit, the rows kept so far are fed to a
-    streaming accumulator and dropped, and the rest streams, so host memory stays bounded whatever the
-    number of images. Only rows whose ``mask`` is True (not padding) count.
+    Memory is N x L x itemsize bytes for the scores (``score_dtype``; float16 halves it at the cost of
+    more ties, which AP handles as documented): 50k images x 17k labels in float32 is 3.4 GB. Only the
+    rows whose ``mask`` is True (not padding) are kept.
     """
 
-    def __init__(
-        self,
-        num_labels: int,
-        *,
-        score_dtype=np.float32,
-        max_images: int = 0,
-        exact_max_bytes: int = DEFAULT_EXACT_MAX_BYTES,
-        ap_bins: int = DEFAULT_AP_BINS,
-        kmax: int = max(DEFAULT_KS),
-    ):
+    def __init__(self, num_labels: int, *, score_dtype=np.float32, max_images: int = 0):
         self.num_labels = int(num_labels)
         self.score_dtype = np.dtype(score_dtype)
         self.max_images = int(max_images)
-        self.exact_max_bytes = int(exact_max_bytes)
-        self.ap_bins = int(ap_bins)
-        self.kmax = int(kmax)
         self._scores: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
-        self._stream: StreamingMetrics | None = None
         self.count = 0
 
     @property
     def full(self) -> bool:
         return self.max_images > 0 and self.count >= self.max_images
-
-    @property
-    def streaming(self) -> bool:
-        return self._stream is not None
 
     def update(self, scores, labels, mask=None) -> None:
         scores = np.asarray(scores)
@@ -537,30 +323,12 @@ class MetricsAccumulator:
         if self.max_images > 0:
             room = self.max_images - self.count
             scores, labels = scores[:room], labels[:room]
+        self._scores.append(scores.astype(self.score_dtype, copy=False))
+        self._labels.append(labels)
         self.count += len(scores)
-        if self._stream is None and (
-            self.count * self.num_labels * self.score_dtype.itemsize > self.exact_max_bytes
-        ):
-            self._stream = StreamingMetrics(self.num_labels, kmax=self.kmax, bins=self.ap_bins)
-            logging.info(
-                "evaluation: scores of %d images pass %d MB; streaming the metrics (%s)",
-                self.count,
-                self.exact_max_bytes >> 20,
-                f"AP from {self.ap_bins}-bin histograms",
-            )
-            for kept_scores, kept_labels in zip(self._scores, self._labels, strict=True):
-                self._stream.add(kept_scores, kept_labels)
-            self._scores, self._labels = [], []
-        if self._stream is not None:
-            self._stream.add(scores, labels)
-        else:
-            self._scores.append(scores.astype(self.score_dtype, copy=False))
-            self._labels.append(labels)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(scores [N, L], labels [N, M] padded with -1) collected so far (exact path only)."""
-        if self._stream is not None:
-            raise ValueError("the scores were streamed (more than exact_max_bytes); none are kept")
+        """(scores [N, L], labels [N, M] padded with -1) collected so far."""
         if not self._scores:
             return np.zeros((0, self.num_labels), self.score_dtype), np.zeros((0, 1), np.int32)
         width = max(x.shape[1] for x in self._labels)
@@ -570,9 +338,6 @@ class MetricsAccumulator:
         return np.concatenate(self._scores), labels
 
     def result(self, **kwargs) -> dict[str, Any]:
-        if self._stream is not None:
-            kwargs.pop("label_chunk", None)
-            return self._stream.result(**kwargs)
         scores, labels = self.arrays()
         return hashtag_metrics(scores, labels, **kwargs)
 
@@ -660,10 +425,9 @@ def format_table(
 def label_counts_of(
     dataset_dir: str | Path, num_labels: int, split: str = "train"
 ) -> np.ndarray | None:
-    """Training images per label from the dataset's label store (its small counts file), if present.
+    """Training images per label from the dataset's label index (``<split>.labels.npz``), if present."""
 
-    Reads O(labels) bytes whatever the dataset's size (tagjax.records)."""
-
-    if not records.has_label_store(dataset_dir, split):
+    path = Path(dataset_dir) / f"{split}.labels.npz"
+    if not path.is_file():
         return None
-    return records.label_counts(dataset_dir, split, num_labels)
+    return records.LabelIndex.load(path).counts(num_labels)

@@ -63,8 +63,8 @@ _FEISTEL_ROUNDS = 8
 _ROUND_KEYS = np.asarray(
     [((r + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF for r in range(_FEISTEL_ROUNDS)], np.uint64
 )
-# Pairs processed at once when building the inverted index; bounds the build's temporary memory (~30 B/pair: ~130 MB).
-_INVERT_CHUNK_PAIRS = 1 << 22
+# Pairs processed at once when building the inverted index; bounds the build's temporary memory (~24 B/pair).
+_INVERT_CHUNK_PAIRS = 1 << 24
 _INDEX_FORMAT = 1
 
 
@@ -250,55 +250,45 @@ class InvertedIndex:
         return state
 
     @staticmethod
-    def _runs(label_index: records.LabelIndex, num_labels: int, counts: np.ndarray, dtype):
-        """The index's contents as runs ``(start, image ids)``: a counting sort of (hashtag, image) pairs,
-        ``_INVERT_CHUNK_PAIRS`` at a time, so memory is bounded by one chunk whatever the split's size.
-
-        ``counts`` (images per hashtag) fixes where each hashtag's run begins; a store whose ids disagree
-        with its counts is refused rather than written out of place."""
-        offsets_rec = label_index.offsets
-        labels = label_index.labels
+    def _fill(label_index: records.LabelIndex, num_labels: int, out: np.ndarray) -> np.ndarray:
+        """Counting sort of (hashtag, image) pairs into ``out``; returns the counts. Bounded memory."""
+        offsets_rec = np.asarray(label_index.offsets, np.int64)
+        labels = np.asarray(label_index.labels)
         n = label_index.num_records
-        ends = np.cumsum(counts).astype(np.int64)
-        cursor = ends - counts
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_labels):
+            raise UserError(
+                f"the label index holds label ids outside [0, {num_labels}) of the vocabulary; the dataset "
+                "and its vocab.json disagree: rebuild the dataset with `tagjax build`."
+            )
+        counts = np.bincount(labels, minlength=num_labels).astype(np.int64)
+        cursor = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         start = 0
         bar = tqdm(
             total=n,
             unit="img",
             desc="hashtag -> images index",
-            disable=int(offsets_rec[-1]) <= _INVERT_CHUNK_PAIRS,
+            disable=len(labels) <= _INVERT_CHUNK_PAIRS,
         )
         while start < n:
             # A chunk of whole records holding about _INVERT_CHUNK_PAIRS pairs (at least one record).
-            first_pair = int(offsets_rec[start])
-            stop = int(np.searchsorted(offsets_rec, first_pair + _INVERT_CHUNK_PAIRS, "right")) - 1
+            stop = (
+                int(np.searchsorted(offsets_rec, offsets_rec[start] + _INVERT_CHUNK_PAIRS, "right"))
+                - 1
+            )
             stop = min(max(stop, start + 1), n)
-            rec_offsets = np.asarray(offsets_rec[start : stop + 1], np.int64)
-            lab = np.asarray(labels[first_pair : int(rec_offsets[-1])], np.int32)
-            if len(lab) and (int(lab.min()) < 0 or int(lab.max()) >= num_labels):
-                raise UserError(
-                    f"the label store holds label ids outside [0, {num_labels}) of the vocabulary; the "
-                    "dataset and its vocab.json disagree: rebuild the dataset with `tagjax build`."
-                )
-            rec = np.repeat(np.arange(start, stop, dtype=dtype), np.diff(rec_offsets))
+            lab = labels[offsets_rec[start] : offsets_rec[stop]].astype(np.int64)
+            rec = np.repeat(
+                np.arange(start, stop, dtype=np.int64), np.diff(offsets_rec[start : stop + 1])
+            )
             order = np.argsort(lab, kind="stable")
             lab, rec = lab[order], rec[order]
-            del order
-            # Pairs are now grouped by hashtag, images ascending within each: one run per hashtag.
-            bounds = np.flatnonzero(np.diff(lab)) + 1
-            run_starts = np.concatenate([[0], bounds]).tolist()
-            run_ends = np.concatenate([bounds, [len(lab)]]).tolist()
-            for a, b in zip(run_starts, run_ends, strict=True):
-                h = int(lab[a])
-                if cursor[h] + (b - a) > ends[h]:
-                    raise _inconsistent_store()
-                yield int(cursor[h]), rec[a:b]
-                cursor[h] += b - a
+            rank = np.arange(len(lab)) - np.searchsorted(lab, lab, side="left")
+            out[cursor[lab] + rank] = rec
+            cursor += np.bincount(lab, minlength=num_labels)
             bar.update(stop - start)
             start = stop
         bar.close()
-        if not np.array_equal(cursor, ends):
-            raise _inconsistent_store()
+        return counts
 
     @staticmethod
     def _dtype(num_records: int):
@@ -306,41 +296,23 @@ class InvertedIndex:
 
     @classmethod
     def in_memory(cls, label_index: records.LabelIndex, num_labels: int) -> InvertedIndex:
-        counts = label_index.counts(num_labels)
-        images = np.empty(int(counts.sum()), cls._dtype(label_index.num_records))
-        for start, ids in cls._runs(label_index, num_labels, counts, images.dtype):
-            images[start : start + len(ids)] = ids
+        images = np.empty(len(label_index.labels), cls._dtype(label_index.num_records))
+        counts = cls._fill(label_index, num_labels, images)
         return cls(counts, label_index.num_records, images=images)
 
     @classmethod
-    def build(
-        cls, label_index: records.LabelIndex, num_labels: int, path: Path, counts: np.ndarray
-    ) -> InvertedIndex:
-        """Writes the index to the ``.npy`` file ``path`` (plus a ``.json`` with the counts) atomically.
-
-        Runs are written with ``os.pwrite``, not through a memory map, so building touches no page of
-        the output in this process: resident memory stays at one chunk of pairs (the benchmark in
-        benchmarks/scale.py measures it)."""
+    def build(cls, label_index: records.LabelIndex, num_labels: int, path: Path) -> InvertedIndex:
+        """Writes the index to the ``.npy`` file ``path`` (plus a ``.json`` with the counts) atomically."""
         n = label_index.num_records
-        counts = np.asarray(counts, np.int64)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-        dtype = np.dtype(cls._dtype(n))
-        header = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(int(counts.sum()),))
-        data_start = header.offset
-        del header  # a sparse file of the right size; its pages are never mapped here
-        try:
-            fd = os.open(tmp, os.O_WRONLY)
-            try:
-                for start, ids in cls._runs(label_index, num_labels, counts, dtype):
-                    os.pwrite(fd, ids.tobytes(), data_start + start * dtype.itemsize)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        out = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=cls._dtype(n), shape=(len(label_index.labels),)
+        )
+        counts = cls._fill(label_index, num_labels, out)
+        out.flush()
+        del out
         os.replace(tmp, path)
         meta = {"format": _INDEX_FORMAT, "num_records": int(n), "counts": counts.tolist()}
         tmp_meta = _meta_path(path).with_name(_meta_path(path).name + f".tmp{os.getpid()}")
@@ -349,42 +321,23 @@ class InvertedIndex:
         return cls(counts, n, path=path)
 
     @classmethod
-    def load_or_build(
-        cls, dataset_dir: Path, split: str, num_labels: int, cache_dir: Path
-    ) -> InvertedIndex:
-        """The cached index of ``split``'s label store (keyed by its files' path, size and mtime),
-        building it if missing. Starting from the cache reads only the counts (O(labels)).
+    def load_or_build(cls, labels_file: Path, num_labels: int, cache_dir: Path) -> InvertedIndex:
+        """The cached index for ``labels_file`` (keyed by its path, size and mtime), building it if missing.
 
         Concurrent builders (several hosts on a shared disk) write identical files and rename atomically.
         """
-        records.ensure_label_store(dataset_dir, split)
-        _, ids_path, counts_path = records.label_store_paths(dataset_dir, split)
-        st, st_counts = ids_path.stat(), counts_path.stat()
+        labels_file = Path(labels_file)
+        st = labels_file.stat()
         key = json.dumps(
-            [
-                _INDEX_FORMAT,
-                str(ids_path.resolve()),
-                st.st_size,
-                st.st_mtime_ns,
-                st_counts.st_mtime_ns,
-                num_labels,
-            ]
+            [_INDEX_FORMAT, str(labels_file.resolve()), st.st_size, st.st_mtime_ns, num_labels]
         )
-        stem = f"{split}.labels.inverted-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+        stem = f"{labels_file.name[: -len('.npz')]}.inverted-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         path = Path(cache_dir) / f"{stem}.npy"
         if path.is_file() and _meta_path(path).is_file():
             meta = json.loads(_meta_path(path).read_text())
             return cls(np.asarray(meta["counts"], np.int64), meta["num_records"], path=path)
-        logging.info("building the hashtag -> images index of %s in %s", ids_path, path.parent)
-        counts = records.label_counts(dataset_dir, split, num_labels)
-        return cls.build(records.LabelIndex.open(dataset_dir, split), num_labels, path, counts)
-
-
-def _inconsistent_store() -> UserError:
-    return UserError(
-        "the label store's counts file disagrees with its label ids; rebuild the dataset with "
-        "`tagjax build`."
-    )
+        logging.info("building the hashtag -> images index of %s in %s", labels_file, path.parent)
+        return cls.build(records.LabelIndex.load(labels_file), num_labels, path)
 
 
 def _meta_path(path: Path) -> Path:

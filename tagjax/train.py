@@ -409,18 +409,16 @@ def evaluate(
     *,
     max_images: int = 0,
     label_counts: np.ndarray | None = None,
-    config=None,
 ) -> dict:
     """Held-out metrics over ``batches`` (per-host eval batches with "mask"): the mean loss and the flat
     scalars of ``tagjax.evaluate.hashtag_metrics`` (mAP, precision@k, recall@k, per frequency bucket).
 
     Stops after ``max_images`` real images (0 = the whole iterator). ``label_counts`` (training images per
-    label) defines the head/torso/tail buckets; ``config`` sets when metrics are streamed
-    (``metrics.accumulator_for``).
+    label) defines the head/torso/tail buckets.
     """
     from tagjax import metrics as metrics_lib
 
-    acc = metrics_lib.accumulator_for(config, num_classes, max_images=max_images)
+    acc = metrics_lib.MetricsAccumulator(num_classes, max_images=max_images)
     loss_sum = count = 0.0
     for local in batches:
         batch = sharding.global_batch({k: local[k] for k in EVAL_BATCH_KEYS}, mesh)
@@ -628,7 +626,6 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
             data.num_classes,
             max_images=int(config.train.eval_max_images),
             label_counts=data.label_counts,
-            config=config,
         )
         result["seconds"] = time.perf_counter() - start
         window.start += result["seconds"]  # evaluation time is not training throughput

@@ -60,7 +60,7 @@ def _write_split(root, split, n, shards, bad=None):
     for s in range(shards):
         names.append(records.shard_name(split, s, shards))
         records.write_shard(root / names[-1], encoded[s * per : (s + 1) * per])
-    records.LabelIndex.from_lists(lists).save(root, split, len(NOUNS))
+    records.LabelIndex.from_lists(lists).save(root / f"{split}.labels.npz")
     return {"shards": names, "num_records": n}
 
 

@@ -100,14 +100,15 @@ def test_images_mode_visits_every_image_once_per_epoch(n):
 def test_inverted_index_file_matches_and_is_memory_mapped(tmp_path, zipf_index, monkeypatch):
     # Several chunks, so records are split across chunk boundaries.
     monkeypatch.setattr(sampling, "_INVERT_CHUNK_PAIRS", 1000)
-    zipf_index.save(tmp_path, "train", NUM_LABELS)
-    built = sampling.InvertedIndex.load_or_build(tmp_path, "train", NUM_LABELS, tmp_path / "cache")
+    labels_file = tmp_path / "train.labels.npz"
+    zipf_index.save(labels_file)
+    built = sampling.InvertedIndex.load_or_build(labels_file, NUM_LABELS, tmp_path / "cache")
     for h in range(NUM_LABELS):
         expected = [i for i in range(zipf_index.num_records) if h in zipf_index.labels_of(i)]
         assert built.images_of(h).tolist() == expected
     # The second call reuses the cache file; pickling (into a worker) does not copy the id array.
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    again = sampling.InvertedIndex.load_or_build(tmp_path, "train", NUM_LABELS, tmp_path / "cache")
+    again = sampling.InvertedIndex.load_or_build(labels_file, NUM_LABELS, tmp_path / "cache")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == files
     assert isinstance(again.images, np.memmap)
     assert len(pickle.dumps(again)) < 4 * len(zipf_index.labels) / 4

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from tagjax import build_steps, dedup, records
+from tagjax import build_steps, dedup
 from tagjax import images as images_lib
 from tagjax import posts as posts_lib
 from tagjax.errors import UserError
@@ -72,13 +72,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DATASET",
         default=None,
         help="instead of building: remove the opted-out posts/users from DATASET",
-    )
-    pv.add_argument(
-        "--upgrade-label-store",
-        metavar="DATASET",
-        default=None,
-        help="instead of building: convert DATASET's old *.labels.npz files to the memory-mapped "
-        "label store (readers do this on the fly when they may write the folder)",
     )
     lb = parser.add_argument_group("labels")
     lb.add_argument(
@@ -184,14 +177,6 @@ def config_from_args(args) -> build_steps.BuildConfig:
 def run(args) -> int:
     from tagjax import build as local_build
 
-    if args.upgrade_label_store:
-        converted = records.upgrade_dataset_label_stores(args.upgrade_label_store)
-        print(
-            f"converted {', '.join(converted)} of {args.upgrade_label_store}"
-            if converted
-            else f"{args.upgrade_label_store} already has the current label store"
-        )
-        return 0
     if args.apply_optout:
         optout = build_steps.OptOut.load(args.optout_posts, args.optout_users)
         if not optout.posts and not optout.users:

@@ -113,10 +113,6 @@ def get_config(arg=None):
     c.train.log_every_images = 8064 * 20
     c.train.eval_every_images = 50_000_000
     c.train.eval_max_images = 50_000  # held-out images per evaluation (0 = all)
-    # Hashtag-prediction metrics keep every score while they fit in this many MB (exact AP), then stream
-    # them into per-label histograms of eval_ap_bins logit bins (2 x labels x bins x 4 bytes; tagjax.metrics).
-    c.train.eval_exact_max_mb = 1024
-    c.train.eval_ap_bins = 1024
     c.train.checkpoint_every_images = 10_000_000
     c.train.nan_policy = "stop"  # "stop" with a clear message, or "skip" the update and count it
     c.train.max_consecutive_nonfinite = (
