@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,15 @@ def worker_pool():
         stderr=subprocess.DEVNULL,
     )
     try:
+        deadline = time.monotonic() + 120  # the pool imports Beam first: slow on a loaded machine
+        while True:
+            assert pool.poll() is None, "the Beam worker pool exited at start"
+            try:
+                socket.create_connection(("localhost", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the Beam worker pool did not start listening"
+                time.sleep(0.2)
         yield f"localhost:{port}"
     finally:
         pool.terminate()
