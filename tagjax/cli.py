@@ -23,12 +23,12 @@ from tagjax.errors import UserError
 COMMANDS = {
     "vocab": ("tagjax.vocab", "build, show and look up hashtag vocabularies (WordNet synsets)"),
     "build": ("tagjax.build", "tagged posts -> filtered, deduplicated ArrayRecord shards"),
-    "train": ("tagjax.train", "pretrain a model on hashtags (config file + overrides)"),
+    "train": ("tagjax.commands.train", "pretrain a model on hashtags (config file + overrides)"),
     "evaluate": (
         "tagjax.evaluate",
         "hashtag metrics on held-out shards; top-1/5 of a classifier on a dataset",
     ),
-    "transfer": ("tagjax.transfer", "linear probe or fine-tuning on a downstream dataset"),
+    "transfer": ("tagjax.commands.transfer", "linear probe or fine-tuning on a downstream dataset"),
     "predict": ("tagjax.predict", "top hashtags for images"),
     "embed": ("tagjax.predict", "pooled trunk features for images or shards, to .npy"),
     "decontaminate": (

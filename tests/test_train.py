@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from tagjax import cli, losses, metrics_writer, models, sharding, train
+from tagjax import cli, loop, losses, metrics_writer, models, sharding, train
 from tagjax.errors import UserError
 
 NUM_CLASSES = 10
@@ -257,12 +257,12 @@ def test_fsdp_rule_splits_the_largest_divisible_dimension():
 
 
 def test_peak_flops_table_and_cpu():
-    assert train.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
-    assert train.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
-    assert train.peak_flops_per_device("NVIDIA A100-SXM4-80GB") == 312e12
-    assert train.peak_flops_per_device("TPU v5 lite") == 197e12
-    assert train.peak_flops_per_device("TPU v5") == 459e12
-    assert train.peak_flops_per_device("cpu") is None
+    assert loop.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+    assert loop.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
+    assert loop.peak_flops_per_device("NVIDIA A100-SXM4-80GB") == 312e12
+    assert loop.peak_flops_per_device("TPU v5 lite") == 197e12
+    assert loop.peak_flops_per_device("TPU v5") == 459e12
+    assert loop.peak_flops_per_device("cpu") is None
 
 
 def test_distributed_start_is_detected_from_the_environment(monkeypatch):
