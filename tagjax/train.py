@@ -107,7 +107,8 @@ def state_init_fn(model, tx, image_shape: tuple[int, int, int]):
     return init
 
 
-def _image_shape(config) -> tuple[int, int, int]:
+def image_shape(config) -> tuple[int, int, int]:
+    """The training crop, [H, W, C]: what the state is initialized for."""
     size = int(config.data.image_size)
     return (size, size, 3)
 
@@ -126,7 +127,7 @@ def abstract_train_state(config, model, mesh: Mesh, num_classes: int | None = No
     """
     del num_classes
     tx = optim.make_gradient_transform(config.optim)
-    init = state_init_fn(model, tx, _image_shape(config))
+    init = state_init_fn(model, tx, image_shape(config))
     abstract = jax.eval_shape(init, jax.random.key(0))
     shardings = state_shardings(config, mesh, abstract)
     return jax.tree.map(
@@ -142,7 +143,7 @@ def create_train_state(config, model, mesh: Mesh, num_classes: int | None = None
     """
     del num_classes
     tx = optim.make_gradient_transform(config.optim)
-    init = state_init_fn(model, tx, _image_shape(config))
+    init = state_init_fn(model, tx, image_shape(config))
     rng = jax.random.key(int(config.seed))
     abstract = jax.eval_shape(init, rng)
     shardings = state_shardings(config, mesh, abstract)

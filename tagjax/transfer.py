@@ -10,11 +10,14 @@ on the whole training split with that strength, and top-1/top-5 are reported on 
 
 ``tagjax transfer --mode finetune`` restores the pretrained trunk exactly (``checkpoint.restore_backbone``),
 adds a freshly initialized head for the downstream classes and trains everything with SGD
-(configs/transfer_finetune.py: resolution, augmentation, learning rate and schedule in images seen),
-checkpointing and resuming like pretraining. Batch ``k`` is a pure function of ``(seed, k)`` (shuffled
+(configs/transfer_finetune.py: resolution, augmentation, learning rate and schedule in images seen)
+in pretraining's loop (tagjax.loop: the same NaN guard, logs, checkpoints and resumption), with its own
+step (:func:`make_finetune_step`). Batch ``k`` is a pure function of ``(seed, k)`` (shuffled
 epochs, augmentation from hashed uniforms), so a resumed run trains on the batches an uninterrupted one would.
 
-Both write ``WORKDIR/results.json`` and print a one-line summary.
+Both write ``WORKDIR/results.json`` and print a one-line summary. Unreadable images are skipped and
+counted by the data config's rule (``config.data.max_bad_record_fraction``, tagjax.bad_records). The
+command ``tagjax transfer`` is tagjax.commands.transfer.
 """
 
 from __future__ import annotations
@@ -544,7 +547,7 @@ def init_finetune_state(config, checkpoint_path: str | Path, model, tx, mesh):
     """A fresh fine-tuning state: the new model's init with every trunk variable replaced by the checkpoint's
     (``checkpoint.restore_backbone``), the new head as initialized, optimizer state for the result."""
 
-    init = train.state_init_fn(model, tx, train._image_shape(config))
+    init = train.state_init_fn(model, tx, train.image_shape(config))
     rng = jax.random.key(int(config.seed))
     replicated = sharding.replicated(mesh)
     state = jax.jit(init, out_shardings=replicated)(rng)
@@ -748,7 +751,7 @@ def run_finetune(
         "num_classes": train_ds.num_classes,
     }
     manager = checkpoint.CheckpointManager(workdir, config, metadata)
-    init = train.state_init_fn(model, tx, train._image_shape(config))
+    init = train.state_init_fn(model, tx, train.image_shape(config))
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
         jax.eval_shape(init, jax.random.key(int(config.seed))),
@@ -756,41 +759,41 @@ def run_finetune(
     state, start = loop.restore_or_init(
         manager, abstract, lambda: init_finetune_state(config, checkpoint_path, model, tx, mesh)
     )
-    if start:
-        log_fn(f"resumed fine-tuning at step {start:,} of {num_steps:,}")
-    else:
-        log_fn(
-            f"fine-tuning {config.model.name} from {metadata['pretrained']} on {t.dataset}: "
-            f"{train_ds.num_classes} classes, {len(train_ds.source):,} training images, "
-            f"{num_steps:,} steps of {batch_size}"
-        )
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start or None)
-
-    def test_accuracy(state, progress: bool = False) -> dict:
-        return evaluate_classifier(
-            model,
-            {"params": state.params, "batch_stats": state.batch_stats},
-            test_ds,
-            config,
-            batch_size=int(t.eval_batch_size),
-            num_threads=int(t.num_threads),
-            max_bad_fraction=float(config.data.max_bad_record_fraction),
-            progress=progress,
-        )
-
-    bad_train = bad_records.BadRecordCounter.from_data_config(
-        config.data, f"training images of {t.dataset}"
-    )
-    stop = num_steps if max_steps is None else min(num_steps, start + int(max_steps))
-    batches = FinetuneBatches(
-        train_ds.source,
-        augment.TrainAugment.from_config(config.data),
-        batch_size,
-        int(config.seed),
-        jax.process_index(),
-        jax.process_count(),
-    )
     try:
+        if start:
+            log_fn(f"resumed fine-tuning at step {start:,} of {num_steps:,}")
+        else:
+            log_fn(
+                f"fine-tuning {config.model.name} from {metadata['pretrained']} on {t.dataset}: "
+                f"{train_ds.num_classes} classes, {len(train_ds.source):,} training images, "
+                f"{num_steps:,} steps of {batch_size}"
+            )
+
+        def test_accuracy(state, progress: bool = False) -> dict:
+            return evaluate_classifier(
+                model,
+                {"params": state.params, "batch_stats": state.batch_stats},
+                test_ds,
+                config,
+                batch_size=int(t.eval_batch_size),
+                num_threads=int(t.num_threads),
+                max_bad_fraction=float(config.data.max_bad_record_fraction),
+                progress=progress,
+            )
+
+        bad_train = bad_records.BadRecordCounter.from_data_config(
+            config.data, f"training images of {t.dataset}"
+        )
+        stop = num_steps if max_steps is None else min(num_steps, start + int(max_steps))
+        batches = FinetuneBatches(
+            train_ds.source,
+            augment.TrainAugment.from_config(config.data),
+            batch_size,
+            int(config.seed),
+            jax.process_index(),
+            jax.process_count(),
+        )
         spec = loop.Loop(
             config,
             step_fn=jax.jit(
@@ -811,8 +814,8 @@ def run_finetune(
             },
             progress=progress,
         )
-        result = loop.run(spec, state, stop)
-        final_step = result.step
+        trained = loop.run(spec, state, stop)
+        final_step = trained.step
         if final_step < num_steps:
             return {
                 "mode": "finetune",
@@ -820,7 +823,7 @@ def run_finetune(
                 "num_steps": num_steps,
                 "finished": False,
             }
-        acc = test_accuracy(result.state, progress=progress)
+        acc = test_accuracy(trained.state, progress=progress)
         writer.write(
             "eval", final_step, final_step * batch_size, {"top1": acc["top1"], "top5": acc["top5"]}
         )
@@ -852,7 +855,7 @@ def run_finetune(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Baselines and the CLI.
+# Baselines.
 # ----------------------------------------------------------------------------------------------------
 
 
