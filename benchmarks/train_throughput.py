@@ -7,7 +7,7 @@ rate with no input pipeline in the way; benchmarks/input_throughput.py measures 
 
 MFU = images/s x training FLOPs per image / (devices x peak FLOP/s), where training FLOPs = 3 x the analytic
 forward FLOPs of tagjax.models.flops_per_image (convolutions + head at their true, grouped cost) and the
-peak is tagjax.train.PEAK_FLOPS for the device kind (dense bf16; "n/a" on CPU).
+peak is tagjax.loop.PEAK_FLOPS for the device kind (dense bf16; "n/a" on CPU).
 
 Run::
 
@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from tagjax import config as config_lib
-from tagjax import models, sharding, train
+from tagjax import loop, models, sharding, train
 
 
 def _synthetic_batches(cfg, mesh, num_classes: int, count: int) -> list[dict]:
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     n_dev = mesh.devices.size
     rate = batch / step_s
     kind = jax.devices()[0].device_kind
-    peak = train.peak_flops_per_device(kind)
+    peak = loop.peak_flops_per_device(kind)
     train_flops = 3.0 * models.flops_per_image(cfg.model, int(cfg.data.image_size), num_classes)
     result = {
         "config": args.config,

@@ -35,7 +35,6 @@ def get_config(arg=None):
     t.epochs = 30  # used when train.total_images is 0: passes over the training split
     t.label_smoothing = 0.0  # of the one-hot target
     t.num_threads = 4  # image decoding threads
-    t.max_bad_fraction = 0.001  # unreadable images are skipped and counted; fail above this share
     t.eval_batch_size = 128  # images per forward pass when testing
 
     # Resolution and augmentation (random-resized crop + flip for training; resize + center crop to test).
