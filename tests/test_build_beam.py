@@ -91,6 +91,7 @@ def test_beam_habits_and_user_cap_match_local(tmp_path):
             vocab_min_count=1,
             images=images.ImageOptions(max_side=32),
             habit_min_posts=5,
+            habit_min_users=3,
             max_posts_per_user=3,
             heldout_fraction=0.3,
             workers=1,
