@@ -719,9 +719,11 @@ def worker_process_image(post: posts_lib.Post) -> ImageResult:
 
 
 def worker_eval_hash(path: str) -> tuple[str, int] | None:
+    options = _WORKER["options"]
     try:
-        p = images_lib.process(Path(path).read_bytes(), _WORKER["options"])
-    except (images_lib.ImageSkip, OSError):
+        data = posts_lib.read_regular_file(path, options.max_file_bytes)
+        p = images_lib.process(data, options)
+    except images_lib.ImageSkip:
         return None
     return path, dedup_lib.phash(p.pixels)
 
