@@ -545,8 +545,13 @@ def render_report(s: dict) -> str:
         lines += [
             "",
             f"uploader habits: {h['users_with_habits']} users, {h['hashtags_removed']:,} "
-            f"hashtag uses removed; most common habitual hashtags: "
-            + ", ".join(f"#{t} ({n})" for t, n in h["top_habitual"][:10]),
+            "hashtag uses removed"
+            + (
+                "; most common habitual hashtags: "
+                + ", ".join(f"#{t} ({n})" for t, n in h["top_habitual"][:10])
+                if h["top_habitual"]
+                else ""
+            ),
         ]
         if h.get("skipped"):
             lines.append(f"  {h['skipped']}")

@@ -739,13 +739,11 @@ def read_yfcc(
             caption = " ".join(urllib.parse.unquote_plus(x) for x in (title, description) if x)
             image_path = problem = None
             if images is not None and allowed is not None:
-                candidates = []
+                candidates = []  # relative to the images folder, as the row spells them
                 if photo_hash:
-                    candidates.append(
-                        images / photo_hash[:3] / photo_hash[3:6] / f"{photo_hash}.jpg"
-                    )
-                candidates.append(images / f"{photo_id}.jpg")
-                checked = [allowed.check(str(c), images, max_bytes) for c in candidates]
+                    candidates.append(f"{photo_hash[:3]}/{photo_hash[3:6]}/{photo_hash}.jpg")
+                candidates.append(f"{photo_id}.jpg")
+                checked = [allowed.check(c, images, max_bytes) for c in candidates]
                 problem = next((reason for _, reason in checked if reason), None)
                 if problem is None:  # the first that exists (else the last: missing_image later)
                     found = (p for p, _ in checked if p is not None and os.path.isfile(p))

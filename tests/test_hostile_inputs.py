@@ -432,3 +432,17 @@ def test_removal_after_the_fact_recomputes_label_counts(tmp_path):
         "p1",
         "p4",
     ]
+
+
+def test_yfcc_rows_cannot_name_photos_outside_the_images_folder(tmp_path):
+    from tests.test_posts import yfcc_row
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "secret.jpg").write_bytes(picture(5))
+    rows = yfcc_row("../secret", "u@N00", "dog") + yfcc_row(
+        "7", "u@N00", "dog", photo_hash="../../../../secret"
+    )
+    (tmp_path / "meta.tsv").write_text(rows)
+    got = list(posts.read_yfcc(str(tmp_path / "meta.tsv"), str(tmp_path / "photos")))
+    assert [p.problem for p in got] == [posts.PATH_ESCAPES_ROOT, posts.PATH_ESCAPES_ROOT]
+    assert all(p.image_path is None for p in got)
