@@ -536,7 +536,10 @@ def read_webdataset(
 
     try:
         with tar:
-            for member in tar:
+            # tar.next() rather than iterating: a stream-mode TarFile would keep every header it read
+            # (tar.members), so memory would grow with the member count of a hostile archive.
+            while (member := tar.next()) is not None:
+                tar.members = []
                 name = member.name
                 key, ext = _split_key(name.replace("\\", "/"))
                 if key != current:

@@ -446,3 +446,24 @@ def test_yfcc_rows_cannot_name_photos_outside_the_images_folder(tmp_path):
     got = list(posts.read_yfcc(str(tmp_path / "meta.tsv"), str(tmp_path / "photos")))
     assert [p.problem for p in got] == [posts.PATH_ESCAPES_ROOT, posts.PATH_ESCAPES_ROOT]
     assert all(p.image_path is None for p in got)
+
+
+def test_tar_reader_keeps_no_header_list(tmp_path, monkeypatch):
+    """A stream-mode TarFile appends every header to ``members``: ~500 bytes per member, 5 GB for a
+    hostile tar of 10M empty members. The reader drops them as it goes."""
+    shard = tmp_path / "many.tar.gz"
+    with tarfile.open(shard, "w:gz") as tar:
+        for i in range(300):
+            info = tarfile.TarInfo(f"{i:05d}.json")
+            tar.addfile(info, io.BytesIO(b""))
+    opened = []
+    real_open = tarfile.open
+
+    def spy(*args, **kwargs):
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(posts.tarfile, "open", spy)
+    got = list(posts.read_webdataset(str(shard)))
+    assert len(got) == 300 and all(p.problem == posts.BAD_METADATA for p in got)
+    assert len(opened[0].members) <= 1
