@@ -200,24 +200,40 @@ def _first(meta: dict, *keys, default=None):
     return default
 
 
+_SCALARS = (str, int, float)
+
+
 def _tags_field(meta: dict) -> tuple[str, ...]:
     tags = _first(meta, "tags", "hashtags", default=())
     if isinstance(tags, str):  # "dog, beach" or "#dog #beach"
         tags = [t for t in tags.replace(",", " ").split()]
+    if not isinstance(tags, list | tuple) or not all(isinstance(t, _SCALARS) for t in tags):
+        raise ValueError("tags must be a string or a list of strings")
     return tuple(str(t) for t in tags)
 
 
+def _scalar(value, what: str) -> str | None:
+    if value is None or (isinstance(value, _SCALARS) and not isinstance(value, bool)):
+        return None if value is None else str(value)
+    raise ValueError(f"{what} must be a string or a number")
+
+
 def _post_from_meta(meta: dict, post_id: str, source: str, **kw) -> Post:
-    user = _first(meta, "user", "user_id", "owner", "uploader")
-    return Post(
-        post_id=str(_first(meta, "id", "post_id", default=post_id)),
-        tags=_tags_field(meta),
-        caption=str(_first(meta, "caption", "text", "description", default="")),
-        user=None if user is None else str(user),
-        public=_visibility(meta),
-        source=source,
-        **kw,
-    )
+    """A Post from a metadata object (a manifest line, a sidecar, a tar's json member); a field of the
+    wrong JSON type (a tags number, an id object) makes it a ``bad_metadata`` post."""
+    try:
+        return Post(
+            post_id=_scalar(_first(meta, "id", "post_id", default=post_id), "id") or post_id,
+            tags=_tags_field(meta),
+            caption=_scalar(_first(meta, "caption", "text", "description", default=""), "caption")
+            or "",
+            user=_scalar(_first(meta, "user", "user_id", "owner", "uploader"), "user"),
+            public=_visibility(meta),
+            source=source,
+            **kw,
+        )
+    except ValueError:
+        return Post(post_id=post_id, source=source, problem=BAD_METADATA)
 
 
 # ---- paths and files from untrusted inputs ----------------------------------------------------------
@@ -521,7 +537,7 @@ def read_webdataset(
                 meta = json.loads(files["json"].decode("utf-8"))
                 if not isinstance(meta, dict):
                     raise ValueError("not an object")
-            except ValueError:
+            except (ValueError, RecursionError):
                 return Post(post_id=key, source=source, problem=BAD_METADATA)
         if "txt" in files and "caption" not in meta:
             meta["caption"] = files["txt"].decode("utf-8", errors="replace")

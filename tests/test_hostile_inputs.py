@@ -467,3 +467,21 @@ def test_tar_reader_keeps_no_header_list(tmp_path, monkeypatch):
     got = list(posts.read_webdataset(str(shard)))
     assert len(got) == 300 and all(p.problem == posts.BAD_METADATA for p in got)
     assert len(opened[0].members) <= 1
+
+
+def test_fields_of_the_wrong_json_type_are_bad_metadata_not_crashes(tmp_path):
+    (tmp_path / "x.jpg").write_bytes(picture(1))
+    lines = [
+        {"id": "a", "image": "x.jpg", "tags": 5},
+        {"id": "b", "image": "x.jpg", "tags": {"x": 1}},
+        {"id": "c", "image": "x.jpg", "tags": ["dog", None, {"a": 2}]},
+        {"id": {"z": 1}, "image": "x.jpg", "tags": ["dog"]},
+        {"id": "e", "image": ["x.jpg"], "tags": ["dog"]},
+        {"id": "g", "image": "x\u0000.jpg", "tags": ["dog"]},
+    ]
+    text = "\n".join(json.dumps(x) for x in lines) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n"
+    text += json.dumps({"id": "ok", "image": "x.jpg", "tags": "dog, cat", "caption": 12}) + "\n"
+    (tmp_path / "m.jsonl").write_text(text)
+    got = list(posts.read_jsonl(str(tmp_path / "m.jsonl")))
+    assert [p.problem for p in got] == [posts.BAD_METADATA] * 7 + [None]
+    assert got[-1].tags == ("dog", "cat") and got[-1].caption == "12"
