@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 
 from tagjax import build_steps, dedup
@@ -211,6 +212,10 @@ def config_from_args(args) -> build_steps.BuildConfig:
     )
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run(args) -> int:
     from tagjax import build as local_build
 
@@ -228,6 +233,8 @@ def run(args) -> int:
     if not args.output:
         raise UserError("pass --output DIR for the dataset.")
     cfg = config_from_args(args)
+    # `kill`, a batch scheduler's timeout or `docker stop` send SIGTERM: clean up as for Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.beam:
         from tagjax import build_beam  # Apache Beam is an optional dependency
 
