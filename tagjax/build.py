@@ -2,12 +2,15 @@
 
 The stages, in order; every post that leaves is counted under one reason (``stats.json``, ``report.txt``):
 
-1. **Read** every input (tagjax.posts). Reader problems (unsafe archive members, unparsable metadata,
-   symlinked copies) and repeated post ids are dropped first.
+1. **Read** every input (tagjax.posts, which treats inputs as hostile: image paths confined to allowed
+   roots, regular files only, size caps). Reader problems (unsafe archive members or paths, unparsable
+   or oversized metadata, symlinked copies) and repeated post ids are dropped first; posts with more
+   than ``--max-hashtags-per-post`` distinct hashtags after the privacy gate.
 2. **Privacy**: only public posts; a post whose source does not say is dropped unless ``--assume-public``;
    opted-out post ids and user ids (``--optout-posts``/``--optout-users``, one id per line) are dropped
    here, before anything about them is computed. User ids are not written unless ``--keep-user-ids``.
-3. **Uploader habits**: for each user with at least ``--habit-min-posts`` posts, a hashtag on more than
+3. **Uploader habits** (only with at least ``--habit-min-users`` uploaders in the corpus): for each user
+   with at least ``--habit-min-posts`` posts, a hashtag on more than
    ``--habit-fraction`` of them says more about the uploader than about any one image (an icon theme
    tagging every file #computer #icons, a shop tagging #sale); ``--habit-action drop`` removes those
    hashtags from that user's posts (other users' uses of the same hashtag are untouched).
@@ -24,7 +27,11 @@ The stages, in order; every post that leaves is counted under one reason (``stat
    in every rebuild and in the Beam pipeline.
 8. **Write**: ``records`` shards (record ``r`` of a split goes to shard ``hash(id) % shards``, sorted by
    hash inside the shard, so local and Beam builds write identical files), the label index per split,
-   ``vocab.json``, statistics, and ``dataset.json`` last: a directory without it is an unfinished build.
+   ``vocab.json``, statistics, ``drops.jsonl`` (id and reason of every dropped post), and
+   ``dataset.json`` last: a directory without it is an unfinished build.
+
+A build that would keep no training record fails with the reasons that emptied it; a failed or
+interrupted build removes its staging folder and whatever it wrote.
 
 The per-post steps are tagjax.build_steps; the Apache Beam pipeline (tagjax.build_beam) runs the same ones.
 
@@ -107,9 +114,7 @@ def build(cfg: steps.BuildConfig) -> dict:
     created = steps.prepare_output(root, cfg.overwrite)
     try:
         return _build(cfg, root, units, optout)
-    except (
-        BaseException
-    ):  # an error, Ctrl-C: no staging folder or half-written dataset stays behind
+    except BaseException:  # an error, Ctrl-C: no staging folder or half-written dataset is left
         steps.remove_partial_output(root, created)
         raise
 
@@ -117,9 +122,8 @@ def build(cfg: steps.BuildConfig) -> dict:
 def _build(
     cfg: steps.BuildConfig, root: Path, units: Sequence[posts_lib.Unit], optout: steps.OptOut
 ) -> dict:
-    timing: dict[str, float] = {}
+    """The build inside an output folder that is ready: staging, and drops.jsonl while it is made."""
     stats = steps.Stats()
-    progress = cfg.progress
     staging_dir = root / steps.STAGING
     staging_dir.mkdir()
     with (
@@ -128,12 +132,21 @@ def _build(
         else contextlib.nullcontext()
     ) as drop_log:
         stats.drop_log = drop_log
-        summary = _build_stages(cfg, root, units, optout, stats, timing, progress)
+        summary = _build_stages(cfg, root, units, optout, stats)
     shutil.rmtree(staging_dir)
     return summary
 
 
-def _build_stages(cfg, root, units, optout, stats, timing, progress) -> dict:
+def _build_stages(
+    cfg: steps.BuildConfig,
+    root: Path,
+    units: Sequence[posts_lib.Unit],
+    optout: steps.OptOut,
+    stats: steps.Stats,
+) -> dict:
+    """The stages of the module docstring, in order; every drop goes through ``stats.drop``."""
+    timing: dict[str, float] = {}
+    progress = cfg.progress
     staging_dir = root / steps.STAGING
 
     # -- pass 1: read, privacy, hashtags, per-user statistics --------------------------------------
