@@ -567,11 +567,14 @@ class Canonicalizer:
         if k:
             per_code: dict[int, int] = {}
             _count_elements(per_code, codes[:k])
+            parts: list[int] = []
             for c, n in per_code.items():
                 if c > _SPLIT_BASE:
                     dropped[_REASONS[-1 - c]] = n
                 else:  # a split compound: each part is a label occurrence
-                    labels = sorted(labels + list(self._splits[_SPLIT_BASE - c]) * n)
+                    parts.extend(self._splits[_SPLIT_BASE - c] * n)
+            if parts:  # one sort for all compounds (a sort per compound was quadratic)
+                labels = sorted(labels + parts)
         ids = dict.fromkeys(labels)
         if len(ids) < len(labels):
             dropped[H.DUPLICATE] = len(labels) - len(ids)
