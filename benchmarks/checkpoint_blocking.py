@@ -42,7 +42,7 @@ from tagjax import checkpoint, models, sharding, train
 from tagjax.config import ensure_absl_flags_parsed
 
 
-def _random_state(abstract):
+def random_state(abstract):
     """Random values with the abstract state's shapes, dtypes and shardings (no init compile)."""
     rng = np.random.default_rng(0)
 
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     mesh = sharding.create_mesh(cfg.mesh)
     model = models.create(cfg.model, args.num_classes)
     abstract = train.abstract_train_state(cfg, model, mesh, args.num_classes)
-    state = _random_state(abstract)
+    state = random_state(abstract)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     state_bytes = sum(
         x.size * x.dtype.itemsize

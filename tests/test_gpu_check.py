@@ -1,0 +1,194 @@
+"""benchmarks/gpu_check.sh in its CPU mode (--cpu --tiny): every step runs and records sane numbers, a task
+that overruns its time box is recorded as timed out while the run goes on, and a run without an
+accelerator stops after the environment step saying how to install jax's CUDA build.
+
+The check exists for the rare minutes an accelerator is lent; this keeps it from rotting in between (an
+import error after a rename, a schema change) by running the very same script on the CPU.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = ["environment", "correctness", "throughput", "input_pipeline", "checkpoint"]
+TASK_KEYS = {"name", "status", "seconds", "budget_s", "result", "error"}
+RUN_KEYS = {
+    "model",
+    "grouped_conv",
+    "batch_size",
+    "image_size",
+    "dtype",
+    "step_ms",
+    "images_per_second",
+    "images_per_second_per_device",
+    "mfu",
+    "peak_memory_bytes",
+    "compile_seconds",
+}
+
+
+def _check(out: Path, *args: str, env_extra: dict | None = None, timeout: int = 400):
+    env = dict(os.environ, GPU_CHECK_PYTHON=sys.executable, **(env_extra or {}))
+    # The suite's compilation cache: a rerun loads the tiny programs instead of compiling them.
+    cache = Path(
+        os.environ.get("TAGJAX_TEST_JAX_CACHE", Path.home() / ".cache/tagjax/jax_cache_tests")
+    )
+    cmd = ["bash", "benchmarks/gpu_check.sh", "--out", str(out), "--cache-dir", str(cache), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    record_path = out / "gpu_check.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    return proc, record
+
+
+def _finite_positive(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check")
+    proc, record = _check(out, "--cpu", "--tiny")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return record
+
+
+def test_every_step_runs_in_order_and_is_recorded(cpu_run):
+    r = cpu_run
+    assert r["schema"] == "tagjax.gpu_check/1"
+    assert r["status"] == "ok" and r["cpu"] is True
+    assert r["plan"] == "configs/gpu_check.py:tiny"
+    assert r["finished_utc"] and r["seconds"] > 0
+    assert [s["name"] for s in r["steps"]] == STEPS
+    for step in r["steps"]:
+        assert step["status"] == "ok", step
+        assert 0 <= step["seconds"] <= step["budget_s"] + 5
+        assert step["tasks"], step["name"]
+        for task in step["tasks"]:
+            assert set(task) == TASK_KEYS and task["status"] == "ok" and task["error"] is None
+
+
+def _result(record, step):
+    (entry,) = [s for s in record["steps"] if s["name"] == step]
+    return entry
+
+
+def test_environment_names_the_device_and_versions(cpu_run):
+    env = _result(cpu_run, "environment")["tasks"][0]["result"]
+    assert env["measured_device"] == "cpu:cpu" and env["default_backend"] == "cpu"
+    assert env["versions"]["jax"] == jax.__version__ and env["versions"]["jaxlib"]
+    assert env["device_count"] >= 1 and env["devices"][0]["platform"] == "cpu"
+    assert "xla_flags" in env and env["host"]["cpus"] >= 1
+    assert env["peak_flops_per_device"] is None  # no MFU on CPU
+
+
+def test_correctness_diffs_are_finite_and_under_tolerance(cpu_run):
+    c = _result(cpu_run, "correctness")["tasks"][0]["result"]
+    assert c["pass"] is True
+    model = c["model"]
+    for part in (c["block"], c["grouped_conv_modes"], model["fp32"], model["bf16"]):
+        assert math.isfinite(part["max_rel_diff"]) and part["pass"] is True, part
+        assert 0 <= part["max_rel_diff"] <= part["tolerance"]
+    # bf16 really differs from fp32 (the comparison is not of a thing with itself) ...
+    assert model["bf16"]["logits"]["max_rel_diff"] > 0 and c["block"]["max_rel_diff"] > 0
+    assert 0 < model["bf16"]["grads"]["rel_l2_diff"] < 1  # reported, not judged
+    assert model["bf16"]["judged"] == ["logits"] and model["fp32"]["judged"] == ["logits", "grads"]
+    # ... and the two grouped-conv implementations agree to fp32 rounding.
+    assert c["grouped_conv_modes"]["max_rel_diff"] < 1e-4
+    loss = model["bf16"]["loss"]
+    assert abs(loss["accelerator"] - loss["cpu_fp32"]) < 0.05
+
+
+def test_throughput_runs_report_rates_and_the_mode_comparison(cpu_run):
+    step = _result(cpu_run, "throughput")
+    runs = {t["name"]: t["result"] for t in step["tasks"]}
+    assert set(runs) == {"tiny_resnet", "tiny_resnext-xla", "tiny_resnext-block_diagonal"}
+    for name, run in runs.items():
+        assert set(run) >= RUN_KEYS, name
+        assert _finite_positive(run["images_per_second"]) and _finite_positive(run["step_ms"])
+        assert run["dtype"] == "bfloat16" and run["image_size"] == 32 and run["batch_size"] == 16
+        assert run["mfu"] is None  # CPU: no peak to compare with
+        assert run["images_per_second"] == pytest.approx(16 / (run["step_ms"] / 1000), rel=0.01)
+    assert runs["tiny_resnext-xla"]["grouped_conv"] == "xla"
+    assert runs["tiny_resnext-block_diagonal"]["grouped_conv"] == "block_diagonal"
+    assert _finite_positive(step["summary"]["xla_over_block_diagonal_step_time"]["tiny_resnext"])
+    assert step["summary"]["goals"] == {}  # the tiny plan sets no img/s targets
+
+
+def test_input_pipeline_builds_a_dataset_and_measures_cores_per_device(cpu_run):
+    r = _result(cpu_run, "input_pipeline")["tasks"][0]["result"]
+    assert 0 < r["records"] <= r["posts_generated"] == 64
+    assert r["stored_images"]["count"] == r["records"]
+    assert _finite_positive(r["decode_augment_per_core"]) and _finite_positive(
+        r["pipeline_per_core"]
+    )
+    assert set(r["host_cores_per_device"]) == {
+        "tiny_resnet",
+        "tiny_resnext-xla",
+        "tiny_resnext-block_diagonal",
+    }
+    assert all(_finite_positive(v) for v in r["host_cores_per_device"].values())
+    fed = r["fed_step"]
+    assert fed["run"] == "tiny_resnet" and _finite_positive(fed["images_per_second"])
+    assert _finite_positive(fed["fraction_of_synthetic"])
+
+
+def test_checkpoint_measures_the_loop_time_each_async_save_costs(cpu_run):
+    r = _result(cpu_run, "checkpoint")["tasks"][0]["result"]
+    assert r["saves"] == 2 and r["model"] == "tiny_resnext"
+    # "fastest": the mode the throughput step measured as faster for this model.
+    runs = {
+        t["result"]["grouped_conv"]: t["result"]
+        for t in _result(cpu_run, "throughput")["tasks"]
+        if t["result"]["model"] == "tiny_resnext"
+    }
+    assert r["grouped_conv"] == min(runs.values(), key=lambda x: x["step_ms"])["grouped_conv"]
+    assert _finite_positive(r["blocking_s"]) and _finite_positive(r["save_complete_s"])
+    assert math.isfinite(r["loop_lost_per_save_s"]) and _finite_positive(r["state_mb"])
+
+
+def test_a_task_over_its_time_box_is_recorded_and_the_run_goes_on(tmp_path):
+    proc, record = _check(
+        tmp_path,
+        "--cpu",
+        "--tiny",
+        "--steps",
+        "environment,throughput,checkpoint",
+        "--config.budget_s.throughput=0.5",
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert record["status"] == "incomplete"
+    env, throughput, ckpt = record["steps"]
+    assert env["status"] == "ok" and ckpt["status"] == "ok"  # the step after the overrun still ran
+    assert throughput["status"] == "timed_out"
+    first, *rest = throughput["tasks"]
+    assert first["status"] == "timed_out" and first["seconds"] < 10 and first["budget_s"] == 0.5
+    assert [t["status"] for t in rest] == ["skipped", "skipped"]
+    assert "timed_out" in proc.stderr
+
+
+def test_without_an_accelerator_it_stops_after_the_environment_step(tmp_path):
+    proc, record = _check(tmp_path, "--tiny", env_extra={"JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1
+    assert record["status"] == "no_accelerator"
+    assert [s["name"] for s in record["steps"]] == ["environment"]
+    assert 'TAGJAX_EXTRAS="dev cuda" bash launch/setup.sh' in proc.stderr
+
+
+def test_the_wrapper_is_shellcheck_clean():
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck is missing: `bash launch/setup.sh` installs it"
+    result = subprocess.run(
+        [shellcheck, "--shell=bash", "--severity=info", "benchmarks/gpu_check.sh"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout
