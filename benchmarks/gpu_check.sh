@@ -21,7 +21,7 @@ fi
 cpu=0
 for arg in "$@"; do [[ "$arg" == "--cpu" ]] && cpu=1; done
 if ((cpu == 0)) && command -v nvidia-smi >/dev/null 2>&1 \
-  && ! "$PY" -c "import jax_cuda12_plugin" >/dev/null 2>&1; then
+  && ! "$PY" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('jax_cuda12_plugin') or u.find_spec('jax_cuda13_plugin')))" >/dev/null 2>&1; then
   echo "gpu_check: this machine has an NVIDIA GPU but jax has no CUDA backend: run" \
     "TAGJAX_EXTRAS=\"dev cuda\" bash launch/setup.sh (or pass --cpu)" >&2
   exit 2

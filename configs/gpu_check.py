@@ -64,13 +64,13 @@ def get_config(arg=None):
     c.correctness.block_batch = 4 if tiny else 8
     c.correctness.model = "tiny_resnet" if tiny else "resnet50"
     c.correctness.model_batch = 4
-    # Largest accepted relative L2 difference of any judged tensor (benchmarks/gpu_check.py, compare).
-    # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 per operation); measured on CPU: one block 0.5-3%, ResNet-50 logits <1%.
-    c.correctness.bf16_tolerance = 0.1
-    # The same model in fp32 on the accelerator and on the CPU: different kernels, the same sums.
-    c.correctness.fp32_tolerance = 1e-3
-    # The two grouped-conv modes compute the same sums in another order (fp32, highest precision).
-    c.correctness.modes_tolerance = 1e-4
+    # Largest accepted ||test - reference|| / ||reference|| over all outputs, and over all gradients
+    # (benchmarks/gpu_check.py, compare). Measured on the CPU (bf16 vs fp32): a 32x8d block 0.4% (outputs
+    # and gradients), ResNet-50 logits 0.3%, its gradients ~5% (batch norm's backward pass over a few
+    # images amplifies rounding); the grouped-conv modes agree to 1e-7.
+    c.correctness.tolerance = ml_collections.ConfigDict(
+        {"bf16": 0.05, "bf16_model_gradients": 0.25, "fp32": 1e-3, "modes": 1e-4}
+    )
 
     # --- 3. training throughput on synthetic device-resident batches -------------------------------
     c.throughput = ml_collections.ConfigDict()
