@@ -518,7 +518,8 @@ def _fed_rate(cfg, ctx: Context, steps: int) -> dict:
 
         def one_step(state):
             local = next(it)
-            batch = sharding.global_batch({k: local[k] for k in train.TRAIN_BATCH_KEYS}, mesh)
+            batch = {"image": local["image"], "labels": local["labels"]}
+            batch = sharding.global_batch(batch, mesh)
             return step(state, batch)
 
         t0 = time.perf_counter()
@@ -625,7 +626,6 @@ def task_checkpoint(ctx: Context, report: Callable[[dict], None]) -> dict:
     cfg.checkpoint.keep_last = 2
     cfg.checkpoint.save_on_preemption = False
     cfg.train.checkpoint_every_images = 0
-    train.setup_runtime(cfg)
     mesh = sharding.create_mesh(cfg.mesh, ctx.devices())
     n = int(ctx.plan.num_classes)
     model = models.create(cfg.model, n)

@@ -196,3 +196,93 @@ def test_the_wrapper_is_shellcheck_clean():
         text=True,
     )
     assert result.returncode == 0, result.stdout
+
+
+# --- the gpu plan's bookkeeping, on made-up results (no device needed) ------------------------------
+
+
+def _gpu_check_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    return gpu_check
+
+
+def _timed(name, model, mode, step_ms, batch, ips_per_device, mfu=0.3):
+    result = {
+        "model": model,
+        "grouped_conv": mode,
+        "step_ms": step_ms,
+        "batch_size": batch,
+        "images_per_second": ips_per_device,
+        "images_per_second_per_device": ips_per_device,
+        "mfu": mfu,
+        "peak_memory_bytes": 40 * 2**30,
+    }
+    return {"name": name, "status": "ok", "result": result}
+
+
+def _gpu_record(tasks):
+    return {
+        "plan": "configs/gpu_check.py:gpu",
+        "started_utc": "2026-12-01T10:00:00+00:00",
+        "steps": [{"name": "throughput", "tasks": tasks}],
+    }
+
+
+def test_gpu_plan_sums_to_seven_minutes_and_judges_the_issue_goals():
+    gc = _gpu_check_module()
+    plan = gc.load_plan("gpu")
+    assert sum(plan.budget_s.values()) == 420  # under 8 minutes with start-up and the hard cap
+    runs = {r["name"]: r for r in plan.throughput.runs}
+    assert runs["resnet50"]["batch_per_device"] % 24 == 0 and plan.bn_group_size == 24
+    assert (
+        sum(r["budget_s"] for r in runs.values() if not r["optional"]) <= plan.budget_s.throughput
+    )
+    tasks = [
+        _timed("resnet50", "resnet50", "xla", 80.0, 240, 3000.0),
+        _timed("resnext101_32x8d-xla", "resnext101_32x8d", "xla", 150.0, 120, 800.0),
+        _timed(
+            "resnext101_32x8d-block_diagonal",
+            "resnext101_32x8d",
+            "block_diagonal",
+            100.0,
+            120,
+            1200.0,
+        ),
+    ]
+    summary = gc.throughput_summary(plan, tasks)
+    assert summary["goals"]["resnet50"]["met"] is True  # >= 3,000 counts
+    assert summary["goals"]["resnext101_32x8d"] == {
+        "target_images_per_second": 1000,
+        "measured": 1200.0,
+        "grouped_conv": "block_diagonal",
+        "met": True,
+    }
+    assert summary["xla_over_block_diagonal_step_time"] == {"resnext101_32x8d": 1.5}
+    assert gc.throughput_summary(plan, tasks[:1])["goals"]["resnext101_32x8d"]["met"] is None
+
+
+def test_fastest_mode_carries_the_32x8d_verdict_to_32x16d_and_the_checkpoint(tmp_path):
+    gc = _gpu_check_module()
+    plan = gc.load_plan("gpu")
+    tasks = [
+        _timed("resnext101_32x8d-xla", "resnext101_32x8d", "xla", 150.0, 120, 800.0),
+        _timed(
+            "resnext101_32x8d-block_diagonal",
+            "resnext101_32x8d",
+            "block_diagonal",
+            100.0,
+            120,
+            1200.0,
+        ),
+    ]
+    ctx = gc.Context(plan, True, "", tmp_path, _gpu_record(tasks))
+    assert ctx.fastest_mode("resnext101_32x8d") == "block_diagonal"
+    assert ctx.fastest_mode("resnext101_32x16d") == "block_diagonal"
+    assert gc.trainer_config(ctx, "resnext101_32x16d", 48, "fastest").model.grouped_conv == (
+        "block_diagonal"
+    )
+    assert gc.Context(plan, True, "", tmp_path, _gpu_record([])).fastest_mode("x") == "xla"
+    row = gc.table_row(_gpu_record(tasks))
+    assert row.startswith("| 2026-12-01 |") and "| 1,200 (30.0%) |" in row and row.count("|") == 12
