@@ -106,7 +106,7 @@ def get_config(arg=None):
     c.input.build_workers = 1 if tiny else 0  # 0 = all cores
     c.input.seconds = 1.0 if tiny else 4.0  # length of each per-core rate measurement
     c.input.feed_run = "tiny_resnet" if tiny else "resnet50"  # the throughput run whose step is fed
-    c.input.feed_steps = 4 if tiny else 20
+    c.input.feed_steps = 4 if tiny else 60  # timed, after as many as the pipeline buffers (18)
     c.input.num_workers = 0 if tiny else 8  # grain worker processes feeding the step
     c.input.prefetch_buffer = 2
 
