@@ -181,9 +181,11 @@ CUDA_VERSION_QUERIES = (
 
 def _cuda_versions() -> dict:
     """CUDA library versions as the jax CUDA plugin reports them (empty without the plugin)."""
-    from jax._src.lib import cuda_versions  # the plugin's own version queries; no public API
-
     out = {}
+    try:
+        from jax._src.lib import cuda_versions  # the plugin's own version queries; no public API
+    except ImportError:
+        return out
     if cuda_versions is None:
         return out
     for name in CUDA_VERSION_QUERIES:

@@ -181,6 +181,24 @@ def test_a_task_over_its_time_box_is_recorded_and_the_run_goes_on(tmp_path):
     assert "timed_out" in proc.stderr
 
 
+def test_a_run_cut_off_by_the_hard_cap_keeps_what_it_finished(tmp_path):
+    proc, record = _check(
+        tmp_path,
+        "--cpu",
+        "--tiny",
+        "--steps",
+        "environment,throughput",
+        "--config.throughput.steps=100000000",  # the first run would time forever
+        env_extra={"GPU_CHECK_HARD_CAP_S": "12"},
+    )
+    assert proc.returncode == 124  # timeout(1): the cap struck
+    assert record["status"] == "cut_off" and record["finished_utc"]
+    env, throughput = record["steps"]
+    assert env["status"] == "ok" and env["tasks"][0]["result"]["measured_device"] == "cpu:cpu"
+    assert throughput["status"] == "cut_off"
+    assert [t["status"] for t in throughput["tasks"]] == ["cut_off"]
+
+
 def test_without_an_accelerator_it_stops_after_the_environment_step(tmp_path):
     proc, record = _check(tmp_path, "--tiny", env_extra={"JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 1
