@@ -26,5 +26,7 @@ if ((cpu == 0)) && command -v nvidia-smi >/dev/null 2>&1 \
     "TAGJAX_EXTRAS=\"dev cuda\" bash launch/setup.sh (or pass --cpu)" >&2
   exit 2
 fi
+# tagjax and configs/ from this checkout, also in grain's worker processes (installed or not).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The Python process handles SIGTERM by recording what finished; KILL follows 20 s later if it must.
 exec timeout --kill-after=20 "${GPU_CHECK_HARD_CAP_S:-480}" "$PY" benchmarks/gpu_check.py "$@"
