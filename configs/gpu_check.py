@@ -1,7 +1,8 @@
 """The plan of benchmarks/gpu_check.py: what each of its five steps measures, at which sizes, in what time.
 
 ``ARG`` picks the plan: ``gpu`` (default; one H100/H200, whole run under ~7 minutes) or ``tiny`` (tiny
-models and 32 px images: the same steps in well under a minute on a 2-core CPU, for the test suite).
+models and 32 px images: the same steps in ~15 s on a 2-core CPU with the compilation cache warm, for
+the test suite).
 Each step has a time box (``budget_s``); a throughput run also has its own, so one slow compile cannot
 starve the others. Runs marked ``optional`` start only when their whole budget is still left in the
 step's. The budgets of the ``gpu`` plan sum to 420 s; benchmarks/gpu_check.sh adds a hard cap above it.
@@ -41,9 +42,8 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.plan = plan
     c.image_size = 32 if tiny else 224
-    c.num_classes = (
-        80 if tiny else 1000
-    )  # head size of every model (above the test corpus's labels)
+    # Head size of every model: ImageNet's, or (tiny) more than the generated corpus has labels.
+    c.num_classes = 80 if tiny else 1000
     c.dtype = "bfloat16"
     c.bn_group_size = 8 if tiny else 24  # 24: the paper's per-GPU batch-norm statistics [R]
     # Seconds per step (the time box); the gpu plan's sum to 420 s (7 minutes).
@@ -97,12 +97,10 @@ def get_config(arg=None):
 
     # --- 4. input pipeline: a dataset built by `tagjax build` on local disk feeding the same step ----
     c.input = ml_collections.ConfigDict()
-    c.input.posts = (
-        64 if tiny else 256
-    )  # generated photo-like JPEGs (benchmarks/build_throughput.py)
-    c.input.source_size = (
-        (96, 72) if tiny else (512, 384)
-    )  # generated width x height; stored <= 256 px
+    # Generated photo-like JPEG posts (benchmarks/build_throughput.py), width x height; the build
+    # stores them with a shorter side of at most 256 px, as it stores any photo.
+    c.input.posts = 64 if tiny else 256
+    c.input.source_size = (96, 72) if tiny else (512, 384)
     c.input.build_workers = 1 if tiny else 0  # 0 = all cores
     c.input.seconds = 1.0 if tiny else 4.0  # length of each per-core rate measurement
     c.input.feed_run = "tiny_resnet" if tiny else "resnet50"  # the throughput run whose step is fed
