@@ -64,6 +64,7 @@ import train_throughput  # noqa: E402
 from tagjax import (  # noqa: E402
     augment,
     build,
+    build_steps,
     checkpoint,
     input_pipeline,
     loop,
@@ -494,7 +495,7 @@ def _build_dataset(plan, root: Path) -> tuple[Path, dict]:
     t0 = time.perf_counter()
     posts = build_throughput.make_corpus(root / "corpus", int(plan.input.posts), width, height)
     generate_s = time.perf_counter() - t0
-    cfg = build.BuildConfig(
+    cfg = build_steps.BuildConfig(
         inputs=(f"jsonl:{posts}",),
         output=str(root / "dataset"),
         workers=int(plan.input.build_workers),
