@@ -95,12 +95,12 @@ class Schedule:
             )
         self.batch_size = int(batch_size)
         self.peak = peak_learning_rate(optim_config, batch_size)
-        # The rate at step 0 of the warm-up, in absolute terms (the paper: 0.1, the rate for 256 images).
-        self.warmup_start = float(optim_config.get("warmup_start_lr", 0.0))
-        if self.warmup_start < 0:
-            raise UserError(
-                f"config.optim.warmup_start_lr={self.warmup_start}: use a rate of 0 or more."
-            )
+        # The rate at step 0 of the warm-up, in absolute terms (the paper: 0.1, the rate for 256 images);
+        # never above the peak, so a batch below lr_reference_batch simply starts at its peak.
+        start = float(optim_config.get("warmup_start_lr", 0.0))
+        if start < 0:
+            raise UserError(f"config.optim.warmup_start_lr={start}: use a rate of 0 or more.")
+        self.warmup_start = min(start, self.peak)
         self.warmup_steps = math.ceil(warmup_images / batch_size)
         self.total_steps = max(int(total_images) // batch_size, 1)
         self.num_halvings = int(optim_config.num_halvings)
