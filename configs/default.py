@@ -29,7 +29,9 @@ def get_config(arg=None):
     c.data.train_split = "train"
     c.data.eval_split = "heldout"
     # Hashtag resampling: p(h) ~ n_h^alpha, then an image carrying h uniformly.
-    # "natural" (alpha=1), "sqrt" (0.5), "uniform" (0), or "images" (every image equally, no resampling).
+    # "natural" (alpha=1: weights each image by its number of hashtags), "sqrt" (0.5, the paper's
+    # choice [S]), "uniform" (0), or "images" (every image equally, once per pass: the paper's
+    # no-resampling baseline). See tagjax/sampling.py.
     c.data.sampling = "sqrt"
     c.data.image_size = 224  # training crop (random-resized-crop), pixels
     c.data.eval_resize = 256  # evaluation: resize shorter side, then center crop eval_image_size
