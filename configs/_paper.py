@@ -30,8 +30,9 @@ paper's batch-norm semantics (:func:`layout`):
   of 24 are chosen (8 GPUs x 32x8d: 14 micro-batches of 72 images, groups of 24). That is possible exactly
   when 24 divides the per-device batch, i.e. when the device count divides 336 (1, 2, 3, 4, 6, 7, 8, 12,
   14, 16, 21, 24, 28, 42, 48, 56, 84, 112, 168, 336). On other counts (32, 64, 128, ...) no layout keeps
-  24 without groups spanning devices; the fewest fitting micro-batches are used with the largest group
-  below 24 that divides them (64 devices: 126 images, groups of 21), and a warning says so.
+  24 without groups spanning devices; the layout with the largest group below 24 is used (the fewest
+  micro-batches among equals: 64 devices x 32x8d, 1 micro-batch of 126 images in groups of 21; 32
+  devices x 32x48d, 12 micro-batches of 21), and a warning says so.
 
 Without ``ARG`` the layout is the paper's own: 336 devices of 24 images, no accumulation.
 """
@@ -98,9 +99,13 @@ def layout(
     if keeps_group:
         accum = keeps_group[0]  # the fewest: small micro-batches leave an accelerator idle
         return Layout(devices, accum, per_device // accum, group)
-    accum = fits[0]
-    micro = per_device // accum
-    bn_group = max(g for g in range(1, group + 1) if micro % g == 0)
+
+    # No layout keeps `group`: the largest group any fitting micro-batch allows, then the fewest steps.
+    def best_group(a):
+        return max(g for g in range(1, group + 1) if (per_device // a) % g == 0)
+
+    accum = min(fits, key=lambda a: (-best_group(a), a))
+    micro, bn_group = per_device // accum, best_group(accum)
     why = (
         f"{per_device} images per device are not a multiple of {group}"
         if per_device % group

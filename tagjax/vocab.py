@@ -469,8 +469,8 @@ class Canonicalizer:
     strings; the cost is a brief run of misses).
 
     Which tags a vocabulary keeps follows its build exactly: a ``nouns`` vocabulary applies the visual
-    rule (a refused form is ``non_visual`` even if its synsets are a label), an ``in1k`` vocabulary does
-    not (an ImageNet synset is visual by construction).
+    rule (a refused form is ``non_visual`` even if its synsets are a label); ``in1k`` (an ImageNet synset
+    is visual by construction) and ``nouns_paper`` (the paper's definition) vocabularies do not.
     """
 
     def __init__(
