@@ -36,9 +36,9 @@ File format (``vocab.json``, human-readable JSON, ``"format": "tagjax-vocabulary
 ``ancestors`` lists the ids of labels that are WordNet ancestors of this one, for the specificity option
 (#dog beside #goldenretriever keeps golden retriever). Ancestry is decided on every sense that carries the
 label (``ANCESTOR_RULE``): A is an ancestor of B when *each* synset of B is a proper hyponym of some synset
-of A. Any-sense ancestry over-triggers on polysemous hashtags: #woman would drop beside #cat (cat.n.03,
-"a youth or man", is a person), #vehicle beside #cat (Caterpillar, a tracked vehicle), #speaker beside
-#magpie (magpie.n.02, a chatterer); under the every-sense rule none of them does, while #dog beside
+of A. Any-sense ancestry over-triggers on polysemous hashtags: #woman would drop beside #cat (cat.n.03
+is "a spiteful woman gossip"), #vehicle beside #cat (caterpillar.n.02, a tracked vehicle), #speaker beside
+#magpie (chatterer.n.01); under the every-sense rule none of them does, while #dog beside
 #goldenretriever and #bird beside #goldfinch still do.
 
 The hot path (:class:`Canonicalizer`) never loads WordNet: a per-process cache maps each raw hashtag
