@@ -85,7 +85,7 @@ class BuildConfig:
     output: str
     vocab: str | None = None  # vocab.json path or "in1k"; None = build one from this corpus' counts
     vocab_mode: str = (
-        "nouns"  # when building: "nouns" (any visual noun) or "in1k" (ImageNet-aligned)
+        "nouns"  # when building: "nouns" (visual nouns), "nouns_paper" (every noun) or "in1k"
     )
     vocab_top_k: int = 0  # when building: keep the k most frequent labels (0 = all)
     vocab_min_count: int = 2  # when building: a label needs at least this many posts
@@ -137,8 +137,10 @@ class BuildConfig:
             raise UserError(f"--habit-action must be drop or keep, got {self.habit_action!r}.")
         if self.shard_size < 1:
             raise UserError(f"--shard-size must be at least 1, got {self.shard_size}.")
-        if self.vocab_mode not in ("nouns", "in1k"):
-            raise UserError(f"--vocab-mode must be nouns or in1k, got {self.vocab_mode!r}.")
+        if self.vocab_mode not in vocab_lib.MODES:
+            raise UserError(
+                f"--vocab-mode must be one of {', '.join(vocab_lib.MODES)}, got {self.vocab_mode!r}."
+            )
         if self.max_hashtags_per_post < 1:
             raise UserError(
                 f"--max-hashtags-per-post must be at least 1, got {self.max_hashtags_per_post}."

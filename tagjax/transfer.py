@@ -501,8 +501,32 @@ def run_linear(
 # ----------------------------------------------------------------------------------------------------
 
 
-def finetune_model_config(config, pretrained_meta: dict):
-    """The pretrained checkpoint's model config with this run's dtype / batch-norm overrides."""
+def compatible_bn_group(group: int, batch_size: int, num_devices: int) -> int:
+    """A batch-norm group for fine-tuning with ``batch_size`` images per step on ``num_devices``.
+
+    ``group`` itself when it divides the batch (the layer's requirement); otherwise the largest group
+    below it that divides each device's share of the batch, so every group also lies whole on one device.
+    A paper checkpoint keeps statistics over groups of 24; the default fine-tuning batch of 256 does not
+    split into 24s (256 = 2^8), so on 1 or 8 devices it fine-tunes with groups of 16.
+    """
+    if group <= 0 or batch_size % group == 0:
+        return group
+    if num_devices <= 0 or batch_size % num_devices:
+        raise UserError(
+            f"config.train.batch_size={batch_size} does not split over {num_devices} devices: use a "
+            f"multiple of {num_devices}."
+        )
+    per_device = batch_size // num_devices
+    return max(g for g in range(1, min(group, per_device) + 1) if per_device % g == 0)
+
+
+def finetune_model_config(config, pretrained_meta: dict, num_devices: int = 1, log_fn=print):
+    """The pretrained checkpoint's model config with this run's dtype / batch-norm overrides.
+
+    ``transfer.bn_group_size`` -1 keeps the checkpoint's group when it divides the fine-tuning batch and
+    otherwise picks a compatible one (:func:`compatible_bn_group`), saying so through ``log_fn``. A group
+    set explicitly must divide the batch.
+    """
 
     model = ml_collections.ConfigDict((pretrained_meta.get("config") or {}).get("model") or {})
     if "name" not in model:
@@ -512,22 +536,51 @@ def finetune_model_config(config, pretrained_meta: dict):
     t = config.transfer
     if str(t.dtype):
         model.dtype = str(t.dtype)
-    if int(t.bn_group_size) >= 0:
-        model.bn_group_size = int(t.bn_group_size)
+    batch = int(config.train.batch_size)
+    requested = int(t.bn_group_size)
+    if requested >= 0:
+        if requested > 0 and batch % requested:
+            raise UserError(
+                f"config.transfer.bn_group_size={requested} does not divide train.batch_size={batch}: "
+                "use a divisor of the batch, 0 for statistics over the whole batch, or -1 to derive "
+                "it from the checkpoint."
+            )
+        model.bn_group_size = requested
+        return model
+    saved = int(model.get("bn_group_size", 0))
+    chosen = compatible_bn_group(saved, batch, num_devices)
+    if chosen != saved:
+        log_fn(
+            f"batch norm: the checkpoint's groups of {saved} images do not divide the fine-tuning "
+            f"batch of {batch} ({batch // num_devices} per device on {num_devices}); fine-tuning "
+            f"with groups of {chosen} (--config.transfer.bn_group_size chooses another divisor)."
+        )
+        model.bn_group_size = chosen
     return model
 
 
-def prepare_finetune_config(config, checkpoint_path: str | Path, num_classes: int, num_train: int):
+def prepare_finetune_config(
+    config,
+    checkpoint_path: str | Path,
+    num_classes: int,
+    num_train: int,
+    num_devices: int | None = None,
+    log_fn=print,
+):
     """``config`` with the pretrained model, its normalization, and the schedule length resolved.
 
     The result is what the fine-tuning checkpoints store, so they load like any tagjax checkpoint
     (``tagjax predict``/``evaluate``/``embed``/``transfer`` all read their model from it).
+    ``num_devices`` (default: every device JAX sees) decides the batch-norm group
+    (:func:`finetune_model_config`).
     """
 
     meta = checkpoint.read_metadata(checkpoint_path)
     config = config.copy_and_resolve_references()
+    if num_devices is None:
+        num_devices = jax.device_count()
     with config.unlocked():
-        config.model = finetune_model_config(config, meta)
+        config.model = finetune_model_config(config, meta, num_devices, log_fn)
         pre_data = (meta.get("config") or {}).get("data") or {}
         for key in ("mean", "std"):
             if key in pre_data:
@@ -734,7 +787,7 @@ def run_finetune(
     workdir = Path(workdir).expanduser()
     train_ds, test_ds = _downstream(config, "train"), _downstream(config, "test")
     config = prepare_finetune_config(
-        config, checkpoint_path, train_ds.num_classes, len(train_ds.source)
+        config, checkpoint_path, train_ds.num_classes, len(train_ds.source), log_fn=log_fn
     )
     t = config.transfer
     batch_size = int(config.train.batch_size)

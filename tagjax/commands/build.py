@@ -12,6 +12,7 @@ import sys
 from tagjax import build_steps, dedup
 from tagjax import images as images_lib
 from tagjax import posts as posts_lib
+from tagjax import vocab as vocab_lib
 from tagjax.errors import UserError
 
 
@@ -100,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="vocab.json to label with, or 'in1k' (default: build one from the corpus)",
     )
-    lb.add_argument("--vocab-mode", default=d.vocab_mode, choices=("nouns", "in1k"))
+    lb.add_argument("--vocab-mode", default=d.vocab_mode, choices=vocab_lib.MODES)
     lb.add_argument("--vocab-top-k", type=int, default=d.vocab_top_k)
     lb.add_argument("--vocab-min-count", type=int, default=d.vocab_min_count)
     lb.add_argument(

@@ -49,6 +49,7 @@ def get_config(arg=None):
     c.optim.weight_decay = 1e-4
     c.optim.schedule = "cosine"
     c.optim.warmup_images = 0
+    c.optim.warmup_start_lr = 0.0
     c.optim.num_halvings = 0
 
     c.train.batch_size = 256
