@@ -39,7 +39,7 @@ from tagjax.config import ensure_absl_flags_parsed
 from tagjax.configs import default
 
 
-def _random_state(abstract):
+def random_state(abstract):
     """Random values with the abstract state's shapes, dtypes and shardings (no init compile)."""
     rng = np.random.default_rng(0)
 
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     mesh = sharding.create_mesh(cfg.mesh)
     model = models.create(cfg.model, args.num_classes)
     abstract = train.abstract_train_state(cfg, model, mesh, args.num_classes)
-    state = _random_state(abstract)
+    state = random_state(abstract)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     state_bytes = sum(
         x.size * x.dtype.itemsize

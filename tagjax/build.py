@@ -2,12 +2,15 @@
 
 The stages, in order; every post that leaves is counted under one reason (``stats.json``, ``report.txt``):
 
-1. **Read** every input (tagjax.posts). Reader problems (unsafe archive members, unparsable metadata,
-   symlinked copies) and repeated post ids are dropped first.
+1. **Read** every input (tagjax.posts, which treats inputs as hostile: image paths confined to allowed
+   roots, regular files only, size caps). Reader problems (unsafe archive members or paths, unparsable
+   or oversized metadata, symlinked copies) and repeated post ids are dropped first; posts with more
+   than ``--max-hashtags-per-post`` distinct hashtags after the privacy gate.
 2. **Privacy**: only public posts; a post whose source does not say is dropped unless ``--assume-public``;
    opted-out post ids and user ids (``--optout-posts``/``--optout-users``, one id per line) are dropped
    here, before anything about them is computed. User ids are not written unless ``--keep-user-ids``.
-3. **Uploader habits**: for each user with at least ``--habit-min-posts`` posts, a hashtag on more than
+3. **Uploader habits** (only with at least ``--habit-min-users`` uploaders in the corpus): for each user
+   with at least ``--habit-min-posts`` posts, a hashtag on more than
    ``--habit-fraction`` of them says more about the uploader than about any one image (an icon theme
    tagging every file #computer #icons, a shop tagging #sale); ``--habit-action drop`` removes those
    hashtags from that user's posts (other users' uses of the same hashtag are untouched).
@@ -24,7 +27,11 @@ The stages, in order; every post that leaves is counted under one reason (``stat
    in every rebuild and in the Beam pipeline.
 8. **Write**: ``records`` shards (record ``r`` of a split goes to shard ``hash(id) % shards``, sorted by
    hash inside the shard, so local and Beam builds write identical files), the label index per split,
-   ``vocab.json``, statistics, and ``dataset.json`` last: a directory without it is an unfinished build.
+   ``vocab.json``, statistics, ``drops.jsonl`` (id and reason of every dropped post), and
+   ``dataset.json`` last: a directory without it is an unfinished build.
+
+A build that would keep no training record fails with the reasons that emptied it; a failed or
+interrupted build removes its staging folder and whatever it wrote.
 
 The per-post steps are tagjax.build_steps; the Apache Beam pipeline (tagjax.build_beam) runs the same ones.
 
@@ -36,6 +43,7 @@ recomputed, and the manifest is replaced last.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import multiprocessing as mp
@@ -103,10 +111,43 @@ def build(cfg: steps.BuildConfig) -> dict:
     optout = steps.OptOut.load(cfg.optout_posts, cfg.optout_users)
     if cfg.vocab:
         vocab_lib.Vocabulary.load(cfg.vocab)  # fail before any work if it is unreadable
-    steps.prepare_output(root, cfg.overwrite)
-    timing: dict[str, float] = {}
+    created = steps.prepare_output(root, cfg.overwrite)
+    try:
+        return _build(cfg, root, units, optout)
+    except BaseException:  # an error, Ctrl-C: no staging folder or half-written dataset is left
+        steps.remove_partial_output(root, created)
+        raise
+
+
+def _build(
+    cfg: steps.BuildConfig, root: Path, units: Sequence[posts_lib.Unit], optout: steps.OptOut
+) -> dict:
+    """The build inside an output folder that is ready: staging, and drops.jsonl while it is made."""
     stats = steps.Stats()
+    staging_dir = root / steps.STAGING
+    staging_dir.mkdir()
+    with (
+        open(staging_dir / steps.DROPS_FILE, "w", encoding="utf-8")
+        if cfg.drops_file
+        else contextlib.nullcontext()
+    ) as drop_log:
+        stats.drop_log = drop_log
+        summary = _build_stages(cfg, root, units, optout, stats)
+    shutil.rmtree(staging_dir)
+    return summary
+
+
+def _build_stages(
+    cfg: steps.BuildConfig,
+    root: Path,
+    units: Sequence[posts_lib.Unit],
+    optout: steps.OptOut,
+    stats: steps.Stats,
+) -> dict:
+    """The stages of the module docstring, in order; every drop goes through ``stats.drop``."""
+    timing: dict[str, float] = {}
     progress = cfg.progress
+    staging_dir = root / steps.STAGING
 
     # -- pass 1: read, privacy, hashtags, per-user statistics --------------------------------------
     t0 = time.time()
@@ -121,16 +162,14 @@ def build(cfg: steps.BuildConfig) -> dict:
         stats.read[post.source] += 1
         if post.problem is None:
             if post.post_id in seen_ids:  # ids key opt-outs and the split: they must be unique
-                stats.drop(post.source, steps.DUPLICATE_POST_ID)
+                stats.drop(post.source, steps.DUPLICATE_POST_ID, post_id=post.post_id)
                 continue
             seen_ids.add(post.post_id)
         reason = steps.admit(post, optout, cfg.assume_public)
+        if not reason:
+            forms, reason = steps.forms_or_reason(post, cfg.max_hashtags_per_post)
         if reason:
-            stats.drop(post.source, reason)
-            continue
-        forms = steps.tag_forms(post)
-        if not forms:
-            stats.drop(post.source, steps.NO_HASHTAGS)
+            stats.drop(post.source, reason, post_id=post.post_id)
             continue
         if post.image_bytes is not None:
             units_with_bytes.add(u)
@@ -144,15 +183,17 @@ def build(cfg: steps.BuildConfig) -> dict:
     # -- uploader habits, vocabulary, labels, per-user cap -----------------------------------------
     t0 = time.time()
     habits = {}
-    if cfg.habit_action == "drop":
+    if steps.habit_filter_applies(cfg, len(user_posts)):
         for user, n in user_posts.items():
             h = steps.habits_of_user(n, user_forms[user], cfg.habit_fraction, cfg.habit_min_posts)
             if h:
                 habits[user] = h
     habit_uses = collections.Counter()
+    tag_uses = 0
     survivors: list[_Meta] = []
     form_counts: collections.Counter = collections.Counter()
     for m in metas:
+        tag_uses += len(m.forms)
         user_habits = (
             habits.get(m.post.user, frozenset()) if m.post.user is not None else frozenset()
         )
@@ -160,16 +201,18 @@ def build(cfg: steps.BuildConfig) -> dict:
             kept = steps.without_habits(m.forms, user_habits)
             habit_uses.update(f for f in m.forms if f in user_habits)
             if not kept:
-                stats.drop(m.post.source, steps.HABITUAL_ONLY)
+                stats.drop(m.post.source, steps.HABITUAL_ONLY, post_id=m.post.post_id)
                 continue
             m.forms = kept
         form_counts.update(m.forms)
         survivors.append(m)
-    stats.extra["habits"] = {
-        "users_with_habits": len(habits),
-        "hashtags_removed": sum(habit_uses.values()),
-        "top_habitual": [[t, n] for t, n in habit_uses.most_common(20)],
-    }
+    stats.extra["habits"] = steps.habit_summary(
+        cfg, len(user_posts), len(habits), habit_uses, tag_uses
+    )
+    if not survivors:
+        raise steps.empty_build_error(
+            sum(stats.read.values()), stats.dropped, stats.extra["habits"]
+        )
     vocab = steps.build_vocabulary(cfg, form_counts)
     canon = vocab_lib.Canonicalizer(vocab, drop_ancestors=cfg.drop_ancestors)
     labelled: list[_Meta] = []
@@ -177,7 +220,7 @@ def build(cfg: steps.BuildConfig) -> dict:
         result = canon(m.forms)
         stats.tags_dropped.update(result.dropped)
         if not result.label_ids:
-            stats.drop(m.post.source, steps.NO_LABELS)
+            stats.drop(m.post.source, steps.NO_LABELS, post_id=m.post.post_id)
             continue
         m.labels = result.label_ids
         labelled.append(m)
@@ -192,7 +235,7 @@ def build(cfg: steps.BuildConfig) -> dict:
         kept_metas = []
         for m in labelled:
             if m.post.user is not None and m.post.post_id not in allowed:
-                stats.drop(m.post.source, steps.USER_CAP)
+                stats.drop(m.post.source, steps.USER_CAP, post_id=m.post.post_id)
             else:
                 kept_metas.append(m)
         labelled = kept_metas
@@ -201,10 +244,12 @@ def build(cfg: steps.BuildConfig) -> dict:
 
     # -- pass 2: images (worker processes), staged on disk -----------------------------------------
     t0 = time.time()
+    if not labelled:
+        raise steps.empty_build_error(
+            sum(stats.read.values()), stats.dropped, stats.extra["habits"]
+        )
     workers = cfg.workers or os.cpu_count() or 1
     cache_dir = steps.raster_cache_dir(cfg)
-    staging_dir = root / steps.STAGING
-    staging_dir.mkdir()
     wanted = {m.post.post_id: m for m in labelled}
     pool = None
     if workers > 1:
@@ -254,7 +299,7 @@ def build(cfg: steps.BuildConfig) -> dict:
                 m = wanted[r.post_id]
                 stats.images_attempted += 1
                 if r.reason:
-                    stats.drop(m.post.source, r.reason)
+                    stats.drop(m.post.source, r.reason, post_id=r.post_id)
                     if r.reason in steps.FAILURE_REASONS:
                         stats.image_failures += 1
                         steps.check_failures(stats, cfg, final=False)
@@ -279,8 +324,8 @@ def build(cfg: steps.BuildConfig) -> dict:
     # -- dedup and split ---------------------------------------------------------------------------
     t0 = time.time()
     decision = deduplicate(ids, ranks, chashes, phashes, eval_hashes, cfg)
-    for i, reason in decision.dropped.items():
-        stats.drop(sources_of[i], reason)
+    for i, reason in sorted(decision.dropped.items()):
+        stats.drop(sources_of[i], reason, post_id=ids[i])
     stats.extra["dedup"] = decision.summary
     timing["dedup"] = time.time() - t0
 
@@ -292,6 +337,13 @@ def build(cfg: steps.BuildConfig) -> dict:
                 steps.split_of(decision.root_of(ids[i]), cfg.heldout_fraction, cfg.split_seed)
             ].append(i)
             stats.kept_by_source[sources_of[i]] += 1
+    if not by_split["train"]:
+        raise steps.empty_build_error(
+            sum(stats.read.values()), stats.dropped, stats.extra["habits"]
+        )
+    if stats.drop_log is not None:
+        stats.drop_log.flush()
+        os.replace(staging_dir / steps.DROPS_FILE, root / steps.DROPS_FILE)
     shards: dict[str, list[tuple[str, list]]] = {}
     with (
         open(staging_dir / "images.bin", "rb") as staged,
@@ -321,9 +373,7 @@ def build(cfg: steps.BuildConfig) -> dict:
                 for s in range(count)
             ]
     timing["write"] = time.time() - t0
-    summary = steps.finalize(root, cfg, vocab, shards, stats, timing)
-    shutil.rmtree(staging_dir)
-    return summary
+    return steps.finalize(root, cfg, vocab, shards, stats, timing)
 
 
 @dataclasses.dataclass
@@ -440,6 +490,8 @@ def apply_optout(
     pending.write_text(json.dumps(dataclasses.asdict(manifest), indent=2, sort_keys=True))
     (root / records.MANIFEST).unlink(missing_ok=True)
     removed = collections.Counter()
+    removed_ids: list[str] = []
+    split_labels: dict[str, list[list[int]]] = {}
     splits = {}
     total = sum(manifest.num_records(s) for s in manifest.splits)
     with tqdm(total=total, desc="applying opt-outs", unit="rec", disable=not progress) as bar:
@@ -453,6 +505,7 @@ def apply_optout(
                     r = records.decode(item)
                     if r.post_id in drop_ids or (r.user is not None and r.user in optout.users):
                         removed[split] += 1
+                        removed_ids.append(r.post_id)
                         continue
                     keep.append(item)
                     label_lists.append(list(r.labels))
@@ -462,9 +515,18 @@ def apply_optout(
                 bar.update(len(data))
             records.LabelIndex.from_lists(label_lists).save(root / f"{split}.labels.npz")
             splits[split] = {"shards": manifest.splits[split]["shards"], "num_records": n_kept}
+            split_labels[split] = label_lists
+    drops_path = root / steps.DROPS_FILE
+    if drops_path.is_file() and removed_ids:
+        with open(drops_path, "a", encoding="utf-8") as f:
+            f.writelines(steps.drop_line(i, steps.OPTOUT_AFTER_BUILD) for i in removed_ids)
     stats_path = root / "stats.json"
     if stats_path.is_file():
         s = json.loads(stats_path.read_text())
+        # The label counts are recomputed from the records that remain (report.txt follows).
+        s["labels"] = steps.label_summary(
+            vocab_lib.Vocabulary.load(root / manifest.vocab_file), split_labels
+        )
         n_removed = sum(removed.values())
         s["dropped"][steps.OPTOUT_AFTER_BUILD] = (
             s["dropped"].get(steps.OPTOUT_AFTER_BUILD, 0) + n_removed

@@ -43,7 +43,8 @@ from tagjax import posts as posts_lib
 from tagjax import vocab as vocab_lib
 from tagjax.errors import UserError
 
-DROP = "drop"  # tagged output: (source, reason)
+DROP = "drop"  # tagged output: (source, reason, post id)
+EMPTY_NOTE = ".empty_build.json"  # _finalize -> build(): the build kept no training record
 TAGDROP = "tagdrop"  # tagged output: (hashtag-level reason, count)
 HABIT_USE = "habituse"  # tagged output: a habitual hashtag form removed from one post
 EVAL_MATCH = "evalmatch"  # tagged output: {"post_id", "eval_image", "distance"}
@@ -73,7 +74,7 @@ def _problem_or_post(item):
     beam = _beam()
     seq, post = item
     if post.problem:
-        yield beam.pvalue.TaggedOutput(DROP, (post.source, post.problem))
+        yield beam.pvalue.TaggedOutput(DROP, (post.source, post.problem, post.post_id))
     else:
         yield post.post_id, (seq, post)
 
@@ -84,24 +85,24 @@ def _first_occurrence(kv):
     _, occurrences = kv
     occurrences = sorted(occurrences, key=lambda x: x[0])
     for _, post in occurrences[1:]:
-        yield beam.pvalue.TaggedOutput(DROP, (post.source, steps.DUPLICATE_POST_ID))
+        yield beam.pvalue.TaggedOutput(DROP, (post.source, steps.DUPLICATE_POST_ID, post.post_id))
     yield occurrences[0][1]
 
 
-def _admit_and_forms(post, optout, assume_public):
+def _admit_and_forms(post, optout, assume_public, max_hashtags):
     beam = _beam()
     reason = steps.admit(post, optout, assume_public)
+    if not reason:
+        forms, reason = steps.forms_or_reason(post, max_hashtags)
     if reason:
-        yield beam.pvalue.TaggedOutput(DROP, (post.source, reason))
-        return
-    forms = steps.tag_forms(post)
-    if not forms:
-        yield beam.pvalue.TaggedOutput(DROP, (post.source, steps.NO_HASHTAGS))
+        yield beam.pvalue.TaggedOutput(DROP, (post.source, reason, post.post_id))
         return
     yield post, forms
 
 
-def _user_habits(kv, fraction, min_posts):
+def _user_habits(kv, fraction, min_posts, num_users, min_users):
+    if num_users < min_users:  # too few uploaders to tell a habit from a topic
+        return
     user, form_lists = kv
     n = 0
     counts: collections.Counter = collections.Counter()
@@ -123,12 +124,14 @@ def _remove_habits(item, habits):
                 yield beam.pvalue.TaggedOutput(HABIT_USE, f)
         forms = steps.without_habits(forms, user_habits)
         if not forms:
-            yield beam.pvalue.TaggedOutput(DROP, (post.source, steps.HABITUAL_ONLY))
+            yield beam.pvalue.TaggedOutput(DROP, (post.source, steps.HABITUAL_ONLY, post.post_id))
             return
     yield post, forms
 
 
 def _vocab_from_counts(counts, cfg):
+    if not counts:  # every post was dropped before labels: _finalize reports why
+        return None
     return steps.build_vocabulary(cfg, dict(counts)).to_json()
 
 
@@ -154,7 +157,7 @@ def _canonicalize(item, vocab_json, drop_ancestors):
     for reason, n in result.dropped.items():
         yield beam.pvalue.TaggedOutput(TAGDROP, (reason, n))
     if not result.label_ids:
-        yield beam.pvalue.TaggedOutput(DROP, (post.source, steps.NO_LABELS))
+        yield beam.pvalue.TaggedOutput(DROP, (post.source, steps.NO_LABELS, post.post_id))
         return
     yield post, tuple(result.label_ids)
 
@@ -168,7 +171,7 @@ def _cap_user(kv, cap):
         if post.post_id in allowed:
             yield post, labels
         else:
-            yield beam.pvalue.TaggedOutput(DROP, (post.source, steps.USER_CAP))
+            yield beam.pvalue.TaggedOutput(DROP, (post.source, steps.USER_CAP, post.post_id))
 
 
 _CACHES: dict = {}
@@ -181,7 +184,7 @@ def _process_image(item, options, cache_dir):
         _CACHES[cache_dir] = posts_lib.RasterCache(cache_dir) if cache_dir else None
     r = steps.process_post_image(post, options, _CACHES[cache_dir])
     if r.reason:
-        yield beam.pvalue.TaggedOutput(DROP, (post.source, r.reason))
+        yield beam.pvalue.TaggedOutput(DROP, (post.source, r.reason, post.post_id))
         return
     rank = dedup_lib.rank_key(post.post_id, r.source_pixels, len(labels))
     # (post_id, labels, user, source, rank, content hash, perceptual hash, jpeg)
@@ -201,7 +204,7 @@ def _decontaminate(item, eval_hashes, threshold):
     if m is None:
         yield item
         return
-    yield beam.pvalue.TaggedOutput(DROP, (item[3], steps.EVAL_DUPLICATE))
+    yield beam.pvalue.TaggedOutput(DROP, (item[3], steps.EVAL_DUPLICATE, item[0]))
     yield beam.pvalue.TaggedOutput(
         EVAL_MATCH, {"post_id": item[0], "eval_image": m[0], "distance": m[1]}
     )
@@ -213,7 +216,7 @@ def _keep_best(kv, reason):
     _, members = kv
     members = sorted(members, key=lambda it: it[4])
     for it in members[1:]:
-        yield beam.pvalue.TaggedOutput(DROP, (it[3], reason))
+        yield beam.pvalue.TaggedOutput(DROP, (it[3], reason, it[0]))
     yield members[0]
 
 
@@ -245,7 +248,7 @@ def _resolve_edges(edges):
 def _assign_split(item, resolution, heldout_fraction, seed):
     beam = _beam()
     if item[0] in resolution["dropped"]:
-        yield beam.pvalue.TaggedOutput(DROP, (item[3], steps.NEAR_DUPLICATE))
+        yield beam.pvalue.TaggedOutput(DROP, (item[3], steps.NEAR_DUPLICATE, item[0]))
         return
     root = resolution["root"].get(item[0], item[0])
     yield steps.split_of(root, heldout_fraction, seed), item
@@ -274,6 +277,9 @@ def _finalize(
     tag_drops,
     habit_uses,
     habit_users,
+    num_users,
+    tag_uses,
+    drop_ids,
     eval_matches,
     read_counts,
     kept_counts,
@@ -294,14 +300,9 @@ def _finalize(
         stats.tags_dropped[reason] += n
     stats.images_attempted = int(images_attempted)
     stats.image_failures = sum(n for r, n in stats.dropped.items() if r in steps.FAILURE_REASONS)
-    habit_counter = collections.Counter(dict(habit_uses))
-    stats.extra["habits"] = {
-        "users_with_habits": int(habit_users),
-        "hashtags_removed": sum(habit_counter.values()),
-        "top_habitual": [
-            [t, n] for t, n in sorted(habit_counter.items(), key=lambda kv: (-kv[1], kv[0]))[:20]
-        ],
-    }
+    stats.extra["habits"] = steps.habit_summary(
+        cfg, int(num_users), int(habit_users), dict(habit_uses), int(tag_uses)
+    )
     d = stats.dropped
     hashed = int(images_hashed)
     removed = d[steps.EXACT_DUPLICATE] + d[steps.NEAR_DUPLICATE] + d[steps.EVAL_DUPLICATE]
@@ -324,6 +325,22 @@ def _finalize(
     for split, index, count, name, label_lists in shard_results:
         by_split[split][index] = (name, label_lists)
         counts[split] = count
+    root = Path(cfg.output)
+    if vocab_json is None or not counts.get("train"):
+        # No training record: build() turns this note into the error that names the reasons.
+        (root / EMPTY_NOTE).write_text(
+            json.dumps(
+                {
+                    "posts_read": sum(stats.read.values()),
+                    "dropped": dict(stats.dropped),
+                    "habits": stats.extra["habits"],
+                }
+            )
+        )
+        return 0
+    if cfg.drops_file:
+        with open(root / steps.DROPS_FILE, "w", encoding="utf-8") as f:
+            f.writelines(steps.drop_line(pid, reason) for pid, reason in sorted(drop_ids))
     shards: dict[str, list] = {s: [] for s in records.SPLITS}
     for split, count in counts.items():
         for index in range(count):
@@ -369,16 +386,33 @@ def build_pipeline(
         keyed.main | "group ids" >> beam.GroupByKey(), "first occurrence", _first_occurrence
     )
     with_forms = split_outputs(
-        unique.main, "privacy + hashtags", _admit_and_forms, optout, cfg.assume_public
+        unique.main,
+        "privacy + hashtags",
+        _admit_and_forms,
+        optout,
+        cfg.assume_public,
+        cfg.max_hashtags_per_post,
     )
+    tag_uses = (
+        with_forms.main
+        | "tags per post" >> beam.Map(lambda x: len(x[1]))
+        | "count tag uses" >> beam.CombineGlobally(sum)
+    )
+    user_forms = (
+        with_forms.main
+        | "users" >> beam.Filter(lambda x: x[0].user is not None)
+        | "user forms" >> beam.Map(lambda x: (x[0].user, x[1]))
+        | "group users" >> beam.GroupByKey()
+    )
+    num_users = user_forms | "count users" >> beam.combiners.Count.Globally()
 
     if cfg.habit_action == "drop":
-        habits = (
-            with_forms.main
-            | "users" >> beam.Filter(lambda x: x[0].user is not None)
-            | "user forms" >> beam.Map(lambda x: (x[0].user, x[1]))
-            | "group users" >> beam.GroupByKey()
-            | "habits" >> beam.FlatMap(_user_habits, cfg.habit_fraction, cfg.habit_min_posts)
+        habits = user_forms | "habits" >> beam.FlatMap(
+            _user_habits,
+            cfg.habit_fraction,
+            cfg.habit_min_posts,
+            beam.pvalue.AsSingleton(num_users),
+            cfg.habit_min_users,
         )
     else:
         habits = p | "no habits" >> beam.Create([])
@@ -496,9 +530,16 @@ def build_pipeline(
         | "write shards" >> beam.Map(_write_shard, cfg.output, cfg.keep_user_ids)
         | "shard list" >> beam.combiners.ToList()
     )
+    flat_drops = drops | "all drops" >> beam.Flatten()
     all_drops = (
-        drops | "all drops" >> beam.Flatten() | "count drops" >> beam.combiners.Count.PerElement()
+        flat_drops
+        | "drop keys" >> beam.Map(lambda d: (d[0], d[1]))
+        | "count drops" >> beam.combiners.Count.PerElement()
     )
+    if cfg.drops_file:
+        drop_ids = flat_drops | "drop ids" >> beam.Map(lambda d: (d[2], d[1]))
+    else:
+        drop_ids = p | "no drop ids" >> beam.Create([])
     return shard_results | "finalize" >> beam.Map(
         _finalize,
         cfg,
@@ -507,6 +548,9 @@ def build_pipeline(
         beam.pvalue.AsList(tag_drops),
         beam.pvalue.AsList(habit_uses),
         beam.pvalue.AsSingleton(habit_users),
+        beam.pvalue.AsSingleton(num_users),
+        beam.pvalue.AsSingleton(tag_uses),
+        beam.pvalue.AsList(drop_ids),
         beam.pvalue.AsSingleton(eval_matches),
         beam.pvalue.AsList(read_counts),
         beam.pvalue.AsList(kept_counts),
@@ -530,15 +574,24 @@ def build(cfg: steps.BuildConfig, pipeline_args=()) -> dict:
     units = steps.resolve_units(cfg)
     optout = steps.OptOut.load(cfg.optout_posts, cfg.optout_users)
     given = vocab_lib.Vocabulary.load(cfg.vocab).to_json() if cfg.vocab else None
-    steps.prepare_output(root, cfg.overwrite)
-    steps.worker_init(cfg.images, steps.raster_cache_dir(cfg))
-    eval_hashes = eval_sets.load_eval_hashes(cfg, None)
-    options = PipelineOptions(list(pipeline_args))
-    with beam.Pipeline(options=options) as p:
-        build_pipeline(p, cfg, units, eval_hashes, optout, given)
-    manifest = root / records.MANIFEST
-    if not manifest.is_file():
-        raise UserError(
-            f"the Beam pipeline finished but wrote no {manifest}; see the runner's log."
-        )
-    return json.loads((root / "stats.json").read_text())
+    created = steps.prepare_output(root, cfg.overwrite)
+    try:
+        steps.worker_init(cfg.images, steps.raster_cache_dir(cfg))
+        eval_hashes = eval_sets.load_eval_hashes(cfg, None)
+        options = PipelineOptions(list(pipeline_args))
+        with beam.Pipeline(options=options) as p:
+            build_pipeline(p, cfg, units, eval_hashes, optout, given)
+        empty = root / EMPTY_NOTE
+        if empty.is_file():
+            note = json.loads(empty.read_text())
+            raise steps.empty_build_error(note["posts_read"], note["dropped"], note["habits"])
+        manifest = root / records.MANIFEST
+        if not manifest.is_file():
+            raise UserError(
+                f"the Beam pipeline finished but wrote no {manifest}; see the runner's log."
+            )
+        return json.loads((root / "stats.json").read_text())
+    except BaseException:  # an error, Ctrl-C: no half-written dataset stays behind
+        (root / EMPTY_NOTE).unlink(missing_ok=True)
+        steps.remove_partial_output(root, created)
+        raise

@@ -46,6 +46,7 @@ OPTOUT_POST = "optout_post"
 OPTOUT_USER = "optout_user"
 NO_HASHTAGS = "no_hashtags"
 HABITUAL_ONLY = "habitual_hashtags_only"
+TOO_MANY_HASHTAGS = "too_many_hashtags"  # more distinct hashtags than --max-hashtags-per-post
 NO_LABELS = "no_labels"
 USER_CAP = "user_cap"
 EVAL_DUPLICATE = "eval_near_duplicate"
@@ -57,16 +58,22 @@ FAILURE_REASONS = frozenset(
     images_lib.FAILURE_REASONS | {posts_lib.MISSING_IMAGE, posts_lib.SVG_UNRENDERABLE}
 )
 STAGING = ".staging"
+DROPS_FILE = "drops.jsonl"  # one line per dropped post: {"id", "reason"}
+# The files every build writes besides its shards (dataset.json lists them all under build.files).
 OUTPUT_FILES = (
     "vocab.json",
     "stats.json",
     "report.txt",
     "train.labels.npz",
     "heldout.labels.npz",
+    DROPS_FILE,
     records.MANIFEST,
-    records.MANIFEST + ".tmp",
-    "dataset.json.pending",
 )
+# Files of an unfinished write or an interrupted --apply-optout, removed with the dataset they belong to.
+TRANSIENT_FILES = (records.MANIFEST + ".tmp", "dataset.json.pending")
+# The habit filter "explains itself" (stats, report, stderr) when it removes more than this share of
+# all hashtag uses.
+HABIT_EXPLAIN_SHARE = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +85,7 @@ class BuildConfig:
     output: str
     vocab: str | None = None  # vocab.json path or "in1k"; None = build one from this corpus' counts
     vocab_mode: str = (
-        "nouns"  # when building: "nouns" (any visual noun) or "in1k" (ImageNet-aligned)
+        "nouns"  # when building: "nouns" (visual nouns), "nouns_paper" (every noun) or "in1k"
     )
     vocab_top_k: int = 0  # when building: keep the k most frequent labels (0 = all)
     vocab_min_count: int = 2  # when building: a label needs at least this many posts
@@ -94,6 +101,16 @@ class BuildConfig:
     max_posts_per_user: int = 0  # posts kept per user (0 = no cap)
     habit_fraction: float = 0.5  # a hashtag on more than this fraction of a user's posts is a habit
     habit_min_posts: int = 20  # users with fewer posts have no habits (too little evidence)
+    # With fewer uploaders than this the filter is off: a hashtag one of a handful of uploaders puts on
+    # most posts is as likely the corpus' topic as a habit.
+    habit_min_users: int = 5
+    max_hashtags_per_post: int = (
+        500  # a post with more distinct hashtags is spam: too_many_hashtags
+    )
+    image_roots: tuple[
+        str, ...
+    ] = ()  # folders manifests' image paths may point into (--image-root)
+    drops_file: bool = True  # write drops.jsonl (id and reason of every dropped post)
     habit_action: str = "drop"  # "drop" habitual hashtags from that user's posts, or "keep" them
     heldout_fraction: float = 0.02  # share of near-duplicate groups held out for hashtag metrics
     split_seed: str = "tagjax"  # salt of the split hash (changing it draws another split)
@@ -120,13 +137,22 @@ class BuildConfig:
             raise UserError(f"--habit-action must be drop or keep, got {self.habit_action!r}.")
         if self.shard_size < 1:
             raise UserError(f"--shard-size must be at least 1, got {self.shard_size}.")
-        if self.vocab_mode not in ("nouns", "in1k"):
-            raise UserError(f"--vocab-mode must be nouns or in1k, got {self.vocab_mode!r}.")
+        if self.vocab_mode not in vocab_lib.MODES:
+            raise UserError(
+                f"--vocab-mode must be one of {', '.join(vocab_lib.MODES)}, got {self.vocab_mode!r}."
+            )
+        if self.max_hashtags_per_post < 1:
+            raise UserError(
+                f"--max-hashtags-per-post must be at least 1, got {self.max_hashtags_per_post}."
+            )
+        if self.habit_min_users < 1:
+            raise UserError(f"--habit-min-users must be at least 1, got {self.habit_min_users}.")
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["inputs"] = list(self.inputs)
         d["eval_sets"] = list(self.eval_sets)
+        d["image_roots"] = list(self.image_roots)
         for k in ("progress", "overwrite", "workers"):  # how it ran, not what it made
             d.pop(k)
         return d
@@ -160,15 +186,95 @@ def admit(post: posts_lib.Post, optout: OptOut, assume_public: bool) -> str | No
     return None
 
 
-def tag_forms(post: posts_lib.Post) -> tuple[str, ...]:
-    """The post's hashtags as normalized forms (tagjax.hashtags.normalize), unique, in order."""
+def tag_forms(post: posts_lib.Post, limit: int = 0) -> tuple[str, ...]:
+    """The post's hashtags as normalized forms (tagjax.hashtags.normalize), unique, in order.
 
-    out = []
+    Linear in the number of tags (a dict keeps the order and answers "seen?" in O(1)); with ``limit``
+    it stops after ``limit + 1`` distinct forms, enough to tell that a post is over the cap."""
+    out: dict[str, None] = {}
     for tag in posts_lib.hashtags_of(post):
         form = normalize(tag)
         if form and form not in out:
-            out.append(form)
+            out[form] = None
+            if limit and len(out) > limit:
+                break
     return tuple(out)
+
+
+def forms_or_reason(post: posts_lib.Post, max_hashtags: int) -> tuple[tuple[str, ...], str | None]:
+    """(the post's forms, None), or ((), why the post has no usable hashtags)."""
+    forms = tag_forms(post, limit=max_hashtags)
+    if not forms:
+        return (), NO_HASHTAGS
+    if len(forms) > max_hashtags:
+        return (), TOO_MANY_HASHTAGS
+    return forms, None
+
+
+def habit_filter_applies(cfg: BuildConfig, num_users: int) -> bool:
+    """Whether to look for uploader habits at all: asked for, and enough uploaders to tell a habit
+    from a topic (``habit_min_users``)."""
+    return cfg.habit_action == "drop" and num_users >= cfg.habit_min_users
+
+
+def habit_summary(
+    cfg: BuildConfig,
+    num_users: int,
+    users_with_habits: int,
+    habit_uses: Mapping[str, int],
+    tag_uses: int,
+) -> dict:
+    """stats.json's "habits": what the filter removed, why it did not run, and, when it removed most
+    hashtag uses, a sentence explaining it (also in the report)."""
+    out = {
+        "users_with_habits": int(users_with_habits),
+        "hashtags_removed": int(sum(habit_uses.values())),
+        "top_habitual": [
+            [t, int(n)] for t, n in sorted(habit_uses.items(), key=lambda kv: (-kv[1], kv[0]))[:20]
+        ],
+    }
+    if cfg.habit_action == "drop" and num_users < cfg.habit_min_users:
+        out["skipped"] = (
+            f"uploader-habit filter off: {num_users} uploaders, fewer than --habit-min-users "
+            f"{cfg.habit_min_users}, cannot tell a habit from the corpus' topic."
+        )
+    explanation = explain_habits(out, tag_uses)
+    if explanation:
+        out["explanation"] = explanation
+    return out
+
+
+def explain_habits(habits: dict, tag_uses: int) -> str | None:
+    """A sentence on what the habit filter did when it removed most hashtag uses (else None)."""
+    removed = habits.get("hashtags_removed", 0)
+    if not tag_uses or removed <= HABIT_EXPLAIN_SHARE * tag_uses:
+        return None
+    top = ", ".join(f"#{t} ({n})" for t, n in habits.get("top_habitual", [])[:5])
+    return (
+        f"the uploader-habit filter removed {removed:,} of {tag_uses:,} hashtag uses "
+        f"({removed / tag_uses:.0%}): {habits.get('users_with_habits', 0)} uploaders put the same "
+        f"hashtags on more than --habit-fraction of their posts ({top}). If these are the corpus' "
+        "topic rather than habits, pass --habit-action keep, raise --habit-fraction or "
+        "--habit-min-users."
+    )
+
+
+def empty_build_error(
+    posts_read: int, dropped: Mapping[str, int], habits: dict | None
+) -> UserError:
+    """The error of a build that would write no training record: every reason that emptied it."""
+    reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(dropped.items(), key=lambda kv: -kv[1]))
+    msg = (
+        f"the build kept no training records: {posts_read:,} posts read, all dropped "
+        f"({reasons or 'no reason recorded'}); nothing was written."
+    )
+    if dropped.get(HABITUAL_ONLY) and habits:
+        msg += (
+            f" {habits.get('users_with_habits', 0)} uploaders' habits removed every hashtag of "
+            f"{dropped[HABITUAL_ONLY]:,} posts; --habit-action keep or --habit-min-users "
+            "turns the filter off for corpora from few uploaders."
+        )
+    return UserError(msg)
 
 
 def habits_of_user(
@@ -230,7 +336,7 @@ def process_post_image(
 ) -> ImageResult:
     """Load, normalize and hash one post's image; every failure becomes a counted reason."""
     try:
-        data = posts_lib.load_image_bytes(post, options.max_side, cache)
+        data = posts_lib.load_image_bytes(post, options.max_side, cache, options.max_file_bytes)
         p = images_lib.process(data, options)
     except images_lib.ImageSkip as e:
         return ImageResult(post.post_id, reason=e.reason, detail=e.detail[:200])
@@ -325,10 +431,18 @@ class Stats:
         self.images_attempted = 0
         self.image_failures = 0
         self.extra: dict = {}
+        self.drop_log = None  # an open text file: one JSON line per dropped post (drops.jsonl)
 
-    def drop(self, source: str, reason: str, n: int = 1) -> None:
+    def drop(self, source: str, reason: str, n: int = 1, post_id: str | None = None) -> None:
         self.dropped[reason] += n
         self.dropped_by_source[source][reason] += n
+        if self.drop_log is not None and post_id is not None:
+            self.drop_log.write(drop_line(post_id, reason))
+
+
+def drop_line(post_id: str, reason: str) -> str:
+    """One line of drops.jsonl: the post id and the reason, nothing else about the post or its user."""
+    return json.dumps({"id": post_id, "reason": reason}, ensure_ascii=False) + "\n"
 
 
 def summarize(
@@ -340,11 +454,6 @@ def summarize(
 ) -> dict:
     """stats.json content."""
     counts = {s: len(v) for s, v in split_labels.items()}
-    train_counts = np.zeros(vocab.num_labels, np.int64)
-    for labels in split_labels.get("train", []):
-        train_counts[labels] += 1
-    order = np.argsort(-train_counts, kind="stable")
-    top = [[vocab.name_of(int(i)), int(train_counts[i])] for i in order[:30] if train_counts[i] > 0]
     posts_read = sum(stats.read.values())
     dedup_reasons = (EVAL_DUPLICATE, EXACT_DUPLICATE, NEAR_DUPLICATE)
     per_source = {}
@@ -359,7 +468,6 @@ def summarize(
             if hashed
             else 0.0,
         }
-    num_labels_per_post = [len(x) for v in split_labels.values() for x in v]
     return {
         "posts_read": posts_read,
         "posts_written": sum(counts.values()),
@@ -368,17 +476,29 @@ def summarize(
         "per_source": per_source,
         "images": {"attempted": stats.images_attempted, "failed": stats.image_failures},
         "hashtags_dropped": dict(sorted(stats.tags_dropped.items(), key=lambda kv: -kv[1])),
-        "labels": {
-            "vocabulary_size": vocab.num_labels,
-            "used_in_train": int((train_counts > 0).sum()),
-            "mean_per_post": round(float(np.mean(num_labels_per_post)), 3)
-            if num_labels_per_post
-            else 0,
-            "most_frequent_train": top,
-        },
+        "labels": label_summary(vocab, split_labels),
         **stats.extra,
         "timing_s": {k: round(v, 2) for k, v in timing.items()},
         "config": cfg_json,
+    }
+
+
+def label_summary(vocab, split_labels: Mapping[str, Sequence[Sequence[int]]]) -> dict:
+    """The "labels" part of stats.json, from the records' label lists per split (the build computes
+    it once; removing posts after the fact computes it again from what is left)."""
+    train_counts = np.zeros(vocab.num_labels, np.int64)
+    for labels in split_labels.get("train", []):
+        train_counts[list(labels)] += 1
+    order = np.argsort(-train_counts, kind="stable")
+    top = [[vocab.name_of(int(i)), int(train_counts[i])] for i in order[:30] if train_counts[i] > 0]
+    num_labels_per_post = [len(x) for v in split_labels.values() for x in v]
+    return {
+        "vocabulary_size": vocab.num_labels,
+        "used_in_train": int((train_counts > 0).sum()),
+        "mean_per_post": round(float(np.mean(num_labels_per_post)), 3)
+        if num_labels_per_post
+        else 0,
+        "most_frequent_train": top,
     }
 
 
@@ -427,9 +547,18 @@ def render_report(s: dict) -> str:
         lines += [
             "",
             f"uploader habits: {h['users_with_habits']} users, {h['hashtags_removed']:,} "
-            f"hashtag uses removed; most common habitual hashtags: "
-            + ", ".join(f"#{t} ({n})" for t, n in h["top_habitual"][:10]),
+            "hashtag uses removed"
+            + (
+                "; most common habitual hashtags: "
+                + ", ".join(f"#{t} ({n})" for t, n in h["top_habitual"][:10])
+                if h["top_habitual"]
+                else ""
+            ),
         ]
+        if h.get("skipped"):
+            lines.append(f"  {h['skipped']}")
+        if h.get("explanation"):
+            lines.append(f"  note: {h['explanation']}")
     lab = s["labels"]
     lines += [
         "",
@@ -449,46 +578,87 @@ def render_report(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _is_output_file(name: str) -> bool:
-    return (
-        name in OUTPUT_FILES
-        or name == STAGING
-        or name.endswith(".array_record")
-        or name.endswith(".array_record.tmp")
-        or name.endswith(".tmp.npz")
-    )
+def _listed_files(path: Path) -> list[str] | None:
+    """The files a previous tagjax build's manifest says it wrote into ``path`` (None: no manifest).
+
+    dataset.json (or the dataset.json.pending an interrupted --apply-optout leaves) lists its shards,
+    its vocabulary and, since this field exists, every other file under ``build.files``; older
+    manifests get the fixed output names."""
+    for name in (records.MANIFEST, "dataset.json.pending"):
+        p = path / name
+        if not p.is_file():
+            continue
+        try:
+            m = json.loads(p.read_text(encoding="utf-8"))
+            listed = [m["vocab_file"]]
+            for split in m["splits"].values():
+                listed.extend(split["shards"])
+            listed.extend(m.get("build", {}).get("files") or OUTPUT_FILES)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(
+                f"{p} is not a readable tagjax dataset manifest; --overwrite refuses to delete "
+                f"anything in {path}: remove it yourself or choose another --output."
+            ) from None
+        return [*listed, *TRANSIENT_FILES, name]
+    return None
 
 
-def prepare_output(path: Path, overwrite: bool) -> None:
-    """Refuses a non-empty directory unless ``overwrite``; even then, only files a build writes are
-    removed (dataset.json first, so an interrupted cleanup never leaves a complete-looking dataset)."""
+def prepare_output(path: Path, overwrite: bool) -> bool:
+    """Refuses a non-empty directory unless ``overwrite``; with it, only a previous tagjax build is
+    replaced, and only the files its manifest lists are deleted (dataset.json first, so an interrupted
+    cleanup never leaves a complete-looking dataset). A folder without a tagjax manifest is refused
+    whatever its files are called. Returns whether the directory was created here."""
     if path.exists() and not path.is_dir():
         raise UserError(f"output {path} exists and is not a directory; choose another --output.")
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     entries = sorted(os.listdir(path))
     if not entries:
-        return
+        return created
     if not overwrite:
         raise UserError(
             f"output directory {path} is not empty; pass --overwrite to replace the "
             "dataset in it, or choose another --output."
         )
-    foreign = [e for e in entries if not _is_output_file(e)]
-    if foreign:
+    listed = _listed_files(path)
+    if listed is None:
         raise UserError(
-            f"output directory {path} holds files a build did not write ({foreign[0]!r}, "
-            f"{len(foreign)} in all); --overwrite only replaces a dataset, choose an empty "
-            "directory."
+            f"output directory {path} is not a tagjax dataset (it has no {records.MANIFEST}) and "
+            f"holds files a build did not write ({entries[0]!r}, {len(entries)} in all); "
+            "--overwrite only replaces a previous build, choose an empty directory."
         )
-    manifest = path / records.MANIFEST
-    if manifest.exists():
-        manifest.unlink()
-    for e in entries:
-        p = path / e
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
+    safe = [n for n in dict.fromkeys(listed) if isinstance(n, str) and _plain_name(n)]
+    (path / records.MANIFEST).unlink(missing_ok=True)
+    for name in [*safe, STAGING]:
+        p = path / name
+        if p.is_symlink() or p.is_file():
             p.unlink()
+        elif name == STAGING and p.is_dir():
+            shutil.rmtree(p)
+    return created
+
+
+def _plain_name(name: str) -> bool:
+    """A manifest entry naming a file directly in the dataset folder (a hostile manifest could list
+    ``../x`` or ``/etc/x``; those are never deleted)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+
+
+def remove_partial_output(path: Path, created: bool) -> None:
+    """After a failed or interrupted build: removes its staging folder and the files it wrote (the
+    folder was empty or emptied when it started), and the folder itself when the build created it."""
+    if not path.is_dir():
+        return
+    shutil.rmtree(path / STAGING, ignore_errors=True)
+    for name in os.listdir(path):
+        if name in OUTPUT_FILES or name in TRANSIENT_FILES or _is_shard_file(name):
+            (path / name).unlink(missing_ok=True)
+    if created and not os.listdir(path):
+        path.rmdir()
+
+
+def _is_shard_file(name: str) -> bool:
+    return name.endswith((".array_record", ".array_record.tmp", ".tmp.npz"))
 
 
 def finalize(
@@ -514,6 +684,7 @@ def finalize(
     summary = summarize(stats, cfg.to_json(), vocab, split_labels, timing)
     (root / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
     (root / "report.txt").write_text(render_report(summary))
+    written = [n for n in OUTPUT_FILES if n != records.MANIFEST and (root / n).is_file()]
     manifest = records.Manifest(
         schema_version=records.SCHEMA_VERSION,
         splits=splits,
@@ -523,6 +694,7 @@ def finalize(
             **cfg.to_json(),
             "tagjax_version": _version(),
             "records_have_user": cfg.keep_user_ids,
+            "files": written,  # besides the shards: what --overwrite may delete
         },
     )
     manifest.save(root)
@@ -554,9 +726,11 @@ def worker_process_image(post: posts_lib.Post) -> ImageResult:
 
 
 def worker_eval_hash(path: str) -> tuple[str, int] | None:
+    options = _WORKER["options"]
     try:
-        p = images_lib.process(Path(path).read_bytes(), _WORKER["options"])
-    except (images_lib.ImageSkip, OSError):
+        data = posts_lib.read_regular_file(path, options.max_file_bytes)
+        p = images_lib.process(data, options)
+    except images_lib.ImageSkip:
         return None
     return path, dedup_lib.phash(p.pixels)
 
@@ -576,7 +750,11 @@ def resolve_units(cfg: BuildConfig) -> list[posts_lib.Unit]:
         raise UserError("no input given; pass one or more KIND:PATH inputs (e.g. openclipart).")
     units = []
     for spec in cfg.inputs:
-        units.extend(posts_lib.parse_source(spec, cfg.yfcc_images))
+        units.extend(
+            posts_lib.parse_source(
+                spec, cfg.yfcc_images, cfg.image_roots, cfg.images.max_file_bytes
+            )
+        )
     return units
 
 

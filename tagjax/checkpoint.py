@@ -289,7 +289,7 @@ def _flat_shapes(tree: PyTree) -> dict[str, tuple[tuple[int, ...] | None, Any]]:
 class CheckpointManager:
     """Saves and restores a training run's checkpoints in ``<workdir>/checkpoints``.
 
-    The trainer uses it like this (see tagjax.train)::
+    The training loop uses it like this (see tagjax.loop, which pretraining and fine-tuning share)::
 
         mgr = checkpoint.CheckpointManager(workdir, config, {"vocab_fingerprint": fp, "num_classes": n})
         state, data_state = mgr.restore_latest(abstract_state)   # (None, None) on a fresh workdir

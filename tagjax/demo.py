@@ -438,6 +438,7 @@ def probe_config(cfg, seed: int, data_dir: str):
     pc.seed = int(seed)
     pc.transfer = cfg.probe.transfer.copy_and_resolve_references()
     pc.linear = cfg.probe.linear.copy_and_resolve_references()
+    pc.data = cfg.data.copy_and_resolve_references()  # the bad-record rule's thresholds
     pc.transfer.dataset = str(cfg.demo.downstream)
     pc.transfer.data_dir = data_dir
     return pc

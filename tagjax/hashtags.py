@@ -487,7 +487,13 @@ VISUAL_LEXNAMES = (
 # Synsets outside those files whose hyponyms are visible all the same: events that happen in the picture
 # (a wedding is noun.event, a concert noun.communication), facial expressions (smile), colours, sports
 # being played, fire (noun.event), dance, shapes. A synset is visual if it or any hypernym is listed.
+# The first group are general nouns photos are tagged with that WordNet files under noun.Tops (the top
+# of the hierarchy, mostly abstract): animal, person, food, plant. Their hyponyms are visual files anyway.
 VISUAL_ANCHORS = (
+    "animal.n.01",
+    "person.n.01",
+    "food.n.01",
+    "plant.n.02",
     "social_event.n.01",
     "facial_expression.n.01",
     "color.n.01",
@@ -501,14 +507,18 @@ VISUAL_ANCHORS = (
     "visual_communication.n.01",
     "precipitation.n.03",
 )
+# Single synsets that are visual without their hyponyms: people.n.01 (noun.group, "any group of human
+# beings", a crowd in the picture; its hyponyms include "the free" and "the dead") and arrow.n.01 (a mark
+# pointing the way, noun.communication; its siblings include quotation marks).
+VISUAL_SYNSETS = ("people.n.01", "arrow.n.01")
 
 
 @dataclasses.dataclass(frozen=True)
 class VisualRule:
     """Which hashtags name something a photo can show.
 
-    A synset is *visual* when its lexicographer file is in ``lexnames`` or it (or any of its hypernyms) is
-    in ``anchors``. A hashtag is kept when the visual senses carry at least ``threshold`` of its sense
+    A synset is *visual* when its lexicographer file is in ``lexnames``, it (or any of its hypernyms) is
+    in ``anchors``, or it is one of ``synsets``. A hashtag is kept when the visual senses carry at least ``threshold`` of its sense
     weight, each sense weighing how often the hashtag's own lemma carries that sense in SemCor (WordNet's
     sense counts) plus ``smoothing`` (so unseen senses still count, and the word's frequent senses
     dominate; the lemma's count, not the synset's, because #mountain must not inherit the count of "lot"
@@ -520,6 +530,7 @@ class VisualRule:
 
     lexnames: tuple[str, ...] = VISUAL_LEXNAMES
     anchors: tuple[str, ...] = VISUAL_ANCHORS
+    synsets: tuple[str, ...] = VISUAL_SYNSETS
     threshold: float = 0.3
     smoothing: float = 1.0
     enabled: bool = True
@@ -528,6 +539,7 @@ class VisualRule:
         return {
             "lexnames": list(self.lexnames),
             "anchors": list(self.anchors),
+            "synsets": list(self.synsets),
             "threshold": self.threshold,
             "smoothing": self.smoothing,
             "enabled": self.enabled,
@@ -541,10 +553,11 @@ class VisualRule:
         if unknown:
             raise UserError(
                 f"unknown visual-rule setting(s) {sorted(unknown)}; known: "
-                "lexnames, anchors, threshold, smoothing, enabled."
+                "lexnames, anchors, synsets, threshold, smoothing, enabled."
             )
         d = dict(d)
-        for k in ("lexnames", "anchors"):
+        d.setdefault("synsets", ())  # saved before the field existed: reproduce that rule exactly
+        for k in ("lexnames", "anchors", "synsets"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -564,6 +577,7 @@ class _VisualJudge:
             )
         self._lex_ok = [name in lex for name in table.lexnames]
         self._anchors = frozenset(table.index_of_name(n) for n in rule.anchors)
+        self._single = frozenset(table.index_of_name(n) for n in rule.synsets)
         self._memo: dict[int, bool] = {}
 
     def synset_is_visual(self, i: int) -> bool:
@@ -573,6 +587,7 @@ class _VisualJudge:
             v = (
                 self._lex_ok[t.lexname_ids[i]]
                 or i in self._anchors
+                or i in self._single
                 or not self._anchors.isdisjoint(t.ancestors(i))
             )
             self._memo[i] = v

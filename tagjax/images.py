@@ -39,6 +39,8 @@ SKIP_REASONS = (CORRUPT, TRUNCATED, BOMB, TOO_SMALL, EXTREME_ASPECT)
 # are filters a healthy corpus trips too.
 FAILURE_REASONS = frozenset({CORRUPT, TRUNCATED, BOMB})
 
+DEFAULT_MAX_FILE_BYTES = 50 * 2**20  # 50 MiB: far above any photo, far below a memory problem
+
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -62,12 +64,16 @@ class ImageOptions:
     )
     max_aspect: float = 8.0  # longer/shorter side above this is skipped (banners, strips)
     jpeg_quality: int = 90  # re-encoding quality (libjpeg scale 1-100)
+    # Size cap of one input file, archive member or manifest line, checked before reading
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
     def __post_init__(self):
         if self.max_side < 1 or self.min_side < 1 or self.min_side > self.max_side:
             raise ValueError(
                 f"need 1 <= min_side <= max_side, got {self.min_side}, {self.max_side}"
             )
+        if self.max_file_bytes < 1:
+            raise ValueError(f"max_file_bytes must be positive, got {self.max_file_bytes}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
 

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tagjax import augment, checkpoint, downstream, models, records
+from tagjax.bad_records import too_many_bad
 from tagjax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,8 @@ def image_batches(
 
 
 class BadImageCounter:
-    """Counts skipped images and fails loudly past ``max_fraction`` (after ``min_reads`` reads)."""
+    """Counts skipped images and fails loudly past ``max_fraction`` (after ``min_reads`` reads): the
+    rule of tagjax.bad_records, with the first errors kept for the message."""
 
     def __init__(self, max_fraction: float, what: str, min_reads: int = 1000):
         self.max_fraction, self.what, self.min_reads = float(max_fraction), what, int(min_reads)
@@ -237,9 +239,7 @@ class BadImageCounter:
         self.check(final)
 
     def check(self, final: bool = False) -> None:
-        if not self.bad or (self.read < self.min_reads and not final):
-            return
-        if self.bad / max(self.read, 1) > self.max_fraction:
+        if too_many_bad(self.bad, self.read, self.max_fraction, self.min_reads, final):
             raise UserError(
                 f"{self.bad} of {self.read} images of {self.what} could not be read (more than "
                 f"{self.max_fraction:.2%}; e.g. {self.examples[0]}); repair the data or raise the threshold."

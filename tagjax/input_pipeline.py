@@ -57,6 +57,7 @@ from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
 
 from tagjax import augment, records, sampling
 from tagjax import vocab as vocab_lib
+from tagjax.bad_records import BadRecordCounter
 from tagjax.errors import UserError
 
 STATE_FORMAT = "tagjax.input_pipeline/1"
@@ -497,25 +498,8 @@ def _grain_iterator(batch_fn, first: int, stop: int, num_workers: int, prefetch:
     return iter(it_ds)
 
 
-class _BadRecordCounter:
-    def __init__(self, max_fraction: float, min_reads: int, what: str):
-        self.max_fraction, self.min_reads, self.what = float(max_fraction), int(min_reads), what
-        self.records_read = 0
-        self.bad_records = 0
-
-    def add(self, stats: np.ndarray, final: bool = False) -> None:
-        self.records_read += int(stats[0])
-        self.bad_records += int(stats[1])
-        self.check(final)
-
-    def check(self, final: bool = False) -> None:
-        enough = self.records_read >= self.min_reads or final
-        if enough and self.bad_records > self.max_fraction * self.records_read:
-            raise UserError(
-                f"{self.bad_records} of {self.records_read} {self.what} records were bad (undecodable "
-                f"image, no labels or unknown label ids), more than config.data.max_bad_record_fraction="
-                f"{self.max_fraction}; check the dataset (`tagjax build` reports what it dropped)."
-            )
+_BAD_RECORD_CAUSE = "undecodable image, no labels or unknown label ids"
+_BAD_RECORD_FIX = "check the dataset (`tagjax build` reports what it dropped)"
 
 
 class TrainIterator(grain.DatasetIterator):
@@ -531,7 +515,7 @@ class TrainIterator(grain.DatasetIterator):
         stream: dict,
         num_workers: int,
         prefetch: int,
-        counter: _BadRecordCounter,
+        counter: BadRecordCounter,
     ):
         super().__init__()
         self._batches = batches
@@ -571,7 +555,7 @@ class TrainIterator(grain.DatasetIterator):
     def __next__(self) -> dict:
         batch = next(self._ensure())
         self._next_batch += 1
-        self._counter.add(batch.pop("_stats"))
+        self._counter.add(*batch.pop("_stats"))
         return batch
 
     def start_prefetch(self) -> None:
@@ -643,7 +627,7 @@ class EvalIterator:
         num_steps: int,
         num_workers: int,
         prefetch: int,
-        counter: _BadRecordCounter,
+        counter: BadRecordCounter,
     ):
         self._batches, self.num_steps = batches, int(num_steps)
         self._num_workers, self._prefetch, self._counter = num_workers, prefetch, counter
@@ -675,7 +659,7 @@ class EvalIterator:
             )
         batch = next(self._inner)
         self._done += 1
-        self._counter.add(batch.pop("_stats"), final=self._done == self.num_steps)
+        self._counter.add(*batch.pop("_stats"), final=self._done == self.num_steps)
         return batch
 
     def close(self) -> None:
@@ -882,7 +866,9 @@ def make_train_iterator(
         "sampler": sampler.identity(),
         "seed": int(config.seed),
     }
-    counter = _BadRecordCounter(d.max_bad_record_fraction, d.bad_record_min_reads, "training")
+    counter = BadRecordCounter.from_data_config(
+        d, "training records", cause=_BAD_RECORD_CAUSE, fix=_BAD_RECORD_FIX
+    )
     return TrainIterator(
         batches, json.loads(json.dumps(stream)), d.num_workers, d.prefetch_buffer, counter
     )
@@ -929,7 +915,9 @@ def make_eval_iterator(
         drop_ancestors=_ancestor_dropper(config, vocab),
     )
     batches = EvalBatches(source, augment.EvalTransform.from_config(d), label_opts, layout, n)
-    counter = _BadRecordCounter(d.max_bad_record_fraction, d.bad_record_min_reads, f"{split}")
+    counter = BadRecordCounter.from_data_config(
+        d, f"{split} records", cause=_BAD_RECORD_CAUSE, fix=_BAD_RECORD_FIX
+    )
     steps = math.ceil(n / global_batch)
     return EvalIterator(batches, steps, d.num_workers, d.prefetch_buffer, counter)
 

@@ -2,8 +2,12 @@
 
 SGD with momentum (0.9; Nesterov optional) and L2 weight decay 1e-4 that skips batch-norm parameters and
 biases. The rate follows the linear scaling rule: ``peak = base_lr * batch_size / lr_reference_batch``
-(0.1 per 256 images), reached by a linear warm-up, then either halved ``num_halvings`` times at equally
-spaced points of the rest of the schedule (the paper's recipe [R]) or decayed along a half cosine.
+(0.1 per 256 images), reached by a linear warm-up from ``warmup_start_lr`` (the paper: from 0.1, the rate
+of a 256-image batch [R]), then either halved ``num_halvings`` times at equally spaced points of the rest
+of the schedule (the paper: 20 halvings, 13 for its ImageNet-only runs [R]) or decayed along a half cosine.
+
+How long to train is :func:`paper_schedule_images`: the paper's heuristic, a linear interpolation in
+images processed between 120 epochs of 1.2M images and 2 epochs of 3.5B images [R].
 
 Why the learning rate is applied outside the optax chain: the trainer's NaN guard may *skip* an update,
 which leaves the optimizer state (and any step counter inside it) unchanged while the train state's step
@@ -27,6 +31,27 @@ import optax
 from tagjax.errors import UserError
 
 SCHEDULES = ("step_halving", "cosine")
+
+
+def paper_schedule_images(
+    dataset_images: int, short: tuple[int, float], long: tuple[int, float]
+) -> int:
+    """Images to process for a dataset of ``dataset_images``: the paper's length heuristic [R].
+
+    ``short`` and ``long`` are the two extremes as (dataset images, passes over it); the paper's are
+    (1.2M, 120) and (3.5B, 2) (configs/_paper.py). They fix the run length in images processed
+    (``size x passes``): 144M at 1.2M images, 7B at 3.5B. Between them the length is a straight line in
+    the dataset size; beyond them it is extended along the same line. With the paper's extremes, IG-940M (940M images) gets
+    1,983,605,808 images (~2.1 passes), IG-3.5B 7,000,000,000 (2 passes) and 1.2M images 144,000,000
+    (120 passes). The result is rounded to whole
+    images; the trainer counts steps as ``total_images // batch_size``.
+    """
+    n = int(dataset_images)
+    if n <= 0:
+        raise UserError(f"dataset_images={n}: the dataset must hold at least one image.")
+    (n0, e0), (n1, e1) = short, long
+    y0, y1 = n0 * e0, n1 * e1
+    return round(y0 + (n - n0) * (y1 - y0) / (n1 - n0))
 
 
 def peak_learning_rate(optim_config, batch_size: int) -> float:
@@ -70,7 +95,12 @@ class Schedule:
             )
         self.batch_size = int(batch_size)
         self.peak = peak_learning_rate(optim_config, batch_size)
-        self.warmup_start = float(optim_config.get("warmup_start_fraction", 0.0)) * self.peak
+        # The rate at step 0 of the warm-up, in absolute terms (the paper: 0.1, the rate for 256 images);
+        # never above the peak, so a batch below lr_reference_batch simply starts at its peak.
+        start = float(optim_config.get("warmup_start_lr", 0.0))
+        if start < 0:
+            raise UserError(f"config.optim.warmup_start_lr={start}: use a rate of 0 or more.")
+        self.warmup_start = min(start, self.peak)
         self.warmup_steps = math.ceil(warmup_images / batch_size)
         self.total_steps = max(int(total_images) // batch_size, 1)
         self.num_halvings = int(optim_config.num_halvings)

@@ -31,6 +31,16 @@ Input kinds (``SOURCE_KINDS``; the builder takes them as ``KIND:PATH``):
     Images are looked up under an images folder as ``<hash[:3]>/<hash[3:6]>/<hash>.jpg`` (the AWS
     multimedia-commons layout) or ``<photo id>.jpg``.
 
+Inputs are hostile until checked (see docs/dataset.md, "Untrusted input"). An image path a manifest,
+sidecar or metadata row names must resolve inside an allowed root (:class:`ImageRoots`: the input's own
+folder plus any ``--image-root``): a relative path whose ``..`` leaves the roots, an absolute path outside
+them, a symlink whose target leaves them, and anything that is not a regular file (a device such as
+``/dev/zero``, a FIFO, a socket) are refused by ``stat`` before anything is opened, each under its own
+reason. Every file and archive member is read with a size cap (``max_bytes``), checked against the size
+the file system or the tar header states before reading and enforced again by a bounded read, and files
+are opened non-blocking, so a path swapped for a FIFO after the check cannot hang a worker. Tars are
+read as streams (compressed ones too), never whole into memory.
+
 Visibility: formats with a visibility field report it; where the format has none, the reader says so
 (``public=None``) and the builder drops the post unless told ``--assume-public``, except for sources that
 are public by construction (openclipart is public domain; YFCC100M is public Creative Commons photos;
@@ -51,15 +61,16 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 import unicodedata
 import urllib.parse
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
 from tagjax.errors import UserError
-from tagjax.images import ImageSkip
+from tagjax.images import DEFAULT_MAX_FILE_BYTES, ImageSkip
 
 SOURCE_KINDS = ("jsonl", "wds", "folder", "openclipart", "yfcc")
 OPENCLIPART_ROOT = "/usr/share/openclipart/svg"
@@ -70,12 +81,31 @@ UNSAFE_ARCHIVE_MEMBER = "unsafe_archive_member"  # absolute or ../ path, link or
 BAD_METADATA = "bad_metadata"  # a manifest line / sidecar / metadata row that cannot be parsed
 NO_IMAGE_MEMBER = "no_image_in_sample"  # a webdataset sample without an image member
 DUPLICATE_PATH = "duplicate_path"  # the same file reached through a symlink
-UNSAFE_PATH = "unsafe_path"  # a folder entry whose real path leaves the folder
+NO_IMAGE = "no_image"  # a manifest line that names no image at all
+PATH_ESCAPES_ROOT = "path_escapes_root"  # a relative image path whose '..' leaves the allowed roots
+ABSOLUTE_PATH_OUTSIDE_ROOTS = "absolute_path_outside_roots"  # an absolute path outside the roots
+SYMLINK_ESCAPES_ROOT = "symlink_escapes_root"  # the path is inside, the symlink's target is not
+NOT_A_REGULAR_FILE = (
+    "not_a_regular_file"  # a device, FIFO, socket or folder where an image should be
+)
+FILE_TOO_LARGE = "file_too_large"  # an image file or tar member above the size cap
+METADATA_TOO_LARGE = (
+    "metadata_too_large"  # a manifest line, sidecar or metadata member above the cap
+)
 NOT_AN_IMAGE = "not_an_image"  # a video row in YFCC100M
 MISSING_IMAGE = (
     "missing_image"  # raised at load time: the image file does not exist / cannot be read
 )
 SVG_UNRENDERABLE = "svg_unrenderable"  # cairosvg refused or failed to draw the SVG
+# Reasons for refusing to open a path or read a file, checked before any byte of it is read.
+UNSAFE_FILE_REASONS = (
+    PATH_ESCAPES_ROOT,
+    ABSOLUTE_PATH_OUTSIDE_ROOTS,
+    SYMLINK_ESCAPES_ROOT,
+    NOT_A_REGULAR_FILE,
+    FILE_TOO_LARGE,
+)
+DEFAULT_MAX_BYTES = DEFAULT_MAX_FILE_BYTES  # size cap of one file / archive member / manifest line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,24 +200,143 @@ def _first(meta: dict, *keys, default=None):
     return default
 
 
+_SCALARS = (str, int, float)
+
+
 def _tags_field(meta: dict) -> tuple[str, ...]:
     tags = _first(meta, "tags", "hashtags", default=())
     if isinstance(tags, str):  # "dog, beach" or "#dog #beach"
         tags = [t for t in tags.replace(",", " ").split()]
+    if not isinstance(tags, list | tuple) or not all(isinstance(t, _SCALARS) for t in tags):
+        raise ValueError("tags must be a string or a list of strings")
     return tuple(str(t) for t in tags)
 
 
+def _scalar(value, what: str) -> str | None:
+    if value is None or (isinstance(value, _SCALARS) and not isinstance(value, bool)):
+        return None if value is None else str(value)
+    raise ValueError(f"{what} must be a string or a number")
+
+
 def _post_from_meta(meta: dict, post_id: str, source: str, **kw) -> Post:
-    user = _first(meta, "user", "user_id", "owner", "uploader")
-    return Post(
-        post_id=str(_first(meta, "id", "post_id", default=post_id)),
-        tags=_tags_field(meta),
-        caption=str(_first(meta, "caption", "text", "description", default="")),
-        user=None if user is None else str(user),
-        public=_visibility(meta),
-        source=source,
-        **kw,
-    )
+    """A Post from a metadata object (a manifest line, a sidecar, a tar's json member); a field of the
+    wrong JSON type (a tags number, an id object) makes it a ``bad_metadata`` post."""
+    try:
+        return Post(
+            post_id=_scalar(_first(meta, "id", "post_id", default=post_id), "id") or post_id,
+            tags=_tags_field(meta),
+            caption=_scalar(_first(meta, "caption", "text", "description", default=""), "caption")
+            or "",
+            user=_scalar(_first(meta, "user", "user_id", "owner", "uploader"), "user"),
+            public=_visibility(meta),
+            source=source,
+            **kw,
+        )
+    except ValueError:
+        return Post(post_id=post_id, source=source, problem=BAD_METADATA)
+
+
+# ---- paths and files from untrusted inputs ----------------------------------------------------------
+
+
+def _inside(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r if r.endswith(os.sep) else r + os.sep) for r in roots)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRoots:
+    """The folders an input's image paths may resolve into, each both as written (``lexical``, for
+    ``..`` and absolute paths) and with its symlinks resolved (``real``, for symlinked files)."""
+
+    lexical: tuple[str, ...]
+    real: tuple[str, ...]
+
+    @classmethod
+    def of(cls, roots: Sequence[str | os.PathLike]) -> ImageRoots:
+        lexical = tuple(os.path.normpath(os.path.abspath(os.fspath(r))) for r in roots)
+        return cls(lexical, tuple(os.path.realpath(r) for r in lexical))
+
+    def check(
+        self, raw: str, base: str | os.PathLike, max_bytes: int
+    ) -> tuple[str | None, str | None]:
+        """An image path as an input wrote it -> (its real path, None), or (None, the reason it is
+        refused). Decided by path arithmetic and ``stat`` alone: nothing is opened. A path that does not
+        exist is returned as is (loading it is counted as ``missing_image``)."""
+        absolute = os.path.isabs(raw)
+        candidate = os.path.normpath(raw if absolute else os.path.join(os.fspath(base), raw))
+        if not _inside(candidate, self.lexical):
+            return None, ABSOLUTE_PATH_OUTSIDE_ROOTS if absolute else PATH_ESCAPES_ROOT
+        try:
+            real = os.path.realpath(candidate)
+            if not _inside(real, self.real):
+                return None, SYMLINK_ESCAPES_ROOT
+            st = os.stat(real)  # `real` has no symlink left: this is lstat of the file itself
+        except FileNotFoundError:
+            return candidate, None
+        except (OSError, ValueError):  # NUL bytes, too long, loops, no permission
+            return None, BAD_METADATA
+        if not stat.S_ISREG(st.st_mode):
+            return None, NOT_A_REGULAR_FILE
+        if st.st_size > max_bytes:
+            return None, FILE_TOO_LARGE
+        return real, None
+
+
+def read_regular_file(path: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``, else :class:`ImageSkip` with the reason.
+
+    Opened non-blocking (a FIFO swapped in after the reader's check cannot block), checked with fstat on
+    the open descriptor (what is read is what was checked), and read with a bound, so a file growing
+    while it is read cannot exceed the cap either."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (OSError, ValueError) as e:
+        raise ImageSkip(MISSING_IMAGE, f"{path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageSkip(NOT_A_REGULAR_FILE, path)
+        if st.st_size > max_bytes:
+            raise ImageSkip(FILE_TOO_LARGE, f"{path}: {st.st_size} bytes > {max_bytes}")
+        chunks, total = [], 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(max_bytes + 1 - total, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > max_bytes:
+            raise ImageSkip(FILE_TOO_LARGE, f"{path}: grew past {max_bytes} bytes while read")
+        return b"".join(chunks)
+    except OSError as e:
+        raise ImageSkip(MISSING_IMAGE, f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _read_sidecar(path: Path, max_bytes: int) -> str:
+    """A small text file next to an image; ValueError (counted as bad/oversized metadata) otherwise."""
+    try:
+        return read_regular_file(str(path), max_bytes).decode("utf-8", errors="replace")
+    except ImageSkip as e:
+        raise ValueError(
+            METADATA_TOO_LARGE if e.reason == FILE_TOO_LARGE else BAD_METADATA
+        ) from None
+
+
+def _bounded_lines(f, max_chars: int) -> Iterator[str | None]:
+    """The lines of a text stream; a line longer than ``max_chars`` is skipped without ever being held
+    whole in memory and yields None in its place (so line numbers stay right)."""
+    while True:
+        line = f.readline(max_chars + 1)
+        if not line:
+            return
+        if len(line) > max_chars and not line.endswith("\n"):
+            while line and not line.endswith("\n"):
+                line = f.readline(1 << 20)
+            yield None
+            continue
+        yield line
 
 
 # ---- sources and units ---------------------------------------------------------------------------
@@ -202,10 +351,34 @@ class Unit:
     path: str
     source: str  # the user's spec, for statistics
     images_dir: str | None = None  # yfcc: where the photos are
+    image_roots: tuple[str, ...] = ()  # folders image paths may point into besides the input's own
+    max_bytes: int = DEFAULT_MAX_BYTES  # size cap of one file, archive member or manifest line
 
 
-def parse_source(spec: str, yfcc_images: str | None = None) -> list[Unit]:
-    """``KIND:PATH`` (or a bare path whose kind is evident, or ``openclipart``) -> its units."""
+_FILE_KINDS = {"jsonl": "a JSONL manifest file", "yfcc": "a YFCC100M metadata file"}
+
+
+def _require_regular_file(spec: str, p: Path, what: str) -> None:
+    try:
+        mode = p.stat().st_mode
+    except OSError as e:
+        raise UserError(f"input {spec!r}: cannot read {p} ({e.strerror}).") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"input {spec!r}: {p} is a folder, but this input kind needs {what}.")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"input {spec!r}: {p} is not a regular file (a device, FIFO or socket).")
+
+
+def parse_source(
+    spec: str,
+    yfcc_images: str | None = None,
+    image_roots: Sequence[str] = (),
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> list[Unit]:
+    """``KIND:PATH`` (or a bare path whose kind is evident, or ``openclipart``) -> its units.
+
+    A wrong kind of path (a folder for ``jsonl:``, a FIFO, no tars in a ``wds:`` folder) is a one-line
+    :class:`UserError` here, before any output exists."""
     kind, sep, path = spec.partition(":")
     if not sep or kind not in SOURCE_KINDS:
         kind, path = _guess_kind(spec), spec
@@ -215,20 +388,32 @@ def parse_source(spec: str, yfcc_images: str | None = None) -> list[Unit]:
     if not p.exists():
         hint = " (install Debian's openclipart-svg package)" if kind == "openclipart" else ""
         raise UserError(f"input {spec!r}: {p} does not exist{hint}.")
+    roots = tuple(str(Path(r).expanduser()) for r in image_roots)
+    for r in roots:
+        if not Path(r).is_dir():
+            raise UserError(f"--image-root {r} is not a folder.")
+    common = {"image_roots": roots, "max_bytes": max_bytes}
     if kind == "wds":
-        tars = [p] if p.is_file() else sorted(p.glob("*.tar"))
+        tars = [p] if not p.is_dir() else sorted(p.glob("*.tar"))
         if not tars:
             raise UserError(f"input {spec!r}: no *.tar shards in {p}.")
-        return [Unit("wds", str(t), spec) for t in tars]
+        for t in tars:
+            _require_regular_file(spec, t, "a tar file or a folder of *.tar shards")
+        return [Unit("wds", str(t), spec, **common) for t in tars]
+    if kind in _FILE_KINDS:
+        _require_regular_file(spec, p, _FILE_KINDS[kind])
     if kind == "yfcc":
         if not yfcc_images:
             raise UserError(
                 f"input {spec!r}: YFCC100M metadata needs --yfcc-images DIR (the photos)."
             )
-        return [Unit("yfcc", str(p), spec, images_dir=str(Path(yfcc_images).expanduser()))]
+        images_dir = Path(yfcc_images).expanduser()
+        if not images_dir.is_dir():
+            raise UserError(f"--yfcc-images {images_dir} is not a folder.")
+        return [Unit("yfcc", str(p), spec, images_dir=str(images_dir), **common)]
     if kind in ("folder", "openclipart") and not p.is_dir():
         raise UserError(f"input {spec!r}: {p} is not a folder.")
-    return [Unit(kind, str(p), spec)]
+    return [Unit(kind, str(p), spec, **common)]
 
 
 def _guess_kind(spec: str) -> str:
@@ -248,14 +433,17 @@ def _guess_kind(spec: str) -> str:
 
 def read_unit(unit: Unit) -> Iterator[Post]:
     """All posts of one unit, in a deterministic order."""
-    readers = {
-        "jsonl": read_jsonl,
-        "wds": read_webdataset,
-        "folder": read_folder,
-        "openclipart": read_openclipart,
-        "yfcc": lambda path, source: read_yfcc(path, unit.images_dir, source),
-    }
-    yield from readers[unit.kind](unit.path, source=unit.source)
+    kw = {"source": unit.source, "max_bytes": unit.max_bytes}
+    if unit.kind == "wds":
+        yield from read_webdataset(unit.path, **kw)
+    elif unit.kind == "jsonl":
+        yield from read_jsonl(unit.path, roots=unit.image_roots, **kw)
+    elif unit.kind == "folder":
+        yield from read_folder(unit.path, roots=unit.image_roots, **kw)
+    elif unit.kind == "openclipart":
+        yield from read_openclipart(unit.path, roots=unit.image_roots, **kw)
+    else:
+        yield from read_yfcc(unit.path, unit.images_dir, roots=unit.image_roots, **kw)
 
 
 def _open_text(path: str):
@@ -269,24 +457,37 @@ def _open_text(path: str):
 # ---- jsonl manifest -------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str, source: str = "") -> Iterator[Post]:
-    base = Path(path).parent
+def read_jsonl(
+    path: str, source: str = "", roots: Sequence[str] = (), max_bytes: int = DEFAULT_MAX_BYTES
+) -> Iterator[Post]:
+    """Posts of a JSONL manifest. Image paths must resolve inside the manifest's folder or ``roots``;
+    a line longer than ``max_bytes`` characters is skipped unread (``metadata_too_large``), a line
+    naming no image is ``no_image``."""
+    base = os.path.dirname(os.path.abspath(path))
+    allowed = ImageRoots.of((base, *roots))
     with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in enumerate(_bounded_lines(f, max_bytes), 1):
+            fallback_id = f"{Path(path).name}:{lineno}"
+            if line is None:
+                yield Post(post_id=fallback_id, source=source, problem=METADATA_TOO_LARGE)
+                continue
             line = line.strip()
             if not line:
                 continue
-            fallback_id = f"{Path(path).name}:{lineno}"
             try:
                 meta = json.loads(line)
                 if not isinstance(meta, dict):
                     raise ValueError("not an object")
-            except ValueError:
+            except (ValueError, RecursionError):
                 yield Post(post_id=fallback_id, source=source, problem=BAD_METADATA)
                 continue
             image = _first(meta, "image", "image_path", "path", "file")
-            image_path = None if image is None else str(base / str(image))
-            yield _post_from_meta(meta, fallback_id, source, image_path=image_path)
+            if image is None or not isinstance(image, str) or not image:
+                post = _post_from_meta(meta, fallback_id, source)
+                yield dataclasses.replace(post, problem=BAD_METADATA if image else NO_IMAGE)
+                continue
+            image_path, problem = allowed.check(image, base, max_bytes)
+            yield _post_from_meta(meta, fallback_id, source, image_path=image_path, problem=problem)
 
 
 # ---- webdataset / img2dataset tars --------------------------------------------------------------
@@ -309,8 +510,13 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def read_webdataset(path: str, source: str = "") -> Iterator[Post]:
-    """Samples of one tar, read from the archive stream; unsafe members are refused, never extracted."""
+def read_webdataset(
+    path: str, source: str = "", max_bytes: int = DEFAULT_MAX_BYTES
+) -> Iterator[Post]:
+    """Samples of one tar, read from the archive stream (mode ``r|*``: plain or compressed, one pass,
+    bounded memory); unsafe members are refused, never extracted. A member whose header states more
+    than ``max_bytes`` is skipped unread (the stream moves past it in small blocks) and refuses its
+    sample as ``file_too_large``; others are read with that bound."""
     try:
         tar = tarfile.open(path, mode="r|*")  # noqa: SIM115 (closed by the `with tar` below)
     except (tarfile.TarError, OSError) as e:
@@ -318,17 +524,20 @@ def read_webdataset(path: str, source: str = "") -> Iterator[Post]:
     current: str | None = None
     files: dict[str, bytes] = {}
     unsafe = False
+    too_large: str | None = None  # the reason, when a member of the sample exceeded the cap
 
     def emit(key: str) -> Post:
         if unsafe:
             return Post(post_id=key, source=source, problem=UNSAFE_ARCHIVE_MEMBER)
+        if too_large:
+            return Post(post_id=key, source=source, problem=too_large)
         meta: dict = {}
         if "json" in files:
             try:
                 meta = json.loads(files["json"].decode("utf-8"))
                 if not isinstance(meta, dict):
                     raise ValueError("not an object")
-            except ValueError:
+            except (ValueError, RecursionError):
                 return Post(post_id=key, source=source, problem=BAD_METADATA)
         if "txt" in files and "caption" not in meta:
             meta["caption"] = files["txt"].decode("utf-8", errors="replace")
@@ -343,21 +552,32 @@ def read_webdataset(path: str, source: str = "") -> Iterator[Post]:
 
     try:
         with tar:
-            for member in tar:
+            # tar.next() rather than iterating: a stream-mode TarFile would keep every header it read
+            # (tar.members), so memory would grow with the member count of a hostile archive.
+            while (member := tar.next()) is not None:
+                tar.members = []
                 name = member.name
                 key, ext = _split_key(name.replace("\\", "/"))
                 if key != current:
                     if current is not None:
                         yield emit(current)
-                    current, files, unsafe = key, {}, False
+                    current, files, unsafe, too_large = key, {}, False, None
                 if not safe_member_name(name) or not (member.isfile() or member.isdir()):
                     unsafe = True  # the whole sample is refused: one bad member taints its siblings
                     continue
                 if member.isdir():
                     continue
+                if member.size > max_bytes:
+                    is_image = ext in ("jpg", "jpeg", "png", "webp")
+                    too_large = FILE_TOO_LARGE if is_image else METADATA_TOO_LARGE
+                    continue
                 handle = tar.extractfile(member)
                 if handle is not None:
-                    files[ext] = handle.read()
+                    data = handle.read(max_bytes + 1)
+                    if len(data) > max_bytes:
+                        too_large = FILE_TOO_LARGE
+                        continue
+                    files[ext] = data
             if current is not None:
                 yield emit(current)
     except tarfile.TarError as e:
@@ -369,8 +589,13 @@ def read_webdataset(path: str, source: str = "") -> Iterator[Post]:
 # ---- folder with sidecars -------------------------------------------------------------------------
 
 
-def read_folder(path: str, source: str = "") -> Iterator[Post]:
+def read_folder(
+    path: str, source: str = "", roots: Sequence[str] = (), max_bytes: int = DEFAULT_MAX_BYTES
+) -> Iterator[Post]:
+    """Images of a folder tree with their sidecars; an image (or sidecar) symlinked out of the folder
+    and ``roots`` is refused, as are FIFOs and devices named like images."""
     root = Path(path).resolve()
+    allowed = ImageRoots.of((root, *roots))
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
@@ -378,24 +603,36 @@ def read_folder(path: str, source: str = "") -> Iterator[Post]:
             if p.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             rel = p.relative_to(root).with_suffix("").as_posix()
-            real = p.resolve()
-            if real != p and not real.is_relative_to(root):
-                yield Post(post_id=rel, source=source, problem=UNSAFE_PATH)
+            image_path, problem = allowed.check(str(p), root, max_bytes)
+            if problem:
+                yield Post(post_id=rel, source=source, problem=problem)
                 continue
             meta: dict = {}
             sidecar_json = p.with_suffix(".json")
-            if sidecar_json.is_file():
-                try:
-                    meta = json.loads(sidecar_json.read_text(encoding="utf-8"))
+            try:
+                if os.path.lexists(sidecar_json):
+                    meta = json.loads(_read_confined(allowed, sidecar_json, root, max_bytes))
                     if not isinstance(meta, dict):
-                        raise ValueError("not an object")
-                except ValueError:
-                    yield Post(post_id=rel, source=source, problem=BAD_METADATA)
-                    continue
-            sidecar_txt = p.with_suffix(".txt")
-            if sidecar_txt.is_file() and "caption" not in meta:
-                meta["caption"] = sidecar_txt.read_text(encoding="utf-8", errors="replace")
-            yield _post_from_meta(meta, rel, source, image_path=str(p))
+                        raise ValueError(BAD_METADATA)
+                sidecar_txt = p.with_suffix(".txt")
+                if os.path.lexists(sidecar_txt) and "caption" not in meta:
+                    meta["caption"] = _read_confined(allowed, sidecar_txt, root, max_bytes)
+            except (ValueError, RecursionError) as e:
+                reason = str(e) if str(e) in _SIDECAR_REASONS else BAD_METADATA
+                yield Post(post_id=rel, source=source, problem=reason)
+                continue
+            yield _post_from_meta(meta, rel, source, image_path=image_path)
+
+
+def _read_confined(allowed: ImageRoots, path: Path, base: Path, max_bytes: int) -> str:
+    """A sidecar's text, under the same path rules as images (ValueError: why it is refused)."""
+    real, problem = allowed.check(str(path), base, max_bytes)
+    if problem:
+        raise ValueError(METADATA_TOO_LARGE if problem == FILE_TOO_LARGE else problem)
+    return _read_sidecar(Path(real), max_bytes)
+
+
+_SIDECAR_REASONS = frozenset({METADATA_TOO_LARGE, BAD_METADATA, *UNSAFE_FILE_REASONS})
 
 
 # ---- openclipart ----------------------------------------------------------------------------------
@@ -439,10 +676,13 @@ def _stable_order_key(rel: str) -> bytes:
     return hashlib.blake2b(rel.encode(), digest_size=8).digest()
 
 
-def read_openclipart(path: str, source: str = "") -> Iterator[Post]:
+def read_openclipart(
+    path: str, source: str = "", roots: Sequence[str] = (), max_bytes: int = DEFAULT_MAX_BYTES
+) -> Iterator[Post]:
     """Every distinct SVG once, in a fixed pseudo-random order so that ``--limit N`` takes a sample of
     the whole corpus rather than its first folders (animals, buildings, ...)."""
     root = Path(path).resolve()
+    allowed = ImageRoots.of((root, *roots))
     entries = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -461,8 +701,9 @@ def read_openclipart(path: str, source: str = "") -> Iterator[Post]:
         if canonical.get(real) != rel or real in seen:
             yield Post(post_id=rel, source=source, problem=DUPLICATE_PATH)
             continue
-        if not real.is_relative_to(root):
-            yield Post(post_id=rel, source=source, problem=UNSAFE_PATH)
+        image_path, problem = allowed.check(str(p), root, max_bytes)
+        if problem:
+            yield Post(post_id=rel, source=source, problem=problem)
             continue
         seen.add(real)
         subjects, creator = openclipart_metadata(str(real))
@@ -471,7 +712,7 @@ def read_openclipart(path: str, source: str = "") -> Iterator[Post]:
             tags=tuple(s for s in subjects if s.lower() not in _OPENCLIPART_ARTIFACTS),
             user=creator or "unknown",
             public=True,  # public-domain cliparts
-            image_path=str(real),
+            image_path=image_path,
             image_kind="svg",
             source=source,
         )
@@ -480,11 +721,24 @@ def read_openclipart(path: str, source: str = "") -> Iterator[Post]:
 # ---- YFCC100M -------------------------------------------------------------------------------------
 
 
-def read_yfcc(path: str, images_dir: str | None, source: str = "") -> Iterator[Post]:
-    """YFCC100M metadata rows (23 fields, or 25 with line number and photo hash first)."""
+def read_yfcc(
+    path: str,
+    images_dir: str | None,
+    source: str = "",
+    roots: Sequence[str] = (),
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Iterator[Post]:
+    """YFCC100M metadata rows (23 fields, or 25 with line number and photo hash first). Photos must
+    resolve inside ``images_dir`` (or ``roots``): a hash or id with ``..`` or ``/`` in it is refused."""
     images = Path(images_dir) if images_dir else None
+    allowed = ImageRoots.of((images, *roots)) if images is not None else None
     with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in enumerate(_bounded_lines(f, max_bytes), 1):
+            if line is None:
+                yield Post(
+                    post_id=f"{Path(path).name}:{lineno}", source=source, problem=METADATA_TOO_LARGE
+                )
+                continue
             fields = line.rstrip("\n").split("\t")
             if len(fields) == 25:
                 photo_hash, fields = fields[2], [fields[1], *fields[3:]]
@@ -502,15 +756,17 @@ def read_yfcc(path: str, images_dir: str | None, source: str = "") -> Iterator[P
                 continue
             tags = tuple(urllib.parse.unquote_plus(t) for t in user_tags.split(",") if t)
             caption = " ".join(urllib.parse.unquote_plus(x) for x in (title, description) if x)
-            image_path = None
-            if images is not None:
-                candidates = []
+            image_path = problem = None
+            if images is not None and allowed is not None:
+                candidates = []  # relative to the images folder, as the row spells them
                 if photo_hash:
-                    candidates.append(
-                        images / photo_hash[:3] / photo_hash[3:6] / f"{photo_hash}.jpg"
-                    )
-                candidates.append(images / f"{photo_id}.jpg")
-                image_path = str(next((c for c in candidates if c.is_file()), candidates[-1]))
+                    candidates.append(f"{photo_hash[:3]}/{photo_hash[3:6]}/{photo_hash}.jpg")
+                candidates.append(f"{photo_id}.jpg")
+                checked = [allowed.check(c, images, max_bytes) for c in candidates]
+                problem = next((reason for _, reason in checked if reason), None)
+                if problem is None:  # the first that exists (else the last: missing_image later)
+                    found = (p for p, _ in checked if p is not None and os.path.isfile(p))
+                    image_path = next(found, checked[-1][0])
             yield Post(
                 post_id=photo_id,
                 tags=tags,
@@ -519,6 +775,7 @@ def read_yfcc(path: str, images_dir: str | None, source: str = "") -> Iterator[P
                 public=True,
                 image_path=image_path,
                 source=source,
+                problem=problem,
             )
 
 
@@ -590,20 +847,21 @@ def rasterize_svg(svg: bytes, side: int) -> bytes:
         raise ImageSkip(SVG_UNRENDERABLE, f"{type(e).__name__}: {e}") from None
 
 
-def load_image_bytes(post: Post, side: int, cache: RasterCache | None = None) -> bytes:
+def load_image_bytes(
+    post: Post, side: int, cache: RasterCache | None = None, max_bytes: int = DEFAULT_MAX_BYTES
+) -> bytes:
     """The post's image as encoded raster bytes; SVGs are rasterized (shorter side ``side``) via cache.
+    Files are read by :func:`read_regular_file` (non-blocking, regular files only, ``max_bytes`` cap).
 
-    Raises :class:`tagjax.images.ImageSkip` (missing_image, svg_unrenderable).
+    Raises :class:`tagjax.images.ImageSkip` (missing_image, not_a_regular_file, file_too_large,
+    svg_unrenderable).
     """
 
     if post.image_bytes is not None:
         return post.image_bytes
     if post.image_path is None:
         raise ImageSkip(MISSING_IMAGE, "no image given")
-    try:
-        data = Path(post.image_path).read_bytes()
-    except OSError as e:
-        raise ImageSkip(MISSING_IMAGE, f"{post.image_path}: {e.strerror}") from None
+    data = read_regular_file(post.image_path, max_bytes)
     if post.image_kind != "svg":
         return data
     cached = cache.get(data, side) if cache else None

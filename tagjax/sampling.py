@@ -20,6 +20,14 @@ Samplers (``config.data.sampling``):
   ``perm_e(p mod N)`` of epoch ``e = p div N``, where ``perm_e`` is a keyed Feistel permutation of
   ``[0, N)`` (cycle walking), computed on the fly: **0 bytes per image**.
 
+``natural`` is *not* "no resampling". Drawing ``h`` with probability ``n_h / sum n`` and then one of its
+``n_h`` images gives image ``i`` the probability ``sum over its k_i hashtags of (n_h / sum n) x (1 / n_h)
+= k_i / sum_j k_j``: an image is weighted by its number of hashtags, so a post with 4 hashtags is drawn 4
+times as often as a post with one. ``images`` is uniform over images: every image once per epoch. The
+paper's baseline without resampling trains on the images as they are, each once per pass: that is
+``images`` [R: the paper's sampling ablation is recalled, not re-read]. The two coincide only when every
+image carries the same number of hashtags.
+
 A bad record (undecodable image, no labels) is replaced by redrawing the same position with ``attempt``
 1, 2, ...: the replacement is as deterministic as the original.
 """

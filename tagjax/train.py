@@ -8,8 +8,10 @@ Pieces, each usable on its own from a notebook::
     step_fn = jit_train_step(config, model, mesh, state)                   # one jitted, donating step
     state, metrics = step_fn(state, sharding.global_batch(batch, mesh))
 
-and :func:`train_and_evaluate` (config, workdir), which adds the data, evaluation, NaN guard, logging
-(``metrics.jsonl`` + TensorBoard), MFU, profiling and checkpoints (tagjax.checkpoint).
+and :func:`train_and_evaluate` (config, workdir), which adds the data (tagjax.input_pipeline), the
+held-out hashtag evaluation and checkpoints (tagjax.checkpoint) and runs them through tagjax.loop, the loop
+fine-tuning shares (NaN guard, ``metrics.jsonl`` + TensorBoard, progress, MFU, profiling). The command
+``tagjax train`` is tagjax.commands.train.
 
 **The state** (:class:`TrainState`) is a plain pytree: ``step`` (int32, optimizer updates done), ``params``,
 ``batch_stats``, ``opt_state`` (momentum; see tagjax.optim for why the learning rate lives outside it) and
@@ -35,9 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -48,46 +48,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tagjax import losses, optim, sharding
+from tagjax import checkpoint, input_pipeline, loop, losses, models, optim, sharding
+from tagjax import config as config_lib
+from tagjax import metrics as metrics_lib
 from tagjax.errors import UserError
+from tagjax.metrics_writer import MetricWriter, as_path
 
 log = logging.getLogger(__name__)
 
-NAN_POLICIES = ("stop", "skip")
 TRAIN_BATCH_KEYS = ("image", "labels")
 EVAL_BATCH_KEYS = ("image", "labels", "mask")
-
-# Dense bf16/fp16 matrix peak per chip, FLOP/s, from the vendors' datasheets (without sparsity). Matched as
-# substrings of jax's device_kind, first match wins (so "v5 lite" precedes "v5", "PCIe" precedes "H100").
-PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("V100", 125e12),  # fp16 tensor cores (V100 has no bf16)
-    ("TPU v4", 275e12),
-    ("TPU v5 lite", 197e12),  # v5e
-    ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),  # v5p reports "TPU v5"
-    ("TPU v6 lite", 918e12),  # v6e (Trillium)
-    ("TPU v6e", 918e12),
-    ("TPU7x", 2307e12),
-)
-
-
-def peak_flops_per_device(device_kind: str) -> float | None:
-    """The table's peak for ``device_kind`` (``jax.devices()[0].device_kind``); None if unknown or CPU."""
-    for key, flops in PEAK_FLOPS:
-        if key.lower() in device_kind.lower():
-            return flops
-    return None
-
 
 # ----------------------------------------------------------------------------------------------------
 # Train state
@@ -112,7 +86,13 @@ class TrainState:
         return int(jax.device_get(self.step)) * int(batch_size)
 
 
-def _init_fn(config, model, tx, image_shape):
+def state_init_fn(model, tx, image_shape: tuple[int, int, int]):
+    """``rng -> TrainState``: the model's initial variables and ``tx``'s state for them, at step 0.
+
+    One function for every state tagjax trains (pretraining, fine-tuning), so ``jax.eval_shape`` of it is
+    also the checkpoint restore target.
+    """
+
     def init(rng):
         params_rng, state_rng = jax.random.split(rng)
         variables = model.init(params_rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
@@ -128,7 +108,8 @@ def _init_fn(config, model, tx, image_shape):
     return init
 
 
-def _image_shape(config) -> tuple[int, int, int]:
+def image_shape(config) -> tuple[int, int, int]:
+    """The training crop, [H, W, C]: what the state is initialized for."""
     size = int(config.data.image_size)
     return (size, size, 3)
 
@@ -147,7 +128,7 @@ def abstract_train_state(config, model, mesh: Mesh, num_classes: int | None = No
     """
     del num_classes
     tx = optim.make_gradient_transform(config.optim)
-    init = _init_fn(config, model, tx, _image_shape(config))
+    init = state_init_fn(model, tx, image_shape(config))
     abstract = jax.eval_shape(init, jax.random.key(0))
     shardings = state_shardings(config, mesh, abstract)
     return jax.tree.map(
@@ -163,7 +144,7 @@ def create_train_state(config, model, mesh: Mesh, num_classes: int | None = None
     """
     del num_classes
     tx = optim.make_gradient_transform(config.optim)
-    init = _init_fn(config, model, tx, _image_shape(config))
+    init = state_init_fn(model, tx, image_shape(config))
     rng = jax.random.key(int(config.seed))
     abstract = jax.eval_shape(init, rng)
     shardings = state_shardings(config, mesh, abstract)
@@ -253,11 +234,6 @@ def make_train_step(
     accum = int(config.train.grad_accum_steps)
     group = microbatch_group(config)
     loss_name = str(config.loss)
-    policy = str(config.train.nan_policy)
-    if policy not in NAN_POLICIES:
-        raise UserError(
-            f"config.train.nan_policy={policy!r}: choose one of {', '.join(NAN_POLICIES)}."
-        )
     dtype = _compute_dtype(config)
     losses.per_image_loss(
         loss_name, jnp.zeros((1, 2)), jnp.zeros((1, 1), jnp.int32)
@@ -306,14 +282,8 @@ def make_train_step(
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         lr = schedule(state.step)
         new_params = optim.apply_updates(state.params, updates, lr)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # Both policies keep a non-finite update out of the state; "stop" then ends the run on the host.
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = state.replace(
-            step=state.step + 1,
-            params=keep(new_params, state.params),
-            batch_stats=keep(new_stats, state.batch_stats),
-            opt_state=keep(new_opt_state, state.opt_state),
+        new_state, nonfinite = apply_if_finite(
+            state, loss, grad_norm, new_params, new_stats, new_opt_state
         )
         metrics = {
             "loss": loss,
@@ -321,11 +291,35 @@ def make_train_step(
             "grad_norm": grad_norm,
             "param_norm": optax.global_norm(new_state.params),
             "lr": lr,
-            "nonfinite": 1.0 - finite.astype(jnp.float32),
+            "nonfinite": nonfinite,
         }
         return new_state, jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
 
     return train_step
+
+
+def apply_if_finite(
+    state: TrainState, loss, grad_norm, params, batch_stats, opt_state
+) -> tuple[TrainState, jax.Array]:
+    """The state after one update, ``(new state, nonfinite)``: the update (``params``, ``batch_stats``,
+    ``opt_state``) is applied only when ``loss`` and ``grad_norm`` are finite; ``step`` advances either way.
+
+    The device half of the NaN/Inf rule of every tagjax step (pretraining and fine-tuning): whatever the
+    ``nan_policy``, a NaN never enters the state, so the host (``loop.NonfiniteGuard``) can decide a step
+    later, without a sync, whether to stop or skip. ``nonfinite`` is 1.0 for a dropped update, else 0.0.
+    """
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def keep(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        batch_stats=keep(batch_stats, state.batch_stats),
+        opt_state=keep(opt_state, state.opt_state),
+    )
+    return new_state, 1.0 - finite.astype(jnp.float32)
 
 
 def jit_train_step(
@@ -394,8 +388,6 @@ def jit_eval_step(config, model, mesh: Mesh, state: TrainState):
 def _to_host(x: jax.Array) -> np.ndarray:
     """A batch-sharded global array as one numpy array on every process."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 
@@ -416,7 +408,6 @@ def evaluate(
     Stops after ``max_images`` real images (0 = the whole iterator). ``label_counts`` (training images per
     label) defines the head/torso/tail buckets.
     """
-    from tagjax import metrics as metrics_lib
 
     acc = metrics_lib.MetricsAccumulator(num_classes, max_images=max_images)
     loss_sum = count = 0.0
@@ -436,7 +427,7 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------------------------------
-# The loop
+# The pretraining run (its loop is tagjax.loop's)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -467,8 +458,6 @@ class DataSource:
 
 def open_data(config) -> DataSource:
     """The training iterator and held-out batches from ``config.data`` (a built dataset or synthetic)."""
-    from tagjax import input_pipeline
-    from tagjax import metrics as metrics_lib
 
     source = input_pipeline.open_source(config)
     if config.data.synthetic:
@@ -487,105 +476,36 @@ def open_data(config) -> DataSource:
     )
 
 
-class _Window:
-    """Host-side sums of step metrics between two log points, and the wall time of its timed steps.
-
-    Every step's metrics count towards the means; only steps after ``restart_clock`` count towards the
-    throughput (so the first step, which includes compilation, is left out of img/s and MFU).
-    """
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.steps = 0
-        self.restart_clock()
-
-    def restart_clock(self) -> None:
-        self.start = time.perf_counter()
-        self.timed_steps = 0
-
-    def add(self, metrics: Mapping[str, float]) -> None:
-        for key, value in metrics.items():
-            if key != "nonfinite":
-                self.sums[key] = self.sums.get(key, 0.0) + float(value)
-        self.last_lr = float(metrics["lr"])
-        self.steps += 1
-
-    def means(self) -> dict[str, float]:
-        """Window means; ``lr`` is the rate of the window's last step (what the run is at now)."""
-        out = {key: value / max(self.steps, 1) for key, value in self.sums.items()}
-        if self.steps:
-            out["lr"] = self.last_lr
-        return out
-
-
-def _format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}"
-
-
 def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint) and returns the final metrics.
 
     Writes ``workdir/config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` and, with
-    ``config.train.profile_steps``, ``profile/``.
+    ``config.train.profile_steps``, ``profile/``. The loop itself is tagjax.loop's, shared with fine-tuning;
+    what is pretraining's own is the data (hashtag-resampled shards), the step and the hashtag evaluation.
     """
+    run_start = time.perf_counter()
     setup_runtime(config)
-    from tagjax.metrics_writer import as_path
-
     workdir = as_path(workdir)  # a local path, or gs://... (etils.epath) on Cloud TPU
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        from tagjax import config as config_lib
-
         (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
-
+    # Refuse a run shorter than one batch or an unknown NaN policy before any data is opened.
+    num_steps = loop.Cadence.from_config(config.train).num_steps
+    loop.NonfiniteGuard.from_config(config.train)
     batch_size = int(config.train.batch_size)
-    total_images = int(config.train.total_images)
-    num_steps = total_images // batch_size
-    if num_steps < 1:
-        raise UserError(
-            f"config.train.total_images={total_images} is less than one batch of {batch_size}: raise it."
-        )
-    policy = str(config.train.nan_policy)
-    if policy not in NAN_POLICIES:
-        raise UserError(
-            f"config.train.nan_policy={policy!r}: choose one of {', '.join(NAN_POLICIES)}."
-        )
     mesh = sharding.create_mesh(config.mesh)
     validate_batch_layout(config, mesh)
-    n_dev = mesh.devices.size
-    device_kind = jax.devices()[0].device_kind
 
     data = open_data(config)
-    from tagjax import models
-
     model = models.create(config.model, data.num_classes)
-    schedule = optim.make_schedule(config.optim, batch_size, total_images)
-    train_flops = 3.0 * models.flops_per_image(
-        config.model, int(config.data.image_size), data.num_classes
-    )
-    peak = peak_flops_per_device(device_kind)
-
-    # --- state: restore the newest checkpoint, or initialize ---------------------------------------
     manager = _checkpoint_manager(config, workdir, data)
-    try:
-        abstract = abstract_train_state(config, model, mesh, data.num_classes)
-        state, _ = manager.restore_latest(abstract, data.train_iterator)
-    except (
-        BaseException
-    ):  # e.g. a checkpoint of another experiment: release Orbax's threads, then say so
-        manager.close()
-        if hasattr(data.train_iterator, "close"):
-            data.train_iterator.close()
-        raise
-    if state is None:
-        state = create_train_state(config, model, mesh, data.num_classes)
-    start_step = int(jax.device_get(state.step))
+    state, start_step = loop.restore_or_init(
+        manager,
+        abstract_train_state(config, model, mesh),
+        lambda: create_train_state(config, model, mesh),
+        data.train_iterator,
+    )
     log.info(
         "model %s, %d classes, %s parameters; mesh data=%d x fsdp=%d on %d %s device(s); %s",
         config.model.name,
@@ -593,32 +513,62 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         f"{sum(x.size for x in jax.tree.leaves(state.params)):,}",
         mesh.shape["data"],
         mesh.shape["fsdp"],
-        n_dev,
-        device_kind,
+        mesh.devices.size,
+        jax.devices()[0].device_kind,
         f"resuming at step {start_step:,}" if start_step else "starting fresh",
     )
-
-    train_step = jit_train_step(config, model, mesh, state, schedule=schedule)
-    eval_step = jit_eval_step(config, model, mesh, state)
-    writer = _metric_writer(workdir, is_main, start_step)
-    if start_step == 0 and is_main:
-        from tagjax import config as config_lib
-
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step or None)
+    if start_step == 0:
         writer.write_text("config", "```\n" + config_lib.to_json(config) + "\n```")
+    try:
+        spec = loop.Loop(
+            config,
+            step_fn=jit_train_step(config, model, mesh, state),
+            batches=data.train_iterator,
+            batch_keys=TRAIN_BATCH_KEYS,
+            mesh=mesh,
+            num_classes=data.num_classes,
+            manager=manager,
+            writer=writer,
+            workdir=workdir,
+            data_iterator=data.train_iterator,
+            evaluate=_hashtag_evaluation(config, model, mesh, state, data),
+        )
+        result = loop.run(spec, state)
+        last_eval = result.eval
+        if result.step == num_steps > start_step and spec.evaluate is not None:
+            last_eval = loop.evaluate_and_log(spec, result.state, result.step)
+    finally:
+        loop.close_iterator(data.train_iterator)
+        manager.close()
+        writer.close()
 
-    log_every = int(config.train.log_every_images)
-    eval_every = int(config.train.eval_every_images)
-    profile = tuple(int(s) for s in config.train.get("profile_steps", ()) or ())
-    max_bad = int(config.train.get("max_consecutive_nonfinite", 20))
+    summary = {
+        "step": result.step,
+        "images_seen": result.step * batch_size,
+        "skipped_steps": result.skipped_steps,
+        "wall_seconds": time.perf_counter() - run_start,
+        **{f"train_{k}": v for k, v in result.train.items()},
+        **{f"eval_{k}": v for k, v in last_eval.items()},
+    }
+    shown = ("train_loss", "eval_loss", "eval_mAP", "eval_precision@1", "skipped_steps")
+    loop.say(
+        f"done: {result.step:,} steps, {result.step * batch_size:,} images in "
+        f"{loop.format_duration(summary['wall_seconds'])}; "
+        + ", ".join(f"{k} {loop.format_value(summary[k])}" for k in shown if k in summary)
+        + f"; logs in {workdir}"
+    )
+    return summary
 
-    def crossed(step: int, every: int) -> bool:
-        return every > 0 and (step * batch_size) // every > ((step - 1) * batch_size) // every
 
-    def run_eval(step: int) -> dict:
-        if data.make_eval_iterator is None:
-            return {}
-        start = time.perf_counter()
-        result = evaluate(
+def _hashtag_evaluation(config, model, mesh: Mesh, state: TrainState, data: DataSource):
+    """``state -> metrics`` on the held-out split (None without one): tagjax.loop's evaluation."""
+    if data.make_eval_iterator is None:
+        return None
+    eval_step = jit_eval_step(config, model, mesh, state)
+
+    def evaluate_state(state: TrainState) -> dict:
+        return evaluate(
             eval_step,
             state,
             data.make_eval_iterator(),
@@ -627,260 +577,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
             max_images=int(config.train.eval_max_images),
             label_counts=data.label_counts,
         )
-        result["seconds"] = time.perf_counter() - start
-        window.start += result["seconds"]  # evaluation time is not training throughput
-        writer.write("eval", step, step * batch_size, result)
-        shown = ("loss", "mAP", "precision@1", "precision@5", "recall@5", "num_images")
-        _print(
-            is_main,
-            f"eval at step {step:,}: "
-            + ", ".join(f"{k} {_fmt(result[k])}" for k in shown if k in result),
-        )
-        return result
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=num_steps * batch_size,
-        initial=start_step * batch_size,
-        unit="img",
-        unit_scale=True,
-        disable=None if is_main else True,  # None: off when stderr is not a terminal (log files)
-        dynamic_ncols=True,
-    )
-    window = _Window()
-    pending: tuple[int, Any] | None = None  # (step number, device metrics) not yet fetched
-    skipped_total = 0
-    consecutive_bad = 0
-    last_train: dict = {}
-    last_eval: dict = {}
-    run_start = time.perf_counter()
-    first_step_done_at: float | None = None
-    profiling = False
-    step = start_step
-
-    def collect(done_step: int, device_metrics) -> None:
-        """Fetch one step's metrics (the step is finished by then), apply the NaN policy, accumulate."""
-        nonlocal skipped_total, consecutive_bad
-        metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        if metrics["nonfinite"] > 0:
-            if policy == "stop":
-                raise UserError(
-                    f"the loss or the gradients became NaN/Inf at step {done_step:,} "
-                    f"({done_step * batch_size:,} images seen; that update was not applied): lower "
-                    "config.optim.base_lr, set config.optim.grad_clip_norm, or set "
-                    "config.train.nan_policy=skip to skip such updates."
-                )
-            skipped_total += 1
-            consecutive_bad += 1
-            log.warning(
-                "step %d: non-finite loss or gradients; update skipped (%d so far)",
-                done_step,
-                skipped_total,
-            )
-            if consecutive_bad > max_bad:
-                raise UserError(
-                    f"{consecutive_bad} consecutive updates were NaN/Inf (up to step {done_step:,}), more than "
-                    f"config.train.max_consecutive_nonfinite={max_bad}: the run diverged; lower "
-                    "config.optim.base_lr or restart from an earlier checkpoint."
-                )
-            return
-        consecutive_bad = 0
-        window.add(metrics)
-
-    try:
-        for step in range(start_step, num_steps):
-            if profile and step == profile[0]:
-                jax.profiler.start_trace(str(workdir / "profile"))
-                profiling = True
-            local = next(data.train_iterator)
-            batch = sharding.global_batch({k: local[k] for k in TRAIN_BATCH_KEYS}, mesh)
-            state, metrics = train_step(state, batch)
-            if pending is not None:
-                collect(*pending)  # the previous step: fetching it lets this one run meanwhile
-            pending = (step + 1, metrics)
-            done = step + 1
-            window.timed_steps += 1
-            bar.update(batch_size)
-            if profiling and done == profile[1]:
-                jax.block_until_ready(state)
-                jax.profiler.stop_trace()
-                profiling = False
-                _print(
-                    is_main,
-                    f"profile of steps {profile[0]}-{profile[1] - 1} written to {workdir / 'profile'}",
-                )
-            if first_step_done_at is None:
-                collect(*pending)
-                pending = None
-                first_step_done_at = time.perf_counter()
-                window.restart_clock()  # throughput excludes the first step (compilation)
-                writer.write(
-                    "train",
-                    done,
-                    done * batch_size,
-                    {"compile_seconds": first_step_done_at - run_start},
-                )
-            if crossed(done, log_every) or done == num_steps:
-                if pending is not None:
-                    collect(*pending)
-                    pending = None
-                last_train = _log_window(
-                    writer,
-                    window,
-                    done,
-                    num_steps,
-                    batch_size,
-                    n_dev,
-                    train_flops,
-                    peak,
-                    skipped_total,
-                    is_main,
-                    bar,
-                )
-                window = _Window()
-            if crossed(done, eval_every):
-                last_eval = run_eval(done)
-            if manager.should_save(done):
-                manager.save(done, state, data.train_iterator)
-                if manager.preempted:
-                    _print(is_main, f"preempted: checkpoint at step {done:,} saved; stopping.")
-                    break
-        if pending is not None:
-            collect(*pending)
-            pending = None
-        if profiling:
-            jax.profiler.stop_trace()
-        final_step = int(jax.device_get(state.step))
-        if final_step == num_steps > start_step and not crossed(final_step, eval_every):
-            last_eval = run_eval(final_step)
-        manager.save(final_step, state, data.train_iterator)
-    finally:
-        bar.close()
-        if hasattr(data.train_iterator, "close"):
-            data.train_iterator.close()  # stops grain's prefetch threads / worker processes
-        manager.close()
-        writer.close()
-
-    summary = {
-        "step": final_step,
-        "images_seen": final_step * batch_size,
-        "skipped_steps": skipped_total,
-        "wall_seconds": time.perf_counter() - run_start,
-        **{f"train_{k}": v for k, v in last_train.items()},
-        **{f"eval_{k}": v for k, v in last_eval.items()},
-    }
-    _print(
-        is_main,
-        f"done: {final_step:,} steps, {final_step * batch_size:,} images in "
-        f"{_format_duration(summary['wall_seconds'])}; "
-        + ", ".join(
-            f"{k} {_fmt(summary[k])}"
-            for k in ("train_loss", "eval_loss", "eval_mAP", "eval_precision@1", "skipped_steps")
-            if k in summary
-        )
-        + f"; logs in {workdir}",
-    )
-    return summary
+    return evaluate_state
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
-
-
-def _print(is_main: bool, line: str) -> None:
-    if is_main:
-        from tqdm.auto import tqdm
-
-        tqdm.write(line, file=sys.stderr)
-
-
-def _log_window(
-    writer, window, step, num_steps, batch_size, n_dev, train_flops, peak, skipped, is_main, bar
-) -> dict:
-    seconds = time.perf_counter() - window.start
-    metrics = window.means()
-    if window.timed_steps and seconds > 0:
-        rate = window.timed_steps * batch_size / seconds
-        metrics["images_per_second"] = rate
-        metrics["images_per_second_per_device"] = rate / n_dev
-        metrics["step_seconds"] = seconds / window.timed_steps
-        if peak:
-            metrics["mfu"] = rate * train_flops / (peak * n_dev)
-        eta = (num_steps - step) * batch_size / rate
-    else:
-        eta = float("nan")
-    metrics["skipped_steps"] = skipped
-    writer.write("train", step, step * batch_size, metrics)
-    writer.flush()
-    parts = [
-        f"step {step:,}/{num_steps:,}",
-        f"{step * batch_size:,} img",
-        f"loss {metrics.get('loss', float('nan')):.4f}",
-        f"lr {metrics.get('lr', float('nan')):.4g}",
-        f"|g| {metrics.get('grad_norm', float('nan')):.3g}",
-    ]
-    if "images_per_second" in metrics:
-        parts.append(
-            f"{metrics['images_per_second']:,.0f} img/s ({metrics['images_per_second_per_device']:,.0f}/device)"
-        )
-    parts.append(f"MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "MFU n/a")
-    if skipped:
-        parts.append(f"skipped {skipped}")
-    parts.append(f"ETA {_format_duration(eta)}")
-    if bar is not None and not bar.disable:
-        bar.set_postfix_str(f"loss {metrics.get('loss', float('nan')):.3f}", refresh=False)
-    _print(is_main, " | ".join(parts))
-    return metrics
-
-
-def _metric_writer(workdir, is_main: bool, start_step: int):
-    from tagjax.metrics_writer import MetricWriter
-
-    return MetricWriter(
-        workdir, enabled=is_main, resume_step=start_step if start_step > 0 else None
-    )
-
-
-def _checkpoint_manager(config, workdir, data: DataSource):
+def _checkpoint_manager(config, workdir, data: DataSource) -> checkpoint.CheckpointManager:
     """tagjax.checkpoint's manager, storing the data source's identity (vocabulary) with every save."""
-    from tagjax import checkpoint
-
     metadata = dict(data.metadata)
     metadata["num_classes"] = data.num_classes
     return checkpoint.CheckpointManager(workdir, config, metadata)
-
-
-# ----------------------------------------------------------------------------------------------------
-# CLI: tagjax train
-# ----------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--config",
-        required=True,
-        help="config file (configs/NAME.py[:arg], or a bare NAME from configs/); override fields with "
-        "--config.key=value",
-    )
-    parser.add_argument(
-        "--workdir",
-        required=True,
-        help="run directory: checkpoints, metrics.jsonl, TensorBoard events; rerun to resume",
-    )
-
-
-def run(args) -> int:
-    from tagjax import config as config_lib
-
-    if not logging.getLogger().handlers:
-        # Libraries speak at WARNING and above; tagjax's own progress (restores, saves) at INFO.
-        logging.basicConfig(
-            level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-    logging.getLogger("tagjax").setLevel(logging.INFO)
-    cfg = config_lib.load(args.config, args.config_overrides)
-    train_and_evaluate(cfg, args.workdir)
-    return 0

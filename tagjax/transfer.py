@@ -10,16 +10,18 @@ on the whole training split with that strength, and top-1/top-5 are reported on 
 
 ``tagjax transfer --mode finetune`` restores the pretrained trunk exactly (``checkpoint.restore_backbone``),
 adds a freshly initialized head for the downstream classes and trains everything with SGD
-(configs/transfer_finetune.py: resolution, augmentation, learning rate and schedule in images seen),
-checkpointing and resuming like pretraining. Batch ``k`` is a pure function of ``(seed, k)`` (shuffled
+(configs/transfer_finetune.py: resolution, augmentation, learning rate and schedule in images seen)
+in pretraining's loop (tagjax.loop: the same NaN guard, logs, checkpoints and resumption), with its own
+step (:func:`make_finetune_step`). Batch ``k`` is a pure function of ``(seed, k)`` (shuffled
 epochs, augmentation from hashed uniforms), so a resumed run trains on the batches an uninterrupted one would.
 
-Both write ``WORKDIR/results.json`` and print a one-line summary.
+Both write ``WORKDIR/results.json`` and print a one-line summary. Unreadable images are skipped and
+counted by the data config's rule (``config.data.max_bad_record_fraction``, tagjax.bad_records). The
+command ``tagjax transfer`` is tagjax.commands.transfer.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
@@ -30,20 +32,39 @@ import os
 import time
 from pathlib import Path
 
+import grain
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
+import optax.tree_utils as otu
+from tqdm import tqdm
 
+from tagjax import (
+    augment,
+    bad_records,
+    checkpoint,
+    downstream,
+    loop,
+    models,
+    optim,
+    sampling,
+    sharding,
+    train,
+)
 from tagjax.errors import UserError
+from tagjax.inference import BadImageCounter, Inference, image_batches
+from tagjax.metrics import to_json, topk_accuracy
+from tagjax.metrics_writer import MetricWriter
 
 log = logging.getLogger(__name__)
 
-MODES = ("linear", "finetune")
 RESULTS_FILE = "results.json"
 _STREAM_FINETUNE = 0x7F1E  # hash stream of fine-tuning augmentation (tagjax.sampling.uniforms)
 
 
 def _downstream(config, split: str):
-    from tagjax import downstream
 
     t = config.transfer
     return downstream.open_split(
@@ -55,7 +76,6 @@ def _downstream(config, split: str):
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    from tagjax.metrics import to_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -115,9 +135,6 @@ def extract_features(
     (``chunk-00000.npz``) as soon as it is computed, and chunks already on disk are read instead of
     recomputed. Unreadable images are skipped and counted; past ``max_bad_fraction`` it fails loudly.
     """
-    from tqdm import tqdm
-
-    from tagjax.inference import BadImageCounter, image_batches
 
     cache_dir, identity = feature_cache_dir(Path(cache_root), inference, ds)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +160,6 @@ def extract_features(
         return ex["image"], (int(ex["label"]), str(ex.get("group", "")))
 
     def preprocess(image, out):
-        from tagjax import augment
 
         augment.eval_image(image, out, inference.transform)
 
@@ -236,9 +252,6 @@ def holdout_split(y: np.ndarray, groups: np.ndarray | None, fraction: float, see
 
 @functools.partial(jax.jit, static_argnames=("max_iterations",))
 def _lbfgs_fit(params0, x, y, l2, tolerance, *, max_iterations: int):
-    import jax.numpy as jnp
-    import optax
-    import optax.tree_utils as otu
 
     def objective(params):
         logits = x @ params["w"] + params["b"]
@@ -297,7 +310,6 @@ def fit_logistic_regression(
     The problem is convex, so the result does not depend on the start; ``init`` (a previous fit with the
     same standardization) only makes a sweep faster.
     """
-    import jax.numpy as jnp
 
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.int32)
@@ -345,7 +357,6 @@ def linear_probe(
 ) -> dict:
     """The sweep, the refit and the test numbers (fractions). ``train``/``test`` are :class:`Features` or
     ``(x, y)`` / ``(x, y, groups)`` tuples."""
-    from tagjax.metrics import topk_accuracy
 
     def unpack(f):
         if isinstance(f, Features):
@@ -424,7 +435,6 @@ def run_linear(
     config, checkpoint_path: str | Path, workdir: str | Path, *, progress: bool = True, log_fn=print
 ) -> dict:
     """Feature extraction (cached) + the linear probe; writes ``WORKDIR/results.json``."""
-    from tagjax.inference import Inference
 
     t = config.transfer
     workdir = Path(workdir).expanduser()
@@ -444,7 +454,7 @@ def run_linear(
         batch_size=int(t.batch_size),
         chunk=int(t.feature_chunk),
         num_threads=int(t.num_threads),
-        max_bad_fraction=float(t.max_bad_fraction),
+        max_bad_fraction=float(config.data.max_bad_record_fraction),
         progress=progress,
     )
     train = extract_features(inference, train_ds, workdir / "features", **opts)
@@ -491,9 +501,32 @@ def run_linear(
 # ----------------------------------------------------------------------------------------------------
 
 
-def finetune_model_config(config, pretrained_meta: dict):
-    """The pretrained checkpoint's model config with this run's dtype / batch-norm overrides."""
-    import ml_collections
+def compatible_bn_group(group: int, batch_size: int, num_devices: int) -> int:
+    """A batch-norm group for fine-tuning with ``batch_size`` images per step on ``num_devices``.
+
+    ``group`` itself when it divides the batch (the layer's requirement); otherwise the largest group
+    below it that divides each device's share of the batch, so every group also lies whole on one device.
+    A paper checkpoint keeps statistics over groups of 24; the default fine-tuning batch of 256 does not
+    split into 24s (256 = 2^8), so on 1 or 8 devices it fine-tunes with groups of 16.
+    """
+    if group <= 0 or batch_size % group == 0:
+        return group
+    if num_devices <= 0 or batch_size % num_devices:
+        raise UserError(
+            f"config.train.batch_size={batch_size} does not split over {num_devices} devices: use a "
+            f"multiple of {num_devices}."
+        )
+    per_device = batch_size // num_devices
+    return max(g for g in range(1, min(group, per_device) + 1) if per_device % g == 0)
+
+
+def finetune_model_config(config, pretrained_meta: dict, num_devices: int = 1, log_fn=print):
+    """The pretrained checkpoint's model config with this run's dtype / batch-norm overrides.
+
+    ``transfer.bn_group_size`` -1 keeps the checkpoint's group when it divides the fine-tuning batch and
+    otherwise picks a compatible one (:func:`compatible_bn_group`), saying so through ``log_fn``. A group
+    set explicitly must divide the batch.
+    """
 
     model = ml_collections.ConfigDict((pretrained_meta.get("config") or {}).get("model") or {})
     if "name" not in model:
@@ -503,23 +536,51 @@ def finetune_model_config(config, pretrained_meta: dict):
     t = config.transfer
     if str(t.dtype):
         model.dtype = str(t.dtype)
-    if int(t.bn_group_size) >= 0:
-        model.bn_group_size = int(t.bn_group_size)
+    batch = int(config.train.batch_size)
+    requested = int(t.bn_group_size)
+    if requested >= 0:
+        if requested > 0 and batch % requested:
+            raise UserError(
+                f"config.transfer.bn_group_size={requested} does not divide train.batch_size={batch}: "
+                "use a divisor of the batch, 0 for statistics over the whole batch, or -1 to derive "
+                "it from the checkpoint."
+            )
+        model.bn_group_size = requested
+        return model
+    saved = int(model.get("bn_group_size", 0))
+    chosen = compatible_bn_group(saved, batch, num_devices)
+    if chosen != saved:
+        log_fn(
+            f"batch norm: the checkpoint's groups of {saved} images do not divide the fine-tuning "
+            f"batch of {batch} ({batch // num_devices} per device on {num_devices}); fine-tuning "
+            f"with groups of {chosen} (--config.transfer.bn_group_size chooses another divisor)."
+        )
+        model.bn_group_size = chosen
     return model
 
 
-def prepare_finetune_config(config, checkpoint_path: str | Path, num_classes: int, num_train: int):
+def prepare_finetune_config(
+    config,
+    checkpoint_path: str | Path,
+    num_classes: int,
+    num_train: int,
+    num_devices: int | None = None,
+    log_fn=print,
+):
     """``config`` with the pretrained model, its normalization, and the schedule length resolved.
 
     The result is what the fine-tuning checkpoints store, so they load like any tagjax checkpoint
     (``tagjax predict``/``evaluate``/``embed``/``transfer`` all read their model from it).
+    ``num_devices`` (default: every device JAX sees) decides the batch-norm group
+    (:func:`finetune_model_config`).
     """
-    from tagjax import checkpoint
 
     meta = checkpoint.read_metadata(checkpoint_path)
     config = config.copy_and_resolve_references()
+    if num_devices is None:
+        num_devices = jax.device_count()
     with config.unlocked():
-        config.model = finetune_model_config(config, meta)
+        config.model = finetune_model_config(config, meta, num_devices, log_fn)
         pre_data = (meta.get("config") or {}).get("data") or {}
         for key in ("mean", "std"):
             if key in pre_data:
@@ -535,36 +596,11 @@ def prepare_finetune_config(config, checkpoint_path: str | Path, num_classes: in
     return config
 
 
-def _init_state_fn(config, model, tx, image_size: int):
-    import jax
-    import jax.numpy as jnp
-
-    from tagjax.train import TrainState
-
-    def init(rng):
-        params_rng, state_rng = jax.random.split(rng)
-        variables = model.init(
-            params_rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False
-        )
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=variables["params"],
-            batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(variables["params"]),
-            rng=state_rng,
-        )
-
-    return init
-
-
 def init_finetune_state(config, checkpoint_path: str | Path, model, tx, mesh):
     """A fresh fine-tuning state: the new model's init with every trunk variable replaced by the checkpoint's
     (``checkpoint.restore_backbone``), the new head as initialized, optimizer state for the result."""
-    import jax
 
-    from tagjax import checkpoint, sharding
-
-    init = _init_state_fn(config, model, tx, int(config.data.image_size))
+    init = train.state_init_fn(model, tx, train.image_shape(config))
     rng = jax.random.key(int(config.seed))
     replicated = sharding.replicated(mesh)
     state = jax.jit(init, out_shardings=replicated)(rng)
@@ -603,7 +639,6 @@ class FinetuneBatches:
         return self._perm[epoch]
 
     def __call__(self, k: int) -> dict:
-        from tagjax import augment, sampling
 
         positions = int(k) * self.batch_size + self.offset + np.arange(self.local, dtype=np.int64)
         u = sampling.uniforms(self.seed, _STREAM_FINETUNE, positions, augment.NUM_UNIFORMS)
@@ -622,19 +657,20 @@ class FinetuneBatches:
         return {"image": images, "label": labels, "mask": mask}
 
 
-def _make_train_step(config, model, tx, schedule):
-    import jax
-    import jax.numpy as jnp
-    import optax
+def make_finetune_step(config, model, tx, schedule):
+    """The pure fine-tuning step ``(state, batch) -> (state, metrics)``: softmax cross-entropy (with
+    ``transfer.label_smoothing``) over the downstream classes, masked rows (unreadable images) left out.
 
-    from tagjax.train import normalize_images
-
+    ``batch``: {"image": uint8 [B, S, S, 3], "label": int32 [B], "mask": bool [B]}. ``metrics``: loss,
+    train_top1, grad_norm, lr and nonfinite, which tagjax.loop reads like pretraining's; a NaN/Inf update
+    is kept out of the state by the same rule (``train.apply_if_finite``).
+    """
     dtype = model.dtype
     smoothing = float(config.transfer.label_smoothing)
     num_classes = int(config.transfer.num_classes)
 
     def step(state, batch):
-        x = normalize_images(batch["image"], config.data, dtype)
+        x = train.normalize_images(batch["image"], config.data, dtype)
         mask = batch["mask"].astype(jnp.float32)
 
         def loss_fn(params):
@@ -653,19 +689,32 @@ def _make_train_step(config, model, tx, schedule):
         (loss, (batch_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
+        grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        new, nonfinite = train.apply_if_finite(
+            state, loss, grad_norm, params, batch_stats, opt_state
         )
-        return new, {
+        metrics = {
             "loss": loss,
             "train_top1": correct / jnp.maximum(jnp.sum(mask), 1.0),
+            "grad_norm": grad_norm,
             "lr": schedule(state.step),
-            "valid": jnp.sum(mask),
+            "nonfinite": nonfinite,
         }
+        return new, jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
 
     return step
+
+
+def finetune_batches(batches: FinetuneBatches, start: int, stop: int, num_threads: int, counter):
+    """Steps ``start..stop-1``'s batches, decoded ahead by grain threads; their unreadable images (masked
+    rows) counted by ``counter``, the data config's bad-record rule."""
+    ds = grain.MapDataset.range(start, stop).map(batches)
+    read_options = grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=4)
+    for batch in ds.to_iter_dataset(read_options):
+        counter.add(len(batch["mask"]), int((~batch["mask"]).sum()))
+        yield batch
 
 
 def evaluate_classifier(
@@ -680,26 +729,18 @@ def evaluate_classifier(
     progress: bool = False,
 ) -> dict:
     """Top-1/top-5 of ``variables`` on a downstream split (resize + center crop, batch norm in eval mode)."""
-    import jax
-
-    from tagjax import augment
-    from tagjax.inference import BadImageCounter, image_batches
-    from tagjax.metrics import topk_accuracy
-    from tagjax.train import normalize_images
 
     tf = augment.EvalTransform(int(config.data.eval_resize), int(config.data.eval_image_size))
 
     @jax.jit
     def forward(variables, images):
         return model.apply(
-            variables, normalize_images(images, config.data, model.dtype), train=False
+            variables, train.normalize_images(images, config.data, model.dtype), train=False
         )
 
     def load(i):
         ex = ds.source[i]
         return ex["image"], int(ex["label"])
-
-    from tqdm import tqdm
 
     counter = BadImageCounter(max_bad_fraction, f"{ds.name} ({ds.split})")
     logits, labels = [], []
@@ -738,24 +779,21 @@ def run_finetune(
     max_steps: int | None = None,
 ) -> dict:
     """Fine-tunes the checkpoint's trunk with a new head on ``config.transfer.dataset``; resumes from
-    ``WORKDIR/checkpoints``. ``max_steps`` stops early (after a checkpoint), for tests of resumption."""
-    import jax
-    from tqdm import tqdm
+    ``WORKDIR/checkpoints``. ``max_steps`` stops early (after a checkpoint), for tests of resumption.
 
-    from tagjax import augment, checkpoint, models, optim, sharding
-    from tagjax.metrics_writer import MetricWriter
-
+    The loop is pretraining's (tagjax.loop) with :func:`make_finetune_step` and this config; the data
+    position is the step (:class:`FinetuneBatches`), so checkpoints carry no iterator state.
+    """
     workdir = Path(workdir).expanduser()
     train_ds, test_ds = _downstream(config, "train"), _downstream(config, "test")
     config = prepare_finetune_config(
-        config, checkpoint_path, train_ds.num_classes, len(train_ds.source)
+        config, checkpoint_path, train_ds.num_classes, len(train_ds.source), log_fn=log_fn
     )
     t = config.transfer
     batch_size = int(config.train.batch_size)
-    total_images = int(config.train.total_images)
-    num_steps = total_images // batch_size
+    num_steps = loop.Cadence.from_config(config.train).num_steps
     model = models.create(config.model, train_ds.num_classes)
-    tx, schedule = optim.make_optimizer(config.optim, batch_size, total_images)
+    tx, schedule = optim.make_optimizer(config.optim, batch_size, int(config.train.total_images))
     mesh = sharding.create_mesh(config.mesh)
     sharding.batch_size_per_process(batch_size, mesh)  # refuses sizes the devices cannot split
     replicated = sharding.replicated(mesh)
@@ -765,126 +803,86 @@ def run_finetune(
         "class_names": train_ds.class_names,
         "num_classes": train_ds.num_classes,
     }
-    mgr = checkpoint.CheckpointManager(workdir, config, metadata)
+    manager = checkpoint.CheckpointManager(workdir, config, metadata)
+    init = train.state_init_fn(model, tx, train.image_shape(config))
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+        jax.eval_shape(init, jax.random.key(int(config.seed))),
+    )
+    state, start = loop.restore_or_init(
+        manager, abstract, lambda: init_finetune_state(config, checkpoint_path, model, tx, mesh)
+    )
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start or None)
     try:
-        init = _init_state_fn(config, model, tx, int(config.data.image_size))
-        abstract = jax.eval_shape(init, jax.random.key(int(config.seed)))
-        abstract = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract
-        )
-        state, _ = mgr.restore_latest(abstract)
-        if state is None:
-            state = init_finetune_state(config, checkpoint_path, model, tx, mesh)
-            log_fn(
-                f"fine-tuning {config.model.name} from {metadata['pretrained']} on {t.dataset}: "
-                f"{train_ds.num_classes} classes, {len(train_ds.source):,} training images, {num_steps:,} steps "
-                f"of {batch_size}"
-            )
-        start = int(jax.device_get(state.step))
         if start:
             log_fn(f"resumed fine-tuning at step {start:,} of {num_steps:,}")
-        step_fn = jax.jit(
-            _make_train_step(config, model, tx, schedule),
-            in_shardings=(replicated, sharding.batch_sharding(mesh)),
-            out_shardings=(replicated, replicated),
-            donate_argnums=(0,),
+        else:
+            log_fn(
+                f"fine-tuning {config.model.name} from {metadata['pretrained']} on {t.dataset}: "
+                f"{train_ds.num_classes} classes, {len(train_ds.source):,} training images, "
+                f"{num_steps:,} steps of {batch_size}"
+            )
+
+        def test_accuracy(state, progress: bool = False) -> dict:
+            return evaluate_classifier(
+                model,
+                {"params": state.params, "batch_stats": state.batch_stats},
+                test_ds,
+                config,
+                batch_size=int(t.eval_batch_size),
+                num_threads=int(t.num_threads),
+                max_bad_fraction=float(config.data.max_bad_record_fraction),
+                progress=progress,
+            )
+
+        bad_train = bad_records.BadRecordCounter.from_data_config(
+            config.data, f"training images of {t.dataset}"
         )
-        aug = augment.TrainAugment.from_config(config.data)
+        stop = num_steps if max_steps is None else min(num_steps, start + int(max_steps))
         batches = FinetuneBatches(
             train_ds.source,
-            aug,
+            augment.TrainAugment.from_config(config.data),
             batch_size,
             int(config.seed),
             jax.process_index(),
             jax.process_count(),
         )
-        stop = num_steps if max_steps is None else min(num_steps, start + int(max_steps))
-        writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start or None)
-        log_every = max(1, int(config.train.log_every_images) // batch_size)
-        eval_every = int(config.train.eval_every_images) // batch_size
-        read, bad, window, t0 = 0, 0, [], time.perf_counter()
-        if start < stop:
-            import grain
-
-            ds = grain.MapDataset.range(start, stop).map(batches)
-            it = iter(
-                ds.to_iter_dataset(
-                    grain.ReadOptions(
-                        num_threads=max(1, int(t.num_threads)), prefetch_buffer_size=4
-                    )
-                )
-            )
-            bar = tqdm(
-                total=num_steps, initial=start, unit="step", desc="finetune", disable=not progress
-            )
-            for step in range(start, stop):
-                local = next(it)
-                read += len(local["mask"])
-                bad += int((~local["mask"]).sum())
-                if read >= 1000 and bad / read > float(t.max_bad_fraction):
-                    raise UserError(
-                        f"{bad} of {read} training images of {t.dataset} could not be read (more "
-                        f"than {float(t.max_bad_fraction):.2%}); repair the data."
-                    )
-                state, metrics = step_fn(state, sharding.global_batch(local, mesh))
-                window.append(metrics)
-                done = step + 1
-                bar.update(1)
-                if done % log_every == 0 or done == stop:
-                    means = {
-                        k: float(np.mean([jax.device_get(m[k]) for m in window])) for k in window[0]
-                    }
-                    means.pop("valid", None)
-                    elapsed = time.perf_counter() - t0
-                    means["images_per_s"] = len(window) * batch_size / max(elapsed, 1e-9)
-                    writer.write("train", done, done * batch_size, means)
-                    bar.set_postfix_str(f"loss {means['loss']:.3f}", refresh=False)
-                    window, t0 = [], time.perf_counter()
-                if eval_every and done % eval_every == 0 and done != num_steps:
-                    acc = evaluate_classifier(
-                        model,
-                        {"params": state.params, "batch_stats": state.batch_stats},
-                        test_ds,
-                        config,
-                        batch_size=int(t.eval_batch_size),
-                        num_threads=int(t.num_threads),
-                        max_bad_fraction=float(t.max_bad_fraction),
-                    )
-                    writer.write(
-                        "eval", done, done * batch_size, {"top1": acc["top1"], "top5": acc["top5"]}
-                    )
-                if mgr.should_save(done) or done == stop:
-                    mgr.save(done, state, None, {"data_position": done})
-                if mgr.preempted:
-                    log_fn(f"stopping at step {done:,} (preemption checkpoint saved)")
-                    break
-            bar.close()
-        mgr.wait_until_finished()
-        final_step = int(jax.device_get(state.step))
+        spec = loop.Loop(
+            config,
+            step_fn=jax.jit(
+                make_finetune_step(config, model, tx, schedule),
+                in_shardings=(replicated, sharding.batch_sharding(mesh)),
+                out_shardings=(replicated, replicated),
+                donate_argnums=(0,),
+            ),
+            batches=finetune_batches(batches, start, stop, int(t.num_threads), bad_train),
+            batch_keys=("image", "label", "mask"),
+            mesh=mesh,
+            num_classes=train_ds.num_classes,
+            manager=manager,
+            writer=writer,
+            workdir=workdir,
+            evaluate=lambda state: {
+                k: v for k, v in test_accuracy(state).items() if k in ("top1", "top5")
+            },
+            progress=progress,
+        )
+        trained = loop.run(spec, state, stop)
+        final_step = trained.step
         if final_step < num_steps:
-            writer.close()
             return {
                 "mode": "finetune",
                 "step": final_step,
                 "num_steps": num_steps,
                 "finished": False,
             }
-        acc = evaluate_classifier(
-            model,
-            {"params": state.params, "batch_stats": state.batch_stats},
-            test_ds,
-            config,
-            batch_size=int(t.eval_batch_size),
-            num_threads=int(t.num_threads),
-            max_bad_fraction=float(t.max_bad_fraction),
-            progress=progress,
-        )
+        acc = test_accuracy(trained.state, progress=progress)
         writer.write(
             "eval", final_step, final_step * batch_size, {"top1": acc["top1"], "top5": acc["top5"]}
         )
-        writer.close()
     finally:
-        mgr.close()
+        writer.close()
+        manager.close()
     result = {
         "mode": "finetune",
         "finished": True,
@@ -898,19 +896,19 @@ def run_finetune(
         "num_test": acc["images"],
         "num_train": len(train_ds.source),
         "num_classes": train_ds.num_classes,
-        "bad_images": bad + acc["bad_images"],
+        "bad_images": bad_train.bad_records + acc["bad_images"],
         "image_size": int(config.data.image_size),
     }
     _write_json(workdir / RESULTS_FILE, result)
     log_fn(
-        f"fine-tuned test top-1 {acc['top1']:.2%}  top-5 {acc['top5']:.2%} ({acc['images']:,} test images) "
-        f"-> {workdir / RESULTS_FILE}"
+        f"fine-tuned test top-1 {acc['top1']:.2%}  top-5 {acc['top5']:.2%} ({acc['images']:,} test "
+        f"images) -> {workdir / RESULTS_FILE}"
     )
     return result
 
 
 # ----------------------------------------------------------------------------------------------------
-# Baselines and the CLI.
+# Baselines.
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -924,10 +922,6 @@ def write_random_init_checkpoint(
     """A randomly initialized model of ``config.model`` saved as an inference checkpoint: the "no
     pretraining" baseline of a transfer comparison (and a fixture for tests). ``metadata`` is stored too
     (e.g. ``vocab_fingerprint`` for a head over a vocabulary)."""
-    import jax
-    import jax.numpy as jnp
-
-    from tagjax import checkpoint, models
 
     model = models.create(config.model, num_classes)
     size = int(config.data.get("eval_image_size", 224))
@@ -943,67 +937,3 @@ def write_random_init_checkpoint(
             **(metadata or {}),
         },
     )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--mode",
-        required=True,
-        choices=MODES,
-        help="linear: frozen trunk + logistic regression; "
-        "finetune: the whole network with a new head",
-    )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="the pretrained checkpoint: a training workdir, its "
-        "checkpoints/ folder, one checkpoint directory, or an imported one",
-    )
-    parser.add_argument(
-        "--workdir",
-        required=True,
-        help="output directory: features cache, checkpoints, results.json",
-    )
-    parser.add_argument(
-        "--dataset",
-        default=None,
-        help="downstream dataset (default: the config's transfer.dataset): "
-        "cifar10, caltech_birds2011, oxford_iiit_pet, places365_small, imagenet2012, "
-        "emoji_subgroups, another prepared TFDS name, or a class-per-folder directory",
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="TFDS data directory (default $TFDS_DATA_DIR or ~/tensorflow_datasets)",
-    )
-    parser.add_argument(
-        "--config",
-        default=None,
-        help="config file (default configs/transfer_MODE.py); override "
-        "fields with --config.key=value",
-    )
-
-
-def run(args) -> int:
-    from tagjax import config as config_lib
-
-    name = args.config or f"transfer_{args.mode}"
-    cfg = config_lib.load(name, args.config_overrides)
-    if "transfer" not in cfg:
-        raise UserError(
-            f"{name} has no `transfer` section; start from configs/transfer_{args.mode}.py."
-        )
-    with cfg.unlocked():
-        if args.dataset:
-            cfg.transfer.dataset = args.dataset
-        if args.data_dir:
-            cfg.transfer.data_dir = args.data_dir
-    if args.mode == "linear":
-        if "linear" not in cfg:
-            raise UserError(
-                f"{name} has no `linear` section; start from configs/transfer_linear.py."
-            )
-        run_linear(cfg, args.checkpoint, args.workdir)
-    else:
-        run_finetune(cfg, args.checkpoint, args.workdir)
-    return 0

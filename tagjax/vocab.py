@@ -3,15 +3,20 @@ hashtag -> label-id mapping every post goes through.
 
 A *label* is a canonical hashtag: one set of noun synsets (see :mod:`tagjax.hashtags`). Every hashtag
 form with that meaning is an *alias* of the label (#dog, #dogs, #Dog), and the label's name is its most
-frequent alias. Two modes select labels (:func:`build_vocabulary`):
+frequent alias. Three modes select labels (:func:`build_vocabulary`):
 
 * ``in1k``: every canonical hashtag whose synset set contains one of the 1,000 ImageNet-1k synsets (the
-  wnids of tensorflow-datasets' ``datasets/imagenet2012/labels.txt``): the paper's ~1.5k set. More labels
-  than synsets, because a synset has several lemmas (#brownbear/#bruin/#ursusarctos are one label, but
-  #tiger = {tiger.n.01 person, tiger.n.02 animal} and #pantheratigris = {tiger.n.02} are two). The visual
-  filter does not apply: an ImageNet synset is visual by construction.
-* ``nouns``: canonical hashtags of any noun synset that pass the visual filter, the top ``top_k`` by corpus
-  count with at least ``min_count`` (17k and 8.5k in the paper).
+  wnids of tensorflow-datasets' ``datasets/imagenet2012/labels.txt``): the paper's ImageNet-aligned set
+  ("1.5k"). More labels than synsets, because a polysemous hashtag is its own label: #brownbear and
+  #ursusarctos name exactly {brown_bear.n.01} and merge, but #bruin = {bruin.n.01, brown_bear.n.01} is a
+  label of its own, as are #tiger = {tiger.n.01 person, tiger.n.02 animal} and #pantheratigris =
+  {tiger.n.02}. From WordNet 3.0 alone this gives 1,312 labels, not ~1.5k: docs/paper_fidelity.md
+  explains the difference. The visual filter does not apply: an ImageNet synset is visual by construction.
+* ``nouns_paper``: the paper's 17k/8.5k definition and nothing more: every canonical hashtag of a WordNet
+  noun synset, the top ``top_k`` by corpus count with at least ``min_count``. No visual filter, no
+  meta-hashtag list, no compound splitting, every sense kept (these settings are forced).
+* ``nouns``: tagjax's filtered variant of ``nouns_paper``: hashtags must also pass the visual filter and
+  not be on the meta-hashtag list (both tagjax's own additions, configurable).
 
 Ids are stable: assigned once at build time in order of decreasing corpus count, ties broken by name
 (so id 0 is the most frequent label), then frozen in the saved file; loading never reorders, and
@@ -28,9 +33,13 @@ File format (``vocab.json``, human-readable JSON, ``"format": "tagjax-vocabulary
                  "synsets": [{"wnid": "n02084071", "name": "dog.n.01", "gloss": "a member of ..."}, ...],
                  "aliases": {"dog": 100, "dogs": 20}, "ancestors": [17, 230]}, ...]}
 
-``ancestors`` lists the ids of labels that are WordNet ancestors of this one (some synset of theirs is a
-proper hypernym of one of this label's synsets), for the specificity option (#dog beside
-#goldenretriever keeps golden retriever).
+``ancestors`` lists the ids of labels that are WordNet ancestors of this one, for the specificity option
+(#dog beside #goldenretriever keeps golden retriever). Ancestry is decided on every sense that carries the
+label (``ANCESTOR_RULE``): A is an ancestor of B when *each* synset of B is a proper hyponym of some synset
+of A. Any-sense ancestry over-triggers on polysemous hashtags: #woman would drop beside #cat (cat.n.03
+is "a spiteful woman gossip"), #vehicle beside #cat (caterpillar.n.02, a tracked vehicle), #speaker beside
+#magpie (chatterer.n.01); under the every-sense rule none of them does, while #dog beside
+#goldenretriever and #bird beside #goldfinch still do.
 
 The hot path (:class:`Canonicalizer`) never loads WordNet: a per-process cache maps each raw hashtag
 string to its label id (or drop reason); first-seen strings go through the precomputed noun table.
@@ -63,7 +72,11 @@ from tagjax.errors import UserError
 
 FORMAT = "tagjax-vocabulary"
 VERSION = 1
-MODES = ("in1k", "nouns")
+MODES = ("in1k", "nouns", "nouns_paper")
+# How label ancestry is decided (stored in a vocabulary's settings; files built under another rule get
+# their ancestors recomputed on load). "every_sense": label A is an ancestor of label B when every synset
+# of B is a proper hyponym of some synset of A.
+ANCESTOR_RULE = "every_sense"
 IN1K_VOCAB_FILE = "vocab_in1k.json.gz"
 # wnid<TAB>synset<TAB>name of the 1000 ImageNet-1k classes (tagjax.wordnet.write_imagenet1k_classes).
 IMAGENET1K_CLASSES_FILE = H.DATA_DIR / "imagenet1k_classes.tsv"
@@ -348,7 +361,11 @@ class Vocabulary:
                     ancestors=tuple(entry.get("ancestors", ())),
                 )
             )
-        v = cls(labels, d.get("settings", {}), d.get("stats", {}), table=table, glosses=glosses)
+        settings = dict(d.get("settings", {}))
+        if settings.get("ancestor_rule") != ANCESTOR_RULE:  # built under an older rule: recompute
+            labels = _with_ancestors(labels, table)
+            settings["ancestor_rule"] = ANCESTOR_RULE
+        v = cls(labels, settings, d.get("stats", {}), table=table, glosses=glosses)
         stored = d.get("fingerprint")
         if stored and stored != v.fingerprint():
             raise UserError(
@@ -456,8 +473,8 @@ class Canonicalizer:
     strings; the cost is a brief run of misses).
 
     Which tags a vocabulary keeps follows its build exactly: a ``nouns`` vocabulary applies the visual
-    rule (a refused form is ``non_visual`` even if its synsets are a label), an ``in1k`` vocabulary does
-    not (an ImageNet synset is visual by construction).
+    rule (a refused form is ``non_visual`` even if its synsets are a label); ``in1k`` (an ImageNet synset
+    is visual by construction) and ``nouns_paper`` (the paper's definition) vocabularies do not.
     """
 
     def __init__(
@@ -567,11 +584,14 @@ class Canonicalizer:
         if k:
             per_code: dict[int, int] = {}
             _count_elements(per_code, codes[:k])
+            parts: list[int] = []
             for c, n in per_code.items():
                 if c > _SPLIT_BASE:
                     dropped[_REASONS[-1 - c]] = n
                 else:  # a split compound: each part is a label occurrence
-                    labels = sorted(labels + list(self._splits[_SPLIT_BASE - c]) * n)
+                    parts.extend(self._splits[_SPLIT_BASE - c] * n)
+            if parts:  # one sort for all compounds (a sort per compound was quadratic)
+                labels = sorted(labels + parts)
         ids = dict.fromkeys(labels)
         if len(ids) < len(labels):
             dropped[H.DUPLICATE] = len(labels) - len(ids)
@@ -660,6 +680,9 @@ def build_vocabulary(
     table = table or H.NounTable.load()
     if isinstance(visual, Mapping):
         visual = H.VisualRule.from_dict(visual)
+    if mode == "nouns_paper":  # the paper's definition only: every sense of every noun hashtag
+        visual = dataclasses.replace(visual or H.VisualRule(), enabled=False)
+        meta_hashtags, split_compounds, sense_policy = "none", False, "all"
     options = H.HashtagOptions(
         sense_policy=sense_policy,
         visual=visual or H.VisualRule(),
@@ -748,6 +771,7 @@ def build_vocabulary(
         "top_k": top_k,
         "min_count": min_count,
         "hashtags": options.to_dict(),
+        "ancestor_rule": ANCESTOR_RULE,
         "wordnet": "3.0",
         "source": source or ("wordnet" if wordnet_only else "hashtag counts"),
         "corpus_counts": not wordnet_only,
@@ -780,18 +804,21 @@ def _tagjax_version() -> str:
 
 
 def _with_ancestors(labels: list[Label], table: H.NounTable) -> list[Label]:
-    """Fills each label's ``ancestors``: labels holding a proper WordNet hypernym of one of its synsets."""
+    """Fills each label's ``ancestors`` under ``ANCESTOR_RULE``: the labels that hold, for *every* synset
+    of this label, a proper WordNet hypernym of it (instance hypernyms included, transitively)."""
     holders: dict[int, list[int]] = collections.defaultdict(list)
     for i, label in enumerate(labels):
         for s in label.synsets:
             holders[s].append(i)
     out = []
     for j, label in enumerate(labels):
-        anc: set[int] = set()
+        anc: set[int] | None = None
         for s in label.synsets:
-            for a in table.ancestors(s):
-                anc.update(holders.get(a, ()))
-        anc.discard(j)
+            above = {i for a in table.ancestors(s) for i in holders.get(a, ())}
+            anc = above if anc is None else anc & above
+            if not anc:
+                break
+        anc = (anc or set()) - {j}
         out.append(dataclasses.replace(label, ancestors=tuple(sorted(anc))))
     return out
 

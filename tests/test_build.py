@@ -396,6 +396,7 @@ def test_uploader_habits_and_user_cap(tmp_path):
         vocab_min_count=1,
         images=images.ImageOptions(max_side=32),
         habit_min_posts=5,
+        habit_min_users=3,
         max_posts_per_user=4,
         heldout_fraction=0.0,
         workers=1,

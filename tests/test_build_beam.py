@@ -63,6 +63,17 @@ def test_beam_statistics_match_the_local_builder(both):
         assert beam["dedup"][key] == local["dedup"][key], key
 
 
+def test_beam_writes_the_same_drops_file(both):
+    base, local, _ = both
+
+    def drops(name):
+        lines = (base / name / build_steps.DROPS_FILE).read_text().splitlines()
+        return sorted((d["id"], d["reason"]) for d in map(json.loads, lines))
+
+    assert drops("beam") == drops("local")
+    assert len(drops("local")) == sum(local["dropped"].values())
+
+
 def test_beam_manifest_and_refusals(both, tmp_path):
     base, _, _ = both
     manifest = json.loads((base / "beam" / records.MANIFEST).read_text())
@@ -98,6 +109,7 @@ def test_beam_habits_and_user_cap_match_local(tmp_path):
             vocab_min_count=1,
             images=images.ImageOptions(max_side=32),
             habit_min_posts=5,
+            habit_min_users=3,
             max_posts_per_user=3,
             heldout_fraction=0.3,
             workers=1,
@@ -195,3 +207,21 @@ def test_portable_runner_with_an_external_worker_pool_writes_the_same_shards(bot
     assert stats["posts_written"] == local["posts_written"]
     for split in records.SPLITS:
         assert read_split(base / "beam-ext", split) == read_split(base / "local", split)
+
+
+def test_beam_build_that_keeps_nothing_fails_and_leaves_nothing(tmp_path):
+    from tagjax.errors import UserError
+
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i in range(3):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg(drawing(400 + i)))
+        lines.append({"id": f"p{i}", "image": f"img/{i}.jpg", "tags": ["dog"], "public": False})
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    out = tmp_path / "out"
+    cfg = build_steps.BuildConfig(
+        inputs=(str(tmp_path / "p.jsonl"),), output=str(out), workers=1, progress=False
+    )
+    with pytest.raises(UserError, match=r"kept no training records: 3 posts read.*private 3"):
+        build_beam.build(cfg, ["--runner=DirectRunner"])
+    assert not out.exists()

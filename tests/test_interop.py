@@ -7,6 +7,7 @@ test prints its max abs difference (run with ``-s`` to see them).
 
 import dataclasses
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -214,6 +215,25 @@ def test_pth_without_torch_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_torch)
     (tmp_path / "w.pth").write_bytes(b"not read")
     with pytest.raises(UserError, match=r"download.pytorch.org/whl/cpu"):
+        tv.read_state_dict(tmp_path / "w.pth")
+
+
+@pytest.mark.parametrize(
+    ("version", "safe"),
+    [("2.5.1", False), ("2.6.0+cpu", False), ("2.9.1", False), ("2.10.0+cpu", True), ("3.0", True)],
+)
+def test_torch_with_known_weights_only_bypasses_is_refused(tmp_path, monkeypatch, version, safe):
+    import types
+
+    assert tv.torch_version_is_safe(version) is safe
+    fake = types.ModuleType("torch")
+    fake.__version__ = version
+    fake.load = lambda *a, **k: "not weights"  # refused as content, but only by a safe torch
+    fake.Tensor = type("Tensor", (), {})
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    (tmp_path / "w.pth").write_bytes(b"never unpickled by an old torch")
+    match = r"state dict of tensors" if safe else r"refusing .* PyTorch .*torch>=2\.10\.0"
+    with pytest.raises(UserError, match=match):
         tv.read_state_dict(tmp_path / "w.pth")
 
 

@@ -122,10 +122,6 @@ def test_library_modules_import_tagjax_modules_at_the_top():
                 )
                 if getattr(node, "level", 0) or any(n.split(".")[0] == "tagjax" for n in names):
                     inside.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
-    # train, transfer and checkpoint are being cut into the shared training loop (issue 14); their
-    # imports move to the top there.
-    pending = ("tagjax/train.py", "tagjax/transfer.py", "tagjax/checkpoint.py")
-    inside = [s for s in inside if not s.startswith(pending)]
     assert not inside, f"function-level imports of tagjax modules: {inside}"
 
 

@@ -26,7 +26,13 @@ def test_paper_defaults_linear_scaling():
 
 @pytest.mark.parametrize("batch", [32, 8064])
 def test_step_halving_values_at_warmup_end_and_after_each_halving(batch):
-    c = _optim(warmup_images=100_000, num_halvings=3, base_lr=0.1, lr_reference_batch=256)
+    c = _optim(
+        warmup_images=100_000,
+        num_halvings=3,
+        base_lr=0.1,
+        lr_reference_batch=256,
+        warmup_start_lr=0.0,
+    )
     total = 1_000_000
     s = optim.make_schedule(c, batch, total)
     peak = 0.1 * batch / 256
@@ -47,9 +53,9 @@ def test_step_halving_values_at_warmup_end_and_after_each_halving(batch):
 
 
 def test_warmup_is_linear_from_the_configured_start():
-    c = _optim(warmup_images=1000, num_halvings=0, warmup_start_fraction=0.25)
-    s = optim.make_schedule(c, 100, 10_000)
     peak = 0.1 * 100 / 256
+    c = _optim(warmup_images=1000, num_halvings=0, warmup_start_lr=0.25 * peak)
+    s = optim.make_schedule(c, 100, 10_000)
     np.testing.assert_allclose(
         s.values_at(range(11)), peak * (0.25 + 0.75 * np.arange(11) / 10).clip(max=1), rtol=1e-6
     )

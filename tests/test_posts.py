@@ -138,7 +138,7 @@ def test_folder_reader_with_sidecars(tmp_path):
     assert set(got) == {"sub/x", "y", "link"}
     assert posts.hashtags_of(got["sub/x"]) == ["cat"] and got["sub/x"].public is None
     assert got["y"].tags == ("dog",) and got["y"].user == "u9" and got["y"].public is True
-    assert got["link"].problem == posts.UNSAFE_PATH
+    assert got["link"].problem == posts.SYMLINK_ESCAPES_ROOT
 
 
 SVG = """<?xml version="1.0"?>

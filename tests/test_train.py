@@ -1,5 +1,5 @@
-"""tagjax.train / tagjax.sharding: the step is device-count independent, accumulation is exact, the loop
-learns, logs and guards against NaN.
+"""tagjax.train / tagjax.loop / tagjax.sharding: the step is device-count independent, accumulation is
+exact, the loop learns, logs and guards against NaN, and ``tagjax train --help`` does not load JAX.
 
 Runs on the 8 simulated CPU devices of conftest, with the tiny ResNeXt at 32 px.
 """
@@ -7,13 +7,15 @@ Runs on the 8 simulated CPU devices of conftest, with the tiny ResNeXt at 32 px.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tagjax import cli, losses, metrics_writer, models, sharding, train
+from tagjax import bad_records, cli, loop, losses, metrics_writer, models, sharding, train
 from tagjax.configs import tiny
 from tagjax.errors import UserError
 
@@ -143,6 +145,67 @@ def test_nonfinite_update_is_not_applied():
     )  # ... parameters, momentum and statistics do not
 
 
+def test_nonfinite_guard_skips_and_stops_after_too_many_in_a_row():
+    guard = loop.NonfiniteGuard("skip", max_consecutive=2, batch_size=32)
+    assert guard.passes(1, {"loss": 1.0, "nonfinite": 0.0})
+    assert not guard.passes(2, {"loss": float("nan"), "nonfinite": 1.0})
+    assert not guard.passes(3, {"loss": float("nan"), "nonfinite": 1.0})
+    assert guard.passes(4, {"loss": 1.0, "nonfinite": 0.0})  # a finite step resets the streak ...
+    assert guard.skipped == 2  # ... but not the count the log reports
+    guard.passes(5, {"nonfinite": 1.0})
+    guard.passes(6, {"nonfinite": 1.0})
+    with pytest.raises(
+        UserError, match=r"3 consecutive .*config.train.max_consecutive_nonfinite=2"
+    ):
+        guard.passes(7, {"nonfinite": 1.0})
+    with pytest.raises(UserError, match="nan_policy='retry': choose one of stop, skip"):
+        loop.NonfiniteGuard("retry", 2, 32)
+
+
+def test_log_and_eval_points_are_counted_in_images():
+    cadence = loop.Cadence(batch_size=32, num_steps=10, log_every_images=64, eval_every_images=96)
+    assert [s for s in range(1, 11) if cadence.should_log(s, stop=10)] == [2, 4, 6, 8, 10]
+    # A run stopped early (fine-tuning's max_steps) logs its last step.
+    assert [s for s in range(1, 6) if cadence.should_log(s, stop=5)] == [2, 4, 5]
+    # Every 96 images is after steps 3, 6 and 9; the last step's evaluation is the caller's to report.
+    assert [s for s in range(1, 11) if cadence.should_eval(s)] == [3, 6, 9]
+    with pytest.raises(UserError, match="less than one batch of 16"):
+        loop.Cadence.from_config(_config(**{"train.total_images": 8}).train)
+
+
+def test_one_bad_record_rule():
+    rule = bad_records.too_many_bad
+    assert not rule(bad=50, read=999, max_fraction=0.01, min_reads=1000)  # too few reads to judge
+    assert rule(bad=11, read=1000, max_fraction=0.01, min_reads=1000)
+    assert not rule(
+        bad=10, read=1000, max_fraction=0.01, min_reads=1000
+    )  # at the threshold is fine
+    assert rule(
+        bad=2, read=100, max_fraction=0.01, min_reads=1000, final=True
+    )  # a whole pass is judged
+    counter = bad_records.BadRecordCounter.from_data_config(_config().data, "training records")
+    counter.add(read=counter.min_reads, bad=0)
+    with pytest.raises(
+        UserError, match=r"of \d+ training records were bad .*max_bad_record_fraction"
+    ):
+        counter.add(read=100, bad=counter.min_reads)
+
+
+@pytest.mark.parametrize("command", ["train", "transfer"])
+def test_command_help_does_not_load_jax(command):
+    code = (
+        "import sys\n"
+        "from tagjax import cli\n"
+        "try:\n"
+        f"    cli.main([{command!r}, '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('loaded jax' if 'jax' in sys.modules else 'no jax')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--workdir" in out.stdout and out.stdout.strip().endswith("no jax")
+
+
 def test_eval_step_sums_over_real_images_only():
     cfg = _config(**{"mesh.data": 1, "mesh.fsdp": 1})
     mesh = sharding.create_mesh(cfg.mesh, devices=jax.devices()[:1])
@@ -257,12 +320,12 @@ def test_fsdp_rule_splits_the_largest_divisible_dimension():
 
 
 def test_peak_flops_table_and_cpu():
-    assert train.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
-    assert train.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
-    assert train.peak_flops_per_device("NVIDIA A100-SXM4-80GB") == 312e12
-    assert train.peak_flops_per_device("TPU v5 lite") == 197e12
-    assert train.peak_flops_per_device("TPU v5") == 459e12
-    assert train.peak_flops_per_device("cpu") is None
+    assert loop.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+    assert loop.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
+    assert loop.peak_flops_per_device("NVIDIA A100-SXM4-80GB") == 312e12
+    assert loop.peak_flops_per_device("TPU v5 lite") == 197e12
+    assert loop.peak_flops_per_device("TPU v5") == 459e12
+    assert loop.peak_flops_per_device("cpu") is None
 
 
 def test_distributed_start_is_detected_from_the_environment(monkeypatch):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tagjax import checkpoint, config, models, transfer
+from tagjax.errors import UserError
 
 COLORS = {
     "red": (220, 30, 30),
@@ -286,3 +287,37 @@ def test_finetune_learns_and_resumes_exactly(tmp_path, color_task, capsys):
     )
     out = json.loads(capsys.readouterr().out)
     assert {t["hashtag"] for t in out[0]["hashtags"]} == set(COLORS)
+
+
+def test_finetune_unreadable_images_follow_the_data_configs_bad_record_rule(tmp_path, color_task):
+    """Fine-tuning skips and counts unreadable images like every other reader, and fails past
+    config.data.max_bad_record_fraction (one rule for every reader)."""
+    import shutil
+
+    data = tmp_path / "colors"
+    shutil.copytree(color_task, data)
+    for i in range(8):
+        (data / "train" / "red" / f"broken{i}.png").write_bytes(b"not a png")
+    ckpt = _pretrained(tmp_path / "ckpt")
+    quiet = dict(progress=False, log_fn=lambda *_: None)
+    lenient = _finetune_config(str(data))
+    with lenient.unlocked():
+        lenient.data.max_bad_record_fraction = 0.2
+        lenient.data.bad_record_min_reads = 16
+    result = transfer.run_finetune(lenient, ckpt, tmp_path / "lenient", **quiet)
+    assert result["finished"] and 0 < result["bad_images"] <= 96  # skipped, counted, reported
+    strict = _finetune_config(str(data))
+    with strict.unlocked():
+        strict.data.max_bad_record_fraction = 0.01
+        strict.data.bad_record_min_reads = 16
+    with pytest.raises(UserError, match=r"training images of .*max_bad_record_fraction=0.01"):
+        transfer.run_finetune(strict, ckpt, tmp_path / "strict", **quiet)
+
+
+def test_finetune_stops_on_a_nonfinite_update_like_pretraining(tmp_path, color_task):
+    ckpt = _pretrained(tmp_path / "ckpt")
+    cfg = _finetune_config(str(color_task))
+    with cfg.unlocked():
+        cfg.optim.base_lr = 1e30
+    with pytest.raises(UserError, match=r"NaN/Inf at step \d+ .*nan_policy=skip"):
+        transfer.run_finetune(cfg, ckpt, tmp_path / "ft", progress=False, log_fn=lambda *_: None)

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
+import sys
 
 from tagjax import build_steps, dedup
 from tagjax import images as images_lib
 from tagjax import posts as posts_lib
+from tagjax import vocab as vocab_lib
 from tagjax.errors import UserError
 
 
@@ -36,6 +39,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="image worker processes (0 = one per CPU core, 1 = no subprocesses)",
     )
     io_.add_argument("--yfcc-images", default=None, help="folder of YFCC100M photos (yfcc inputs)")
+    io_.add_argument(
+        "--image-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder image paths may point into besides each input's own folder (repeatable); "
+        "paths resolving anywhere else are refused",
+    )
+    io_.add_argument(
+        "--max-file-mb",
+        type=float,
+        default=d.images.max_file_bytes / 2**20,
+        help="size cap of one image file, tar member or manifest line, MiB (checked before reading)",
+    )
+    io_.add_argument(
+        "--no-drops-file",
+        action="store_true",
+        help="do not write drops.jsonl (the id and reason of every dropped post)",
+    )
     io_.add_argument(
         "--raster-cache",
         default=None,
@@ -79,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="vocab.json to label with, or 'in1k' (default: build one from the corpus)",
     )
-    lb.add_argument("--vocab-mode", default=d.vocab_mode, choices=("nouns", "in1k"))
+    lb.add_argument("--vocab-mode", default=d.vocab_mode, choices=vocab_lib.MODES)
     lb.add_argument("--vocab-top-k", type=int, default=d.vocab_top_k)
     lb.add_argument("--vocab-min-count", type=int, default=d.vocab_min_count)
     lb.add_argument(
@@ -89,6 +111,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     lb.add_argument("--habit-fraction", type=float, default=d.habit_fraction)
     lb.add_argument("--habit-min-posts", type=int, default=d.habit_min_posts)
+    lb.add_argument(
+        "--habit-min-users",
+        type=int,
+        default=d.habit_min_users,
+        help="the habit filter is off for corpora with fewer uploaders (a topic is not a habit)",
+    )
+    lb.add_argument(
+        "--max-hashtags-per-post",
+        type=int,
+        default=d.max_hashtags_per_post,
+        help="posts with more distinct hashtags are dropped as spam (too_many_hashtags)",
+    )
     lb.add_argument("--habit-action", default=d.habit_action, choices=("drop", "keep"))
     lb.add_argument("--max-posts-per-user", type=int, default=d.max_posts_per_user)
     im = parser.add_argument_group("images")
@@ -130,6 +164,7 @@ def config_from_args(args) -> build_steps.BuildConfig:
             max_pixels=args.max_pixels,
             max_aspect=args.max_aspect,
             jpeg_quality=args.jpeg_quality,
+            max_file_bytes=int(args.max_file_mb * 2**20),
         )
     except ValueError as e:
         raise UserError(f"bad image option: {e}.") from None
@@ -160,6 +195,10 @@ def config_from_args(args) -> build_steps.BuildConfig:
         max_posts_per_user=args.max_posts_per_user,
         habit_fraction=args.habit_fraction,
         habit_min_posts=args.habit_min_posts,
+        habit_min_users=args.habit_min_users,
+        max_hashtags_per_post=args.max_hashtags_per_post,
+        image_roots=tuple(args.image_root),
+        drops_file=not args.no_drops_file,
         habit_action=args.habit_action,
         heldout_fraction=args.heldout_fraction,
         split_seed=args.split_seed,
@@ -172,6 +211,10 @@ def config_from_args(args) -> build_steps.BuildConfig:
         yfcc_images=args.yfcc_images,
         progress=not args.no_progress,
     )
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run(args) -> int:
@@ -191,6 +234,8 @@ def run(args) -> int:
     if not args.output:
         raise UserError("pass --output DIR for the dataset.")
     cfg = config_from_args(args)
+    # `kill`, a batch scheduler's timeout or `docker stop` send SIGTERM: clean up as for Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.beam:
         from tagjax import build_beam  # Apache Beam is an optional dependency
 
@@ -198,5 +243,8 @@ def run(args) -> int:
     else:
         summary = local_build.build(cfg)
     print(build_steps.render_report(summary))
+    explanation = summary.get("habits", {}).get("explanation")
+    if explanation:
+        print(f"tagjax build: note: {explanation}", file=sys.stderr)
     print(f"dataset written to {cfg.output}")
     return 0

@@ -39,4 +39,5 @@ def get_config(arg=None):
     c.train.eval_every_images = 0
     c.train.checkpoint_every_images = 0
     c.optim.warmup_images = c.train.batch_size * 100
+    c.optim.warmup_start_lr = 0.0  # warm up from zero (small batches; not the paper's 0.1 start)
     return c

@@ -4,8 +4,9 @@ Other configs call ``default.get_config()`` and override a few fields. Every siz
 that derives from it; code carries none. Lengths are counted in *images seen*, never in epochs, because
 hashtag resampling makes "an epoch" meaningless at billions of images.
 
-Values marked [R] are recalled from the paper rather than re-read (see shared FACTS): the warm-up length
-and the number of learning-rate halvings are config values precisely so they can be corrected.
+Values marked [R] are recalled from the paper rather than re-read (docs/paper_fidelity.md lists what is
+verified and what is recalled): the warm-up start, the number of learning-rate halvings and the run length
+are config values precisely so they can be corrected.
 
 Run any config with::
 
@@ -38,7 +39,9 @@ def get_config(arg=None):
     c.data.train_split = "train"
     c.data.eval_split = "heldout"
     # Hashtag resampling: p(h) ~ n_h^alpha, then an image carrying h uniformly.
-    # "natural" (alpha=1), "sqrt" (0.5), "uniform" (0), or "images" (every image equally, no resampling).
+    # "natural" (alpha=1: weights each image by its number of hashtags), "sqrt" (0.5, the paper's
+    # choice [S]), "uniform" (0), or "images" (every image equally, once per pass: the paper's
+    # no-resampling baseline). See tagjax/sampling.py.
     c.data.sampling = "sqrt"
     c.data.image_size = 224  # training crop (random-resized-crop), pixels
     c.data.eval_resize = 256  # evaluation: resize shorter side, then center crop eval_image_size
@@ -96,20 +99,26 @@ def get_config(arg=None):
     c.optim = ml_collections.ConfigDict()
     c.optim.base_lr = 0.1  # per `lr_reference_batch` images, scaled linearly with the batch size
     c.optim.lr_reference_batch = 256
-    c.optim.momentum = 0.9
-    c.optim.nesterov = False
-    c.optim.weight_decay = 1e-4  # not applied to batch-norm parameters or biases
+    c.optim.momentum = 0.9  # [R]
+    c.optim.nesterov = False  # [R, uncertain] not recalled with confidence; plain momentum
+    c.optim.weight_decay = 1e-4  # [R] not applied to batch-norm parameters or biases
     c.optim.schedule = "step_halving"  # or "cosine"
-    c.optim.warmup_images = 5 * 1_281_167  # [R] linear warm-up length, images seen
-    c.optim.num_halvings = 6  # [R] halvings at equally spaced points after warm-up
-    c.optim.warmup_start_fraction = 0.0  # warm-up starts at this fraction of the peak rate
+    c.optim.warmup_images = (
+        5 * 1_281_167
+    )  # linear warm-up length, images seen (length not recalled)
+    c.optim.warmup_start_lr = 0.1  # [R] the rate at step 0: the paper warms up from 0.1 to the peak
+    c.optim.num_halvings = (
+        20  # [R] halvings at equally spaced points after warm-up (13 on ImageNet)
+    )
     c.optim.grad_clip_norm = 0.0  # 0 = off
 
     # --- training loop (tagjax.train) -------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 8064  # global, images per optimizer step (the paper: 336 GPUs x 24)
     c.train.grad_accum_steps = 1  # micro-batches per step (the paper's batch on fewer devices)
-    c.train.total_images = 940_000_000  # schedule length in images seen (IG-940M: one pass)
+    # Schedule length in images seen: the paper's heuristic for IG-940M (tagjax.optim.paper_schedule_images,
+    # ~2.1 passes; configs/_paper.py computes it from the dataset size) [R].
+    c.train.total_images = 1_983_605_808
     c.train.log_every_images = 8064 * 20
     c.train.eval_every_images = 50_000_000
     c.train.eval_max_images = 50_000  # held-out images per evaluation (0 = all)

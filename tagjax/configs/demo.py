@@ -89,6 +89,7 @@ def get_config(arg=None):
     c.optim.base_lr = 0.4  # per 256 images: 0.1 at batch 64
     c.optim.schedule = "cosine"
     c.optim.warmup_images = 64 * 50
+    c.optim.warmup_start_lr = 0.0  # warm up from zero (small batches; not the paper's 0.1 start)
     c.optim.weight_decay = 5e-5
 
     c.train.batch_size = 64

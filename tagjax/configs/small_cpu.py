@@ -38,6 +38,7 @@ def get_config(arg=None):
     c.optim.base_lr = 0.4  # per 256 images: 0.1 at batch 64
     c.optim.warmup_images = 64 * 100
     c.optim.num_halvings = 3
+    c.optim.warmup_start_lr = 0.0  # warm up from zero (small batches; not the paper's 0.1 start)
 
     c.train.batch_size = 64
     c.train.total_images = 64 * 1500

@@ -27,6 +27,7 @@ def get_config(arg=None):
 
     c.optim.warmup_images = 32 * 20
     c.optim.num_halvings = 2
+    c.optim.warmup_start_lr = 0.0  # warm up from zero (small batches; not the paper's 0.1 start)
     c.optim.base_lr = 0.8  # per 256 images: 0.1 at batch 32
 
     c.train.batch_size = 32

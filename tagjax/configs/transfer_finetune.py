@@ -35,7 +35,6 @@ def get_config(arg=None):
     t.epochs = 30  # used when train.total_images is 0: passes over the training split
     t.label_smoothing = 0.0  # of the one-hot target
     t.num_threads = 4  # image decoding threads
-    t.max_bad_fraction = 0.001  # unreadable images are skipped and counted; fail above this share
     t.eval_batch_size = 128  # images per forward pass when testing
 
     # Resolution and augmentation (random-resized crop + flip for training; resize + center crop to test).
@@ -50,6 +49,7 @@ def get_config(arg=None):
     c.optim.weight_decay = 1e-4
     c.optim.schedule = "cosine"
     c.optim.warmup_images = 0
+    c.optim.warmup_start_lr = 0.0
     c.optim.num_halvings = 0
 
     c.train.batch_size = 256

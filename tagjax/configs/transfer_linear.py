@@ -33,7 +33,6 @@ def get_config(arg=None):
     t.batch_size = 64  # images per forward pass during feature extraction
     t.num_threads = 4  # image decoding threads
     t.feature_chunk = 2048  # examples per cached feature file (the unit of resumption)
-    t.max_bad_fraction = 0.001  # unreadable images are skipped and counted; fail above this share
 
     lin = c.linear = ml_collections.ConfigDict()
     lin.val_fraction = (

@@ -24,7 +24,8 @@ key is refused with its name, and when the file fits another architecture the er
 
 ``.safetensors`` files are read with the safetensors NumPy API: no PyTorch needed. ``.pth`` files need
 PyTorch and are opened with ``torch.load(weights_only=True)``, which refuses pickled code (a ``.pth`` is a
-pickle; loading one without that flag can run arbitrary code).
+pickle; loading one without that flag can run arbitrary code). That flag is only as safe as torch's
+unpickler, so a torch older than :data:`MIN_SAFE_TORCH` (published bypasses) is refused at run time.
 
 Commands::
 
@@ -42,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -299,6 +301,20 @@ def to_state_dict(
 # --------------------------------------------------------------------------------------------------
 
 
+# torch.load(weights_only=True) is only as safe as its unpickler: releases before these had published
+# bypasses that run code or corrupt memory from a crafted .pth (CVE-2025-32434, GHSA-53q9-r3pm-6pq6,
+# fixed in 2.6.0; CVE-2026-24747, GHSA-63cw-57p8-fm3p, fixed in 2.10.0).
+MIN_SAFE_TORCH = (2, 10, 0)
+
+
+def torch_version_is_safe(version: str) -> bool:
+    """Whether a ``torch.__version__`` string (``2.10.0+cpu``, ``2.5.1``) is at least MIN_SAFE_TORCH."""
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+    if m is None:
+        return False
+    return tuple(int(x or 0) for x in m.groups()) >= MIN_SAFE_TORCH
+
+
 def _torch():
     try:
         import torch
@@ -307,6 +323,14 @@ def _torch():
             f"reading .pth files needs PyTorch, which is not installed: install the CPU wheel with "
             f"`{TORCH_CPU_INSTALL}`, or use the .safetensors release of the same weights."
         ) from None
+    version = str(getattr(torch, "__version__", "unknown"))
+    if not torch_version_is_safe(version):
+        minimum = ".".join(map(str, MIN_SAFE_TORCH))
+        raise UserError(
+            f"refusing to open a .pth with PyTorch {version}: torch.load(weights_only=True) has "
+            f"known bypasses before {minimum} (CVE-2025-32434, CVE-2026-24747); install torch>="
+            f"{minimum} (`{TORCH_CPU_INSTALL}`), or use the .safetensors release of the weights."
+        )
     return torch
 
 

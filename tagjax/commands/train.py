@@ -1,0 +1,38 @@
+"""``tagjax train``: pretraining from a config file (tagjax.train.train_and_evaluate).
+
+Only argparse and logging are imported at the top, so ``tagjax train --help`` answers without loading JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="config file (configs/NAME.py[:arg], or a bare NAME from configs/); override fields with "
+        "--config.key=value",
+    )
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        help="run directory: checkpoints, metrics.jsonl, TensorBoard events; rerun to resume",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from tagjax import config as config_lib
+    from tagjax import train
+
+    if not logging.getLogger().handlers:
+        # Libraries speak at WARNING and above; tagjax's own progress (restores, saves) at INFO.
+        logging.basicConfig(
+            level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    logging.getLogger("tagjax").setLevel(logging.INFO)
+    cfg = config_lib.load(args.config, args.config_overrides)
+    train.train_and_evaluate(cfg, args.workdir)
+    return 0
