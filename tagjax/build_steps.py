@@ -63,6 +63,11 @@ OUTPUT_FILES = (
     "report.txt",
     "train.labels.npz",
     "heldout.labels.npz",
+    *(
+        f"{split}.labels.{part}.npy"
+        for split in records.SPLITS
+        for part in ("offsets", "ids", "counts")
+    ),
     records.MANIFEST,
     records.MANIFEST + ".tmp",
     "dataset.json.pending",
@@ -456,6 +461,7 @@ def _is_output_file(name: str) -> bool:
         or name.endswith(".array_record")
         or name.endswith(".array_record.tmp")
         or name.endswith(".tmp.npz")
+        or (name.startswith(records.SPLITS) and name.endswith((".npy.tmp", ".npy.data.tmp")))
     )
 
 
@@ -507,7 +513,7 @@ def finalize(
     for split in records.SPLITS:
         entries = list(shards.get(split, []))
         label_lists = [labels for _, lists in entries for labels in lists]
-        records.LabelIndex.from_lists(label_lists).save(root / f"{split}.labels.npz")
+        records.LabelStore.write(root, split, label_lists, vocab.num_labels)
         splits[split] = {"shards": [name for name, _ in entries], "num_records": len(label_lists)}
         split_labels[split] = label_lists
     vocab.save(root / "vocab.json")

@@ -31,9 +31,9 @@ def test_beam_and_local_builds_write_the_same_records(both):
     assert {r.post_id for s in records.SPLITS for r in read_split(base / "beam", s)} == KEPT
     for name in sorted(p.name for p in (base / "local").glob("*.array_record")):
         assert (base / "beam" / name).read_bytes() == (base / "local" / name).read_bytes()
-    for name in ("train.labels.npz", "heldout.labels.npz"):
-        a = records.LabelIndex.load(base / "local" / name)
-        b = records.LabelIndex.load(base / "beam" / name)
+    for split in records.SPLITS:
+        a = records.LabelStore(base / "local", split).load()
+        b = records.LabelStore(base / "beam", split).load()
         assert a.offsets.tolist() == b.offsets.tolist() and a.labels.tolist() == b.labels.tolist()
     assert (base / "beam" / "vocab.json").read_text() == (base / "local" / "vocab.json").read_text()
 
