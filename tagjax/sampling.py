@@ -64,10 +64,11 @@ _ROUND_KEYS = np.asarray(
     [((r + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF for r in range(_FEISTEL_ROUNDS)], np.uint64
 )
 # Building the inverted index: records read per chunk (temporaries ~50 B per pair of a chunk, ~100 MB at
-# 2 labels per image), and index entries produced per pass over the label store (the output buffer:
-# 4 B each, 256 MB). Peak memory is bounded by these, not by the split's size.
+# 2 labels per image), index entries assembled at once (the output buffer: 4 B each, 256 MB), and bucket
+# entries read at once. Peak memory is bounded by these, not by the split's size.
 _INVERT_CHUNK_RECORDS = 1 << 20
 _INVERT_BUFFER_PAIRS = 1 << 26
+_INVERT_READ_PAIRS = 1 << 22
 _INDEX_FORMAT = 1
 
 
@@ -261,8 +262,8 @@ class InvertedIndex:
         """The index of a small in-memory label index (synthetic task, demos), held in memory."""
         counts = label_index.counts(num_labels)[:num_labels]  # longer if ids are out of range
         images = np.empty(int(counts.sum()), cls._dtype(label_index.num_records))
-        for start, stop in _passes(len(images), len(images)):
-            _invert_range(label_index.chunks, counts, start, stop, images[start:stop])
+        for dest, rec in _placed_pairs(label_index.chunks, counts):
+            images[dest] = rec
         return cls(counts, label_index.num_records, images=images)
 
     @classmethod
@@ -271,14 +272,18 @@ class InvertedIndex:
         store: records.LabelStore,
         num_labels: int,
         path: Path,
-        buffer_pairs: int = _INVERT_BUFFER_PAIRS,
+        buffer_pairs: int | None = None,
     ) -> InvertedIndex:
         """Writes the index of ``store`` to the ``.npy`` file ``path`` (plus a ``.json`` with the counts).
 
-        Bounded memory whatever the split's size: the output is produced in consecutive slices of
-        ``buffer_pairs`` entries, each by one chunked pass over the label store (see ``_invert_range``),
-        and appended to the file; the file is renamed into place when complete.
+        Bounded memory whatever the split's size (an external counting sort): one chunked pass over the
+        label store places every (image, hashtag) pair at its final position and appends it to the
+        bucket file of that position's slice of ``buffer_pairs`` entries (8 or 12 bytes per pair of
+        temporary disk next to ``path``); then each slice is assembled in one buffer and appended to the
+        output. A split whose index fits one buffer skips the bucket files. The file is renamed into
+        place when complete.
         """
+        buffer_pairs = int(buffer_pairs or _INVERT_BUFFER_PAIRS)
         n = store.num_records
         counts = store.counts(num_labels)
         total = int(counts.sum())
@@ -291,30 +296,50 @@ class InvertedIndex:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
         dtype = np.dtype(cls._dtype(n))
-        slices = _passes(total, buffer_pairs)
+        num_slices = max(1, -(-total // buffer_pairs))
+        bucket_dtype = np.dtype([("pos", np.uint32), ("rec", dtype)])
+        buckets = [tmp.with_name(f"{tmp.name}.bucket{k}") for k in range(num_slices)]
         bar = tqdm(
-            total=total,
+            total=2 * total if num_slices > 1 else total,
             unit="pair",
             desc="hashtag -> images index",
             disable=total <= _INVERT_CHUNK_RECORDS,
         )
-        with open(tmp, "wb") as f:
-            np.lib.format.write_array_header_1_0(
-                f,
-                {
-                    "descr": np.lib.format.dtype_to_descr(dtype),
-                    "fortran_order": False,
-                    "shape": (total,),
-                },
-            )
-            buffer = np.empty(min(total, buffer_pairs), dtype)
-            for start, stop in slices:
-                part = buffer[: stop - start]
-                _invert_range(store.chunks, counts, start, stop, part)
-                part.tofile(f)
-                bar.update(stop - start)
-        bar.close()
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as out:
+                np.lib.format.write_array_header_1_0(
+                    out,
+                    {
+                        "descr": np.lib.format.dtype_to_descr(dtype),
+                        "fortran_order": False,
+                        "shape": (total,),
+                    },
+                )
+                if num_slices == 1:
+                    buffer = np.empty(total, dtype)
+                    for dest, rec in _placed_pairs(store.chunks, counts):
+                        buffer[dest] = rec
+                        bar.update(len(dest))
+                    buffer.tofile(out)
+                else:
+                    _write_buckets(store, counts, buffer_pairs, buckets, bucket_dtype, bar)
+                    buffer = np.empty(buffer_pairs, dtype)
+                    for k, bucket in enumerate(buckets):
+                        size = min(buffer_pairs, total - k * buffer_pairs)
+                        with open(bucket, "rb") as f:
+                            while True:
+                                part = np.fromfile(f, bucket_dtype, count=_INVERT_READ_PAIRS)
+                                if not len(part):
+                                    break
+                                buffer[part["pos"]] = part["rec"]
+                                bar.update(len(part))
+                        bucket.unlink()
+                        buffer[:size].tofile(out)
+            os.replace(tmp, path)
+        finally:
+            bar.close()
+            for f in [tmp, *buckets]:
+                f.unlink(missing_ok=True)
         meta = {"format": _INDEX_FORMAT, "num_records": int(n), "counts": counts.tolist()}
         tmp_meta = _meta_path(path).with_name(_meta_path(path).name + f".tmp{os.getpid()}")
         tmp_meta.write_text(json.dumps(meta))
@@ -344,27 +369,15 @@ class InvertedIndex:
         return cls.build(store, num_labels, path)
 
 
-def _passes(total: int, buffer_pairs: int) -> list[tuple[int, int]]:
-    """Consecutive slices ``[start, stop)`` of the index, at most ``buffer_pairs`` long."""
-    step = max(1, int(buffer_pairs))
-    return [(a, min(a + step, total)) for a in range(0, total, step)]
+def _placed_pairs(chunks, counts: np.ndarray):
+    """Every (image, hashtag) pair with its position in the index, chunk by chunk: ``(dest, record)``.
 
-
-def _invert_range(chunks, counts: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
-    """Fills ``out`` with entries ``[start, stop)`` of the inverted index: one pass over ``chunks()``.
-
-    Entry ``offsets[h] + j`` of the index is the ``j``-th record (in record order) carrying hashtag
-    ``h``. Only the hashtags whose CSR rows meet ``[start, stop)`` are sorted in this pass, so all
-    passes together sort every pair once; temporaries are ~50 bytes per pair of one chunk.
+    Entry ``offsets[h] + j`` of the index is the ``j``-th record (in record order) carrying hashtag ``h``.
+    Within a chunk, pairs come sorted by hashtag, so ``dest`` is ascending. Temporaries are ~50 bytes per
+    pair of one chunk. Checks the label ids against the vocabulary and the stored counts.
     """
-    if stop <= start:
-        return
     num_labels = len(counts)
-    ends = np.cumsum(counts)
-    first_label = int(np.searchsorted(ends, start, side="right"))
-    last_label = int(np.searchsorted(ends, stop - 1, side="right"))
-    width = last_label - first_label + 1
-    cursor = (ends - counts)[first_label : last_label + 1].copy()  # next slot of each hashtag
+    cursor = np.cumsum(counts) - counts  # the next free slot of each hashtag
     seen = np.zeros(num_labels, np.int64)
     for chunk in chunks(_INVERT_CHUNK_RECORDS):
         labels = chunk.labels
@@ -373,22 +386,40 @@ def _invert_range(chunks, counts: np.ndarray, start: int, stop: int, out: np.nda
                 f"the label index holds label ids outside [0, {num_labels}) of the vocabulary; the "
                 "dataset and its vocab.json disagree: rebuild the dataset with `tagjax build`."
             )
-        seen += np.bincount(labels, minlength=num_labels)
-        wanted = (labels >= first_label) & (labels <= last_label)
-        lab = (labels[wanted] - first_label).astype(np.int32)
-        rec = chunk.records[wanted]
-        order = np.argsort(lab, kind="stable")
-        lab, rec = lab[order], rec[order]
+        chunk_counts = np.bincount(labels, minlength=num_labels)
+        seen += chunk_counts
+        if (seen > counts).any():
+            break
+        order = np.argsort(labels, kind="stable")
+        lab, rec = labels[order], chunk.records[order]
         rank = np.arange(len(lab)) - np.searchsorted(lab, lab, side="left")
-        dest = cursor[lab] + rank
-        cursor += np.bincount(lab, minlength=width)
-        keep = (dest >= start) & (dest < stop)
-        out[dest[keep] - start] = rec[keep]
+        yield cursor[lab] + rank, rec
+        cursor += chunk_counts
     if not np.array_equal(seen, counts):
         raise UserError(
             "the label index's stored per-label counts disagree with its label ids; the label "
             "store is damaged: rebuild the dataset with `tagjax build`."
         )
+
+
+def _write_buckets(store, counts, buffer_pairs, buckets, bucket_dtype, bar) -> None:
+    """Appends every placed pair to the bucket file of its slice: (position in the slice, record)."""
+    files = [open(b, "wb") for b in buckets]  # noqa: SIM115 (closed below)
+    try:
+        starts = np.arange(len(buckets), dtype=np.int64) * buffer_pairs
+        for dest, rec in _placed_pairs(store.chunks, counts):
+            cuts = np.searchsorted(dest, starts, side="left").tolist() + [len(dest)]
+            for k in range(len(buckets)):
+                lo, hi = cuts[k], cuts[k + 1]
+                if hi > lo:
+                    part = np.empty(hi - lo, bucket_dtype)
+                    part["pos"] = dest[lo:hi] - starts[k]
+                    part["rec"] = rec[lo:hi]
+                    part.tofile(files[k])
+            bar.update(len(dest))
+    finally:
+        for f in files:
+            f.close()
 
 
 def _meta_path(path: Path) -> Path:
