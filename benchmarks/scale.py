@@ -1,0 +1,239 @@
+"""The data path at internet scale, in simulation: label store, sampler index, time and memory to the first
+training batch, sampler draws/s, at 10^6 .. 10^8 images, with the per-image costs and a fit to 3.5B.
+
+For each (images N, labels L) it writes a synthetic label store with the paper's statistics (Zipfian
+hashtag frequencies, p(h) ~ 1/(h+1) over L labels; 1 + Poisson(1) hashtags drawn per image, duplicates
+merged: ~1.9 per image) the way ``tagjax build`` writes it (tagjax.records.LabelStoreWriter), then measures
+in fresh processes:
+
+* ``index``: building the sampler's hashtag -> images index (tagjax.sampling.InvertedIndex.build): wall
+  time and peak resident memory (VmHWM);
+* ``start``: ``make_train_iterator`` with ``config.data.sampling`` = ``sqrt`` (index cached) and
+  ``images``, to the first batch of 256 images: wall time from before the process is spawned, and the
+  process' memory at that point, split into anonymous memory (RssAnon: what the process owns) and mapped
+  file pages (RssFile: the memory-mapped index and the libraries' code, shared and reclaimable). The
+  record reader is a stub (a fixed 40x40 JPEG, labels read from the store): no model, no image shards;
+* ``draws/s``: the sampler alone, 8,192 positions per call, for ~2 s;
+* bytes per image on disk (label store; index) and resident (anonymous memory at the first batch / N).
+
+Run (the 10^8 case needs ~5 GB of disk under --root and ~15 min on 2 cores)::
+
+    python benchmarks/scale.py --root /tmp/tagjax-scale --sizes 1e6 1e7 1e8 --labels 17000 1500
+
+The table it printed on this project's build machine is in docs/scaling.md ("Measured at scale"), with
+the command line and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+from tagjax import records
+
+CHUNK = 1 << 20
+TARGET_N = 3_500_000_000
+HOSTS = 42
+
+
+def memory() -> dict:
+    """This process' memory from /proc/self/status, in MB."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def generate(root: Path, n: int, num_labels: int, seed: int = 0) -> float:
+    """Writes the synthetic train label store of ``n`` images; returns seconds."""
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    cdf = np.cumsum(1.0 / np.arange(1, num_labels + 1))
+    cdf /= cdf[-1]
+    writer = records.LabelStoreWriter(root, "train", num_labels)
+    for first in range(0, n, CHUNK):
+        m = min(CHUNK, n - first)
+        k = 1 + rng.poisson(1.0, m)
+        image = np.repeat(np.arange(m, dtype=np.int64), k)
+        label = np.minimum(np.searchsorted(cdf, rng.random(len(image))), num_labels - 1)
+        key = np.unique(image * num_labels + label)  # sorted by image, then label; no duplicates
+        offsets = np.zeros(m + 1, np.int64)
+        offsets[1:] = np.cumsum(np.bincount(key // num_labels, minlength=m))
+        writer.add_chunk(records.LabelChunk(first, offsets, (key % num_labels).astype(np.int32)))
+    writer.close()
+    return time.perf_counter() - start
+
+
+# ---- child processes ---------------------------------------------------------------------------
+
+
+def child_index(root: Path, num_labels: int, cache: Path) -> dict:
+    from tagjax import sampling
+
+    store = records.LabelStore(root, "train")
+    start = time.perf_counter()
+    index = sampling.InvertedIndex.load_or_build(store, num_labels, cache)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "index_bytes": index.path.stat().st_size, **memory()}
+
+
+_JPEG = None
+
+
+class StubSource:
+    """Stands in for tagjax.input_pipeline.RecordSource: a fixed small JPEG, the store's labels."""
+
+    def __init__(self, dataset_dir, split, num_labels):
+        self.store = records.LabelStore(Path(dataset_dir), split)
+        self.num_records = self.store.num_records
+        self.num_labels = num_labels
+
+    def identity(self) -> dict:
+        return {"kind": "stub", "num_records": self.num_records}
+
+    def load(self, ids):
+        offsets, labels = self.store.offsets(), self.store.labels()
+        return [(_JPEG, np.asarray(labels[offsets[i] : offsets[i + 1]], np.int64)) for i in ids]
+
+
+def child_start(root: Path, num_labels: int, cache: Path, mode: str) -> dict:
+    global _JPEG
+    imported = time.time()
+    import simplejpeg
+
+    from tagjax import input_pipeline
+    from tagjax.configs import default
+
+    imported = time.time() - imported
+    _JPEG = simplejpeg.encode_jpeg(np.full((40, 40, 3), 128, np.uint8), colorspace="RGB")
+    input_pipeline.RecordSource = StubSource
+    input_pipeline.load_vocabulary = lambda config, d=None: types.SimpleNamespace(
+        num_labels=num_labels
+    )
+    c = default.get_config()
+    c.data.dataset = str(root)
+    c.data.sampling = mode
+    c.data.cache_dir = str(cache)
+    c.data.image_size = 32
+    c.data.num_workers = 0
+    c.train.batch_size = 256
+    it = input_pipeline.make_train_iterator(c, process_index=0, process_count=1)
+    batch = next(iter(it))
+    assert batch["image"].shape[0] == 256
+    first_batch = time.time()
+    at_first = memory()
+    sampler = it._batches.sampler
+    draws, t0, pos = 0, time.perf_counter(), 0
+    while time.perf_counter() - t0 < 2.0:
+        sampler.sample(np.arange(pos, pos + 8192, dtype=np.int64))
+        pos += 8192
+        draws += 8192
+    rate = draws / (time.perf_counter() - t0)
+    return {
+        "first_batch_time": first_batch,
+        "import_seconds": imported,
+        "at_first_batch": at_first,
+        "draws_per_s": rate,
+        "after_draws": memory(),
+    }
+
+
+def run_child(*args) -> tuple[dict, float]:
+    spawned = time.time()
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", *map(str, args)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1]), spawned
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+
+def measure(root: Path, n: int, num_labels: int) -> dict:
+    store_dir = root / f"n{n}-l{num_labels}"
+    if not records.LabelStore(store_dir, "train").exists():
+        shutil.rmtree(store_dir, ignore_errors=True)
+        store_dir.mkdir(parents=True)
+        gen = generate(store_dir, n, num_labels)
+    else:
+        gen = float("nan")
+    store = records.LabelStore(store_dir, "train")
+    cache = store_dir / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    index, _ = run_child("index", store_dir, num_labels, cache)
+    row = {
+        "images": n,
+        "labels": num_labels,
+        "pairs": store.num_pairs,
+        "generate_s": gen,
+        "store_bytes": store.offsets_path.stat().st_size + store.labels_path.stat().st_size,
+        "index": index,
+    }
+    for mode in ("sqrt", "images"):
+        start, spawned = run_child("start", store_dir, num_labels, cache, mode)
+        start["seconds_to_first_batch"] = start.pop("first_batch_time") - spawned
+        row[f"start_{mode}"] = start
+    return row
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        "| images | labels | pairs/image | store B/image (disk) | index B/image (disk, mmapped) "
+        "| index build s | index build peak RSS MB | first batch s (sqrt / images) "
+        "| RssAnon MB at first batch (sqrt / images) | RssFile MB (sqrt) | draws/s (sqrt / images) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        n, s, i = r["images"], r["start_sqrt"], r["start_images"]
+        lines.append(
+            f"| {n:.0e} | {r['labels']:,} | {r['pairs'] / n:.2f} | {r['store_bytes'] / n:.1f} | "
+            f"{r['index']['index_bytes'] / n:.1f} | {r['index']['seconds']:.1f} | "
+            f"{r['index']['VmHWM']:.0f} | {s['seconds_to_first_batch']:.1f} / "
+            f"{i['seconds_to_first_batch']:.1f} | {s['at_first_batch']['RssAnon']:.0f} / "
+            f"{i['at_first_batch']['RssAnon']:.0f} | {s['at_first_batch']['RssFile']:.0f} | "
+            f"{s['draws_per_s']:,.0f} / {i['draws_per_s']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        kind, root, num_labels, cache, *rest = sys.argv[2:]
+        fn = child_index if kind == "index" else child_start
+        print(json.dumps(fn(Path(root), int(num_labels), Path(cache), *rest)))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("/tmp/tagjax-scale"))
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 1e8])
+    parser.add_argument("--labels", type=int, nargs="+", default=[17_000, 1_500])
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    rows = []
+    for num_labels in args.labels:
+        for n in args.sizes:
+            row = measure(args.root, int(n), num_labels)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(rows, indent=1))
+    print(render(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.exit(main())
