@@ -86,3 +86,22 @@ def test_old_dataset_in_a_read_only_folder_says_what_to_run(tmp_path, monkeypatc
 def test_missing_label_store_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="tagjax build"):
         records.open_label_store(tmp_path, "train", 3)
+
+
+def test_upgrade_command_converts_every_split(tmp_path, capsys):
+    from tagjax import cli
+    from tagjax import vocab as vocab_lib
+
+    vocab = vocab_lib.build_vocabulary({"dog": 5, "cat": 4, "car": 3}, mode="nouns")
+    vocab.save(tmp_path / "vocab.json")
+    splits = {}
+    for split, lists in (("train", [[0], [1, 2], [2]]), ("heldout", [[1]])):
+        records.LabelIndex.from_lists(lists).save_legacy(tmp_path / f"{split}.labels.npz")
+        splits[split] = {"shards": [], "num_records": len(lists)}
+    records.Manifest(records.SCHEMA_VERSION, splits, vocab_fingerprint=vocab.fingerprint()).save(
+        tmp_path
+    )
+    assert cli.main(["build", "--upgrade-labels", str(tmp_path)]) == 0
+    assert "train: 3 records" in capsys.readouterr().out
+    assert records.LabelStore(tmp_path, "train").labels_of(1).tolist() == [1, 2]
+    assert records.LabelStore(tmp_path, "heldout").counts(vocab.num_labels).tolist() == [0, 1, 0]
