@@ -408,7 +408,7 @@ def _write_buckets(store, counts, buffer_pairs, buckets, bucket_dtype, bar) -> N
     try:
         starts = np.arange(len(buckets), dtype=np.int64) * buffer_pairs
         for dest, rec in _placed_pairs(store.chunks, counts):
-            cuts = np.searchsorted(dest, starts, side="left").tolist() + [len(dest)]
+            cuts = [*np.searchsorted(dest, starts, side="left").tolist(), len(dest)]
             for k in range(len(buckets)):
                 lo, hi = cuts[k], cuts[k + 1]
                 if hi > lo:
