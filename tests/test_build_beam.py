@@ -104,3 +104,29 @@ def test_beam_habits_and_user_cap_match_local(tmp_path):
     assert local["dropped"][build_steps.USER_CAP] == 4
     for split in records.SPLITS:
         assert read_split(tmp_path / "local", split) == read_split(tmp_path / "beam", split)
+
+
+def test_beam_multi_processing_direct_runner_writes_the_local_shards(both, tmp_path):
+    """Several worker processes (what a cluster runner does: pickled stages, no shared state) still
+    write byte-identical shards, label stores and statistics."""
+    base, local, _ = both
+    paths = write_corpus(tmp_path / "in")
+    out = tmp_path / "mp"
+    stats = build_beam.build(
+        corpus_config(paths, out),
+        [
+            "--runner=DirectRunner",
+            "--direct_running_mode=multi_processing",
+            "--direct_num_workers=2",
+        ],
+    )
+    for name in sorted(p.name for p in (base / "local").glob("*.array_record")):
+        assert (out / name).read_bytes() == (base / "local" / name).read_bytes()
+    assert sorted(p.name for p in out.glob("*.array_record")) == sorted(
+        p.name for p in (base / "local").glob("*.array_record")
+    )
+    for split in records.SPLITS:
+        for part in ("offsets", "ids", "counts"):
+            name = f"{split}.labels.{part}.npy"
+            assert (out / name).read_bytes() == (base / "local" / name).read_bytes()
+    assert stats["records"] == local["records"] and stats["dropped"] == local["dropped"]
