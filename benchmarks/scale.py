@@ -98,12 +98,15 @@ class StubSource:
         self.store = records.LabelStore(Path(dataset_dir), split)
         self.num_records = self.store.num_records
         self.num_labels = num_labels
+        self._arrays = None
 
     def identity(self) -> dict:
         return {"kind": "stub", "num_records": self.num_records}
 
     def load(self, ids):
-        offsets, labels = self.store.offsets(), self.store.labels()
+        if self._arrays is None:  # opened once, like grain's readers
+            self._arrays = self.store.offsets(), self.store.labels()
+        offsets, labels = self._arrays
         return [(_JPEG, np.asarray(labels[offsets[i] : offsets[i + 1]], np.int64)) for i in ids]
 
 
