@@ -152,6 +152,70 @@ def child_start(root: Path, num_labels: int, cache: Path, mode: str) -> dict:
     }
 
 
+def write_posts(folder: Path, n: int, seed: int = 0, per_tar: int = 10_000) -> None:
+    """``n`` synthetic posts as webdataset tars: a 32x32 noise JPEG (distinct perceptual hashes), 1-3
+    Zipfian hashtags from the in1k vocabulary's names, one of n/50 users, public."""
+    import io
+    import tarfile
+
+    import simplejpeg
+
+    from tagjax import vocab as vocab_lib
+
+    vocab = vocab_lib.Vocabulary.load("in1k")
+    names = [vocab.name_of(i) for i in range(vocab.num_labels)]
+    cdf = np.cumsum(1.0 / np.arange(1, len(names) + 1))
+    cdf /= cdf[-1]
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def add(tar, name, data: bytes):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    for t, first in enumerate(range(0, n, per_tar)):
+        with tarfile.open(folder / f"{t:05d}.tar", "w") as tar:
+            for i in range(first, min(n, first + per_tar)):
+                key = f"{i:09d}"
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                add(tar, f"{key}.jpg", simplejpeg.encode_jpeg(pixels, quality=80, colorspace="RGB"))
+                tags = sorted(
+                    {names[j] for j in np.searchsorted(cdf, rng.random(rng.integers(1, 4)))}
+                )
+                meta = {"id": key, "tags": tags, "user": f"u{rng.integers(max(1, n // 50))}"}
+                add(tar, f"{key}.json", json.dumps(meta).encode())
+
+
+def child_build(posts_dir: Path, out: Path, workers: str) -> dict:
+    from tagjax import build, build_steps, images
+
+    cfg = build_steps.BuildConfig(
+        inputs=(f"wds:{posts_dir}",),
+        output=str(out),
+        vocab="in1k",
+        images=images.ImageOptions(max_side=32),
+        workers=int(workers),
+        overwrite=True,
+        progress=False,
+        raster_cache="",
+    )
+    start = time.perf_counter()
+    stats = build.build(cfg)
+    return {"seconds": time.perf_counter() - start, "written": stats["posts_written"], **memory()}
+
+
+def measure_build(root: Path, n: int, workers: int) -> dict:
+    posts_dir = root / f"posts{n}"
+    if not (posts_dir / "done").is_file():
+        shutil.rmtree(posts_dir, ignore_errors=True)
+        write_posts(posts_dir, n)
+        (posts_dir / "done").write_text("")
+    result, _ = run_child("build", posts_dir, root / f"built{n}", workers)
+    shutil.rmtree(root / f"built{n}", ignore_errors=True)
+    return {"posts": n, "workers": workers, **result}
+
+
 def run_child(*args) -> tuple[dict, float]:
     spawned = time.time()
     out = subprocess.run(
@@ -215,16 +279,30 @@ def render(rows: list[dict]) -> str:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        kind, root, num_labels, cache, *rest = sys.argv[2:]
+        kind, *rest = sys.argv[2:]
+        if kind == "build":
+            print(json.dumps(child_build(Path(rest[0]), Path(rest[1]), rest[2])))
+            return 0
+        root, num_labels, cache, *rest = rest
         fn = child_index if kind == "index" else child_start
         print(json.dumps(fn(Path(root), int(num_labels), Path(cache), *rest)))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("/tmp/tagjax-scale"))
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 1e8])
+    parser.add_argument("--sizes", type=float, nargs="*", default=[1e6, 1e7, 1e8])
     parser.add_argument("--labels", type=int, nargs="+", default=[17_000, 1_500])
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--build-posts",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also run the local builder on this many synthetic posts (e.g. 1e4 1e5)",
+    )
+    parser.add_argument("--build-workers", type=int, default=2)
     args = parser.parse_args()
+    for n in args.build_posts:
+        print(json.dumps(measure_build(args.root, int(n), args.build_workers)), flush=True)
     rows = []
     for num_labels in args.labels:
         for n in args.sizes:

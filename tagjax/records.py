@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import os
 import shutil
 import zipfile
@@ -217,6 +218,20 @@ def _npy_layout(path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
         return np.dtype(dtype), tuple(shape), f.tell()
 
 
+def open_random_access(path: Path) -> np.ndarray:
+    """A ``.npy`` file memory-mapped read-only for random access.
+
+    Readers here touch a few scattered entries at a time (a batch's records, a batch's draws): telling
+    the kernel so (``MADV_RANDOM``) stops every page fault from reading ahead ~100 KB-2 MB around it,
+    which would fill the page cache and this process' resident set with entries nobody asked for.
+    """
+    array = np.load(path, mmap_mode="r")
+    raw = getattr(array, "_mmap", None)
+    if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+        raw.madvise(mmap.MADV_RANDOM)
+    return array
+
+
 def read_npy_range(path: Path, start: int, stop: int) -> np.ndarray:
     """Elements ``[start, stop)`` of a 1-D ``.npy`` file by ordinary reads (no memory map).
 
@@ -386,11 +401,11 @@ class LabelStore:
 
     def offsets(self) -> np.ndarray:
         """Memory-mapped offsets (int64 [num_records + 1]); pages are read on access only."""
-        return np.load(self.offsets_path, mmap_mode="r")
+        return open_random_access(self.offsets_path)
 
     def labels(self) -> np.ndarray:
         """Memory-mapped label ids (int32 [pairs])."""
-        return np.load(self.labels_path, mmap_mode="r")
+        return open_random_access(self.labels_path)
 
     def labels_of(self, i: int) -> np.ndarray:
         lo, hi = read_npy_range(self.offsets_path, i, i + 2)

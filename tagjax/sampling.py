@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import mmap
 import os
 from pathlib import Path
 
@@ -239,12 +238,7 @@ class InvertedIndex:
     @property
     def images(self) -> np.ndarray:
         if self._images is None:
-            self._images = np.load(self.path, mmap_mode="r")
-            # Draws touch one entry per image at random places: without this, every page fault would
-            # read ahead ~100 KB of the file around it (into the page cache and this process' RSS).
-            raw = getattr(self._images, "_mmap", None)
-            if raw is not None and hasattr(mmap, "MADV_RANDOM"):
-                raw.madvise(mmap.MADV_RANDOM)
+            self._images = records.open_random_access(self.path)  # draws hit scattered entries
         return self._images
 
     def images_at(self, flat: np.ndarray) -> np.ndarray:
