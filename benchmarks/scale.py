@@ -92,22 +92,32 @@ _JPEG = None
 
 
 class StubSource:
-    """Stands in for tagjax.input_pipeline.RecordSource: a fixed small JPEG, the store's labels."""
+    """Stands in for tagjax.input_pipeline.RecordSource: a fixed small JPEG, and each record's labels
+    read from the label store with ``os.pread`` (as a record reader reads records: no memory map, so
+    the process' resident set shows what the pipeline itself holds)."""
 
     def __init__(self, dataset_dir, split, num_labels):
         self.store = records.LabelStore(Path(dataset_dir), split)
         self.num_records = self.store.num_records
         self.num_labels = num_labels
-        self._arrays = None
+        self._files = None
 
     def identity(self) -> dict:
         return {"kind": "stub", "num_records": self.num_records}
 
     def load(self, ids):
-        if self._arrays is None:  # opened once, like grain's readers
-            self._arrays = self.store.offsets(), self.store.labels()
-        offsets, labels = self._arrays
-        return [(_JPEG, np.asarray(labels[offsets[i] : offsets[i + 1]], np.int64)) for i in ids]
+        if self._files is None:  # opened once, like grain's readers
+            self._files = [
+                (os.open(path, os.O_RDONLY), records.npy_layout(path)[2])
+                for path in (self.store.offsets_path, self.store.labels_path)
+            ]
+        (off_fd, off_base), (lab_fd, lab_base) = self._files
+        out = []
+        for i in ids:
+            lo, hi = np.frombuffer(os.pread(off_fd, 16, off_base + 8 * int(i)), np.int64)
+            data = os.pread(lab_fd, 4 * int(hi - lo), lab_base + 4 * int(lo))
+            out.append((_JPEG, np.frombuffer(data, np.int32).astype(np.int64)))
+        return out
 
 
 def child_start(root: Path, num_labels: int, cache: Path, mode: str) -> dict:
@@ -274,7 +284,43 @@ def render(rows: list[dict]) -> str:
             f"{i['at_first_batch']['RssAnon']:.0f} | {s['at_first_batch']['RssFile']:.0f} | "
             f"{s['draws_per_s']:,.0f} / {i['draws_per_s']:,.0f} |"
         )
+    lines += ["", extrapolate(rows)]
     return "\n".join(lines)
+
+
+def extrapolate(rows: list[dict]) -> str:
+    """Per-image costs fitted over the measured sizes (largest label count), at 3.5B images."""
+    num_labels = max(r["labels"] for r in rows)
+    rows = sorted((r for r in rows if r["labels"] == num_labels), key=lambda r: r["images"])
+    n = np.asarray([r["images"] for r in rows], np.float64)
+
+    def fit(values) -> tuple[float, float]:
+        if len(n) < 2:
+            return float(values[0]) / n[0], 0.0
+        slope, intercept = np.polyfit(n, np.asarray(values, np.float64), 1)
+        return float(slope), float(intercept)
+
+    pairs = rows[-1]["pairs"] / rows[-1]["images"]
+    index_bytes = 4 if TARGET_N < (1 << 32) else 8
+    t_slope, t_icpt = fit([r["index"]["seconds"] for r in rows])
+    a_slope, a_icpt = fit([r["start_sqrt"]["at_first_batch"]["RssAnon"] for r in rows])
+    s_slope, s_icpt = fit([r["start_sqrt"]["seconds_to_first_batch"] for r in rows])
+    store = TARGET_N * (8 + 4 * pairs)
+    index = TARGET_N * pairs * index_bytes
+    return "\n".join(
+        [
+            f"Extrapolated to {TARGET_N / 1e9:.1f}B images ({num_labels:,} labels, {pairs:.2f} "
+            f"hashtags per image; linear fits over {', '.join(f'{x:.0e}' for x in n)}):",
+            f"- label store on disk: {store / 1e9:.1f} GB (shared storage; read only to build the index)",
+            f"- sampler index: {index / 1e9:.1f} GB per host, memory-mapped (each of {HOSTS} hosts "
+            f"maps the whole index: {index / 1e9:.1f} GB each, {HOSTS * index / 1e12:.2f} TB in all)",
+            f"- index build: {t_slope * TARGET_N + t_icpt:,.0f} s on one core "
+            f"({t_slope * 1e9:.0f} s per 1e9 images), peak memory bounded (see table)",
+            f"- anonymous memory at the first batch: {a_slope * TARGET_N + a_icpt:,.0f} MB "
+            f"({a_slope * 1e9:.1f} MB per 1e9 images)",
+            f"- time to the first batch (index cached): {s_slope * TARGET_N + s_icpt:,.1f} s",
+        ]
+    )
 
 
 def main() -> int:

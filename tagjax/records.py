@@ -205,7 +205,7 @@ class LabelChunk:
         )
 
 
-def _npy_layout(path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
+def npy_layout(path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
     """(dtype, shape, byte offset of the data) of a ``.npy`` file, reading only its header."""
     with open(path, "rb") as f:
         major, _ = np.lib.format.read_magic(f)
@@ -222,8 +222,9 @@ def open_random_access(path: Path) -> np.ndarray:
     """A ``.npy`` file memory-mapped read-only for random access.
 
     Readers here touch a few scattered entries at a time (a batch's records, a batch's draws): telling
-    the kernel so (``MADV_RANDOM``) stops every page fault from reading ahead ~100 KB-2 MB around it,
-    which would fill the page cache and this process' resident set with entries nobody asked for.
+    the kernel so (``MADV_RANDOM``) stops every page fault from reading ahead around it, which on a
+    cold cache (a network disk, the first epoch) would read ~128 KB from disk per draw. The pages a
+    process has touched count in its RSS as file pages (shared, reclaimable), not as its own memory.
     """
     array = np.load(path, mmap_mode="r")
     raw = getattr(array, "_mmap", None)
@@ -238,7 +239,7 @@ def read_npy_range(path: Path, start: int, stop: int) -> np.ndarray:
     Chunked passes over the label store use this, so what they read lands in the page cache (shared,
     reclaimable) and never in the process' resident set.
     """
-    dtype, shape, data_offset = _npy_layout(path)
+    dtype, shape, data_offset = npy_layout(path)
     stop = min(stop, shape[0])
     if stop <= start:
         return np.zeros(0, dtype)
@@ -382,12 +383,12 @@ class LabelStore:
 
     @property
     def num_records(self) -> int:
-        return _npy_layout(self.offsets_path)[1][0] - 1
+        return npy_layout(self.offsets_path)[1][0] - 1
 
     @property
     def num_pairs(self) -> int:
         """(image, label) pairs: the length of ``ids``."""
-        return _npy_layout(self.labels_path)[1][0]
+        return npy_layout(self.labels_path)[1][0]
 
     def counts(self, num_labels: int | None = None) -> np.ndarray:
         """Images per label (int64 [num_labels]); O(labels), written at build time."""
