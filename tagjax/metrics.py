@@ -372,6 +372,7 @@ class MetricsAccumulator:
 _LOGIT_MIN = -40.0
 _LOGIT_MAX = 20.0
 STREAMED_MODES = ("auto", "exact", "streamed")
+_AP_LABEL_CHUNK = 1024  # labels whose histograms are expanded to int64 at once when computing AP
 
 
 def _logit_bins(scores, bins: int, xp=np):
@@ -457,12 +458,16 @@ class StreamingMetricsAccumulator:
         is_pos = ids >= 0
         label, score = ids[is_pos].astype(np.int64), pos_scores[is_pos]
         b, inside = _logit_bins(score, self.bins)
-        hist = np.asarray(self._hist, np.int64)
-        np.subtract.at(hist, (label, b), 1)  # -> negatives per bin
-        # Negatives strictly above each bin, then the estimate for each positive's own bin.
-        above = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1] - hist
-        fp = above[label, b] + hist[label, b] * (1.0 - inside)
-        del hist, above
+        fp = np.zeros(len(label), np.float64)
+        for first in range(0, self.num_labels, _AP_LABEL_CHUNK):  # bounded temporaries
+            last = min(first + _AP_LABEL_CHUNK, self.num_labels)
+            hist = np.asarray(self._hist[first:last], np.int64)
+            mine = np.flatnonzero((label >= first) & (label < last))
+            rows, cols = label[mine] - first, b[mine]
+            np.subtract.at(hist, (rows, cols), 1)  # -> negatives per bin
+            # Negatives strictly above the positive's bin, plus its share of those in the bin.
+            above = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1] - hist
+            fp[mine] = above[rows, cols] + hist[rows, cols] * (1.0 - inside[mine])
         # TP at each positive's score: positives of its label with a score >= it (ties enter together).
         order = np.lexsort((-score, label))
         label, score, fp = label[order], score[order], fp[order]
