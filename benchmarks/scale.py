@@ -212,7 +212,12 @@ def child_build(posts_dir: Path, out: Path, workers: str) -> dict:
     )
     start = time.perf_counter()
     stats = build.build(cfg)
-    return {"seconds": time.perf_counter() - start, "written": stats["posts_written"], **memory()}
+    return {
+        "seconds": time.perf_counter() - start,
+        "written": stats["posts_written"],
+        "timing_s": stats["timing_s"],
+        **memory(),
+    }
 
 
 def measure_build(root: Path, n: int, workers: int) -> dict:
@@ -284,7 +289,8 @@ def render(rows: list[dict]) -> str:
             f"{i['at_first_batch']['RssAnon']:.0f} | {s['at_first_batch']['RssFile']:.0f} | "
             f"{s['draws_per_s']:,.0f} / {i['draws_per_s']:,.0f} |"
         )
-    lines += ["", extrapolate(rows)]
+    if rows:
+        lines += ["", extrapolate(rows)]
     return "\n".join(lines)
 
 
