@@ -461,7 +461,7 @@ def _is_output_file(name: str) -> bool:
         or name.endswith(".array_record")
         or name.endswith(".array_record.tmp")
         or name.endswith(".tmp.npz")
-        or (name.startswith(records.SPLITS) and name.endswith((".npy.tmp", ".npy.data.tmp")))
+        or (name.startswith(records.SPLITS) and ".npy." in name and name.endswith(".tmp"))
     )
 
 

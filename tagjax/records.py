@@ -254,14 +254,15 @@ def read_npy_range(path: Path, start: int, stop: int) -> np.ndarray:
 class NpyStreamWriter:
     """Appends 1-D chunks to a ``.npy`` file without knowing its length up front, in bounded memory.
 
-    The data goes to ``<path>.data.tmp`` as it comes; ``close`` writes the header to ``<path>.tmp``,
-    copies the data behind it and renames: the final file appears complete or not at all.
+    The data goes to ``<path>.<pid>.data.tmp`` as it comes; ``close`` writes the header to
+    ``<path>.<pid>.tmp``, copies the data behind it and renames: the final file appears complete or not
+    at all, and several processes upgrading the same dataset at once do not clobber each other.
     """
 
     def __init__(self, path: Path, dtype):
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
-        self._data_path = self.path.with_name(self.path.name + ".data.tmp")
+        self._data_path = self.path.with_name(f"{self.path.name}.{os.getpid()}.data.tmp")
         self._data = open(self._data_path, "wb")  # noqa: SIM115 (closed by close or abort)
         self.length = 0
 
@@ -272,7 +273,7 @@ class NpyStreamWriter:
 
     def close(self) -> None:
         self._data.close()
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False}
         with open(tmp, "wb") as out, open(self._data_path, "rb") as data:
             np.lib.format.write_array_header_1_0(out, {**header, "shape": (self.length,)})
@@ -331,7 +332,7 @@ class LabelStoreWriter:
         self._flush()
         self._offsets.close()
         self._labels.close()
-        tmp = self.store.counts_path.with_name(self.store.counts_path.name + ".tmp")
+        tmp = self.store.counts_path.with_name(f"{self.store.counts_path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             np.save(f, self._counts)
         os.replace(tmp, self.store.counts_path)
