@@ -114,7 +114,7 @@ def get_config(arg=None):
     c.train.eval_every_images = 50_000_000
     c.train.eval_max_images = 50_000  # held-out images per evaluation (0 = all)
     # Hashtag metrics (tagjax.metrics): "exact" keeps every score (N x L floats on the host), "streamed"
-    # keeps per-label score histograms (bounded memory; AP within ~1e-4 of exact, docs/evaluation.md);
+    # keeps per-label score histograms (bounded memory; mAP within 1e-3 of exact, docs/evaluation.md);
     # "auto" is exact while images x labels <= eval_exact_max_scores.
     c.train.eval_metrics = "auto"
     c.train.eval_exact_max_scores = 100_000_000  # 400 MB of float32 scores
