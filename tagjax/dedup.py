@@ -8,8 +8,9 @@ and copies of evaluation images, which make held-out numbers lie. The builder re
   pictures match even when their files differ (PNG vs JPEG, different metadata).
 * **near**: :func:`phash`, a 64-bit DCT perceptual hash (grayscale, area-averaged to 64 px then 32x32
   Lanczos-resampled, the 8x8 lowest frequencies, one bit per coefficient above their median). Two
-  images are near duplicates when the Hamming distance of their hashes is at most a threshold. The default was tuned on real openclipart
-  pairs (``benchmarks/dedup_threshold.py``; numbers and the reasoning in benchmarks/README.md).
+  images are near duplicates when the Hamming distance of their hashes is at most a threshold. The
+  default was tuned on real openclipart pairs (``benchmarks/dedup_threshold.py``; numbers and the
+  reasoning in benchmarks/README.md).
 * **evaluation**: training images within a threshold of any evaluation image (a folder, or a TFDS
   split, hashed by tagjax.eval_sets) are removed and listed in the build report.
 
