@@ -197,6 +197,16 @@ def validate_config(config) -> None:
             raise UserError(f"config.{name}={value}: must be greater than 0.")
         if value < 0:
             raise UserError(f"config.{name}={value}: must not be negative.")
+    profile_steps = values.get("train.profile_steps") or ()
+    try:
+        first, last = (int(s) for s in profile_steps) if profile_steps else (0, 1)
+    except (TypeError, ValueError):
+        first, last = -1, -1
+    if not 0 <= first < last:
+        raise UserError(
+            f"config.train.profile_steps={profile_steps!r}: give two steps (first, last) with "
+            "0 <= first < last, e.g. --config.train.profile_steps='(10,15)'."
+        )
 
 
 def prepare_workdir(workdir) -> None:

@@ -450,7 +450,7 @@ def setup_runtime(config) -> None:
     persistent compilation cache (a restart or a second run of the same config skips most compiling)."""
     sharding.maybe_initialize_distributed()
     cache_dir = str(config.train.get("compilation_cache_dir", "") or "")
-    if cache_dir and not jax.config.jax_compilation_cache_dir:
+    if cache_dir:
         path = as_path(cache_dir)
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -461,8 +461,9 @@ def setup_runtime(config) -> None:
                 f"config.train.compilation_cache_dir={cache_dir} cannot be written "
                 f"({e.strerror or type(e).__name__}); pass a writable directory, or '' for no cache."
             ) from None
-        jax.config.update("jax_compilation_cache_dir", str(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        if not jax.config.jax_compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", str(path))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 @dataclasses.dataclass
