@@ -567,6 +567,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         loop.close_iterator(data.train_iterator)
         manager.close()
         writer.close()
+    if jax.process_count() > 1:
+        # Every process leaves the run together: none reaches jax.distributed's exit barrier minutes
+        # before another (process 0 alone writes the logs and finalizes checkpoints).
+        multihost_utils.sync_global_devices("tagjax_train_end")
 
     summary = {
         "step": result.step,
