@@ -63,8 +63,9 @@ _DRIVER = textwrap.dedent(
                 raise OSError(errno.ENOSPC, "No space left on device")
             return await save_fn(self, x, directory)
         ocp.JsonCheckpointHandler._save_fn = full_disk
-    from tagjax import cli
-    sys.exit(cli.main(["train", "--config", "tiny", *sys.argv[1:]]))
+    if __name__ == "__main__":  # data workers are spawned: they import this file again
+        from tagjax import cli
+        sys.exit(cli.main(["train", "--config", "tiny", *sys.argv[1:]]))
     """
 )
 
