@@ -790,6 +790,7 @@ def run_finetune(
         config, checkpoint_path, train_ds.num_classes, len(train_ds.source), log_fn=log_fn
     )
     t = config.transfer
+    loop.validate_config(config)
     batch_size = int(config.train.batch_size)
     num_steps = loop.Cadence.from_config(config.train).num_steps
     model = models.create(config.model, train_ds.num_classes)
@@ -812,7 +813,7 @@ def run_finetune(
     state, start = loop.restore_or_init(
         manager, abstract, lambda: init_finetune_state(config, checkpoint_path, model, tx, mesh)
     )
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start or None)
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
     try:
         if start:
             log_fn(f"resumed fine-tuning at step {start:,} of {num_steps:,}")

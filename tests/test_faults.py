@@ -124,6 +124,21 @@ def test_relative_workdir_trains_checkpoints_and_resumes(trained, tmp_path):
     assert [r["step"] for r in train_rows(workdir)] == list(range(1, 13))
 
 
+def test_command_paths_are_made_absolute_once_and_urls_are_left_alone(tmp_path, monkeypatch):
+    from tagjax.commands import paths
+    from tagjax.metrics_writer import as_path
+
+    monkeypatch.chdir(tmp_path)
+    assert paths.path("runs/a") == str(tmp_path / "runs" / "a")
+    assert paths.path("~/x") == str(Path.home() / "x")
+    assert paths.path("gs://bucket/run") == "gs://bucket/run"
+    assert as_path("runs/a") == tmp_path / "runs" / "a"
+    assert str(as_path("gs://bucket/run")) == "gs://bucket/run"
+    parser, _ = cli.build_parser("train")
+    args = parser.parse_args(["train", "--config", "tiny", "--workdir", "relrun"])
+    assert args.workdir == str(tmp_path / "relrun") and args.config == "tiny"
+
+
 def test_relative_paths_for_predict_export_import_and_the_python_api(tmp_path, monkeypatch, capsys):
     from tagjax import transfer
     from tagjax import vocab as vocab_lib
