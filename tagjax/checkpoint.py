@@ -84,9 +84,8 @@ class _OrbaxInfoFilter(logging.Filter):
     to see Orbax's lines again.
     """
 
-    last_error: BaseException | None = (
-        None  # the newest failure Orbax logged from a background save
-    )
+    # The newest failure Orbax logged from a background save.
+    last_error: BaseException | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         from_orbax = "/orbax/" in record.pathname.replace("\\", "/")
