@@ -235,26 +235,27 @@ def test_metric_writer_keeps_rows_up_to_the_restored_step(tmp_path, caplog):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _largest_array_file(step_dir: Path) -> Path:
-    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
-    return max(files, key=lambda p: p.stat().st_size)
+def _array_files(step_dir: Path) -> list[Path]:
+    """The OCDBT data files of the state. Which of them hold live array bytes (and which are superseded
+    by a later write of the same save) varies from save to save, so a damage hits them all."""
+    return [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
 
 
 def _delete_metadata(step_dir):
     (step_dir / "state" / "_METADATA").unlink()
 
 
-def _truncate_array_file(step_dir):
-    f = _largest_array_file(step_dir)
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+def _truncate_array_files(step_dir):
+    for f in _array_files(step_dir):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
 def _overwrite_array_bytes(step_dir):
-    f = _largest_array_file(step_dir)
-    data = bytearray(f.read_bytes())
-    middle = len(data) // 2
-    data[middle : middle + 64] = bytes(range(64))
-    f.write_bytes(bytes(data))
+    for f in _array_files(step_dir):
+        data = bytearray(f.read_bytes())
+        middle = len(data) // 2
+        data[middle : middle + 64] = bytes(range(64))[: len(data) - middle]
+        f.write_bytes(bytes(data))
 
 
 def _delete_meta_item(step_dir):
@@ -279,7 +280,7 @@ def _silently_changed_values(step_dir):
 
 DAMAGE = {
     "deleted _METADATA": _delete_metadata,
-    "truncated array file": _truncate_array_file,
+    "truncated array files": _truncate_array_files,
     "overwritten array bytes": _overwrite_array_bytes,
     "missing meta item": _delete_meta_item,
     "missing data item": _delete_data_item,
