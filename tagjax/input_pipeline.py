@@ -41,11 +41,17 @@ shared by all workers of a host; ``images`` mode none).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
+import secrets
+import threading
+import time
 from collections.abc import Sequence
+from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 import cv2
@@ -488,14 +494,60 @@ class EvalBatches:
 # ------------------------------------------------------------------------------------------------
 
 
+# Shared-memory segments of our grain workers are named with this prefix and the training process's pid,
+# so the process can find and release the ones still in flight when it closes its iterator, and a test
+# can tell them from other programs' segments.
+SHM_PREFIX = "psm_tagjax"
+
+
+def worker_shm_prefix(parent_pid: int) -> str:
+    return f"{SHM_PREFIX}{parent_pid}_"
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)  # the training process is gone (killed): nobody will read our batches
+
+
+def _init_worker(parent_pid: int, worker_index: int, worker_count: int) -> None:
+    """Runs first in each grain worker process: the worker ends itself when the training process dies
+    (a SIGKILL runs no cleanup; without this, workers and the resource tracker outlive it), and names
+    its shared memory so the training process can release what is left when it closes its iterator.
+
+    A thread polling the parent's pid, not prctl(PR_SET_PDEATHSIG): that signal fires when the *thread*
+    that started the worker ends, which need not be the process ending."""
+    del worker_index, worker_count
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    prefix = "/" + worker_shm_prefix(parent_pid)
+    shared_memory._make_filename = lambda: prefix + secrets.token_hex(8)  # names are never reused
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+
+
 def _grain_iterator(batch_fn, first: int, stop: int, num_workers: int, prefetch: int):
     ds = grain.MapDataset.range(first, stop).map(batch_fn)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
     if num_workers > 0:
         it_ds = it_ds.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch)
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch),
+            worker_init_fn=functools.partial(_init_worker, os.getpid()),
         )
     return iter(it_ds)
+
+
+def _close_grain(iterator) -> None:
+    """Stops a grain iterator's workers, then unlinks the shared memory of batches they made that were
+    never read (grain leaves those to the resource tracker, which warns about each at exit)."""
+    iterator.close()
+    shm_dir = Path("/dev/shm")
+    if not shm_dir.is_dir():
+        return
+    for leftover in shm_dir.glob(worker_shm_prefix(os.getpid()) + "*"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+        with contextlib.suppress(Exception):
+            resource_tracker.unregister("/" + leftover.name, "shared_memory")
 
 
 _BAD_RECORD_CAUSE = "undecodable image, no labels or unknown label ids"
@@ -563,7 +615,7 @@ class TrainIterator(grain.DatasetIterator):
 
     def close(self) -> None:
         if self._inner is not None:
-            self._inner.close()
+            _close_grain(self._inner)
             self._inner = None
 
     def get_state(self) -> dict:
@@ -664,7 +716,7 @@ class EvalIterator:
 
     def close(self) -> None:
         if self._inner is not None:
-            self._inner.close()
+            _close_grain(self._inner)
             self._inner = None
 
 

@@ -15,6 +15,7 @@ from tagjax import build_steps, dedup
 from tagjax import images as images_lib
 from tagjax import posts as posts_lib
 from tagjax import vocab as vocab_lib
+from tagjax.commands import paths
 from tagjax.errors import UserError
 
 
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = build_steps.BuildConfig(inputs=(), output="")
     io_ = parser.add_argument_group("inputs and output")
     io_.add_argument("inputs", nargs="*", help="post sources, KIND:PATH")
-    io_.add_argument("--output", "-o", help="dataset directory to create")
+    io_.add_argument("--output", "-o", type=paths.path, help="dataset directory to create")
     io_.add_argument(
         "--overwrite", action="store_true", help="replace a previous build in --output"
     )
@@ -40,9 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.workers,
         help="image worker processes (0 = one per CPU core, 1 = no subprocesses)",
     )
-    io_.add_argument("--yfcc-images", default=None, help="folder of YFCC100M photos (yfcc inputs)")
+    io_.add_argument(
+        "--yfcc-images",
+        type=paths.path,
+        default=None,
+        help="folder of YFCC100M photos (yfcc inputs)",
+    )
     io_.add_argument(
         "--image-root",
+        type=paths.path,
         action="append",
         default=[],
         metavar="DIR",
@@ -83,10 +90,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="use posts whose source does not record visibility (only your own data)",
     )
     pv.add_argument(
-        "--optout-posts", default=None, help="file of post ids to exclude, one per line"
+        "--optout-posts",
+        type=paths.path,
+        default=None,
+        help="file of post ids to exclude, one per line",
     )
     pv.add_argument(
-        "--optout-users", default=None, help="file of user ids to exclude, one per line"
+        "--optout-users",
+        type=paths.path,
+        default=None,
+        help="file of user ids to exclude, one per line",
     )
     pv.add_argument(
         "--keep-user-ids", action="store_true", help="store the uploader id in each record"
@@ -159,7 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder or tfds:NAME/SPLIT whose near duplicates are removed (repeatable)",
     )
     dd.add_argument("--eval-threshold", type=int, default=d.dedup.eval_threshold)
-    dd.add_argument("--tfds-data-dir", default=None)
+    dd.add_argument("--tfds-data-dir", type=paths.path, default=None)
     dd.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
     dd.add_argument("--split-seed", default=d.split_seed)
     dd.add_argument("--shard-size", type=int, default=d.shard_size, help="records per shard")

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tagjax.commands import paths
 from tagjax.errors import UserError
 
 
 def add_arguments(parser) -> None:
     parser.add_argument(
         "--checkpoint",
+        type=paths.path,
         required=True,
         help="the trunk whose features define similarity (a trained "
         "or imported checkpoint; the better the features, the better the matches)",
@@ -37,7 +39,10 @@ def add_arguments(parser) -> None:
         "--eval-split", default="test", help="split of each downstream dataset (default test)"
     )
     parser.add_argument(
-        "--data-dir", default=None, help="TFDS data directory for downstream datasets"
+        "--data-dir",
+        type=paths.path,
+        default=None,
+        help="TFDS data directory for downstream datasets",
     )
     parser.add_argument(
         "--threshold",
@@ -51,12 +56,14 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--output",
+        type=paths.path,
         required=True,
         help="the exclude list (one post id per line) for "
         "`tagjax build`; PATH.pairs.jsonl lists every match for inspection",
     )
     parser.add_argument(
         "--embeddings-dir",
+        type=paths.path,
         default=None,
         help="where embeddings are cached (default: beside --output); an interrupted run resumes",
     )

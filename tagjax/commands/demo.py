@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tagjax import config as config_lib
+from tagjax.commands import paths
 
 DEFAULT_WORKDIR = "runs/demo"
 DEFAULT_CONFIG = "demo"
@@ -21,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workdir",
+        type=paths.path,
         default=DEFAULT_WORKDIR,
         help=f"output directory (default {DEFAULT_WORKDIR}); rerun to reuse finished stages",
     )

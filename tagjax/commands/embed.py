@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 
+from tagjax.commands import paths
 from tagjax.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--checkpoint", required=True, help="a training workdir, checkpoints/ folder or checkpoint"
+        "--checkpoint",
+        type=paths.path,
+        required=True,
+        help="a training workdir, checkpoints/ folder or checkpoint",
     )
     parser.add_argument(
         "--input",
@@ -24,10 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="split of a built dataset (default train) or of a downstream dataset (default test)",
     )
     parser.add_argument(
-        "--data-dir", default=None, help="TFDS data directory for downstream datasets"
+        "--data-dir",
+        type=paths.path,
+        default=None,
+        help="TFDS data directory for downstream datasets",
     )
     parser.add_argument(
-        "--output", required=True, help="output prefix: writes PREFIX.npy and PREFIX.index.jsonl"
+        "--output",
+        type=paths.path,
+        required=True,
+        help="output prefix: writes PREFIX.npy and PREFIX.index.jsonl",
     )
     parser.add_argument(
         "--batch-size",

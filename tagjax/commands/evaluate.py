@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from tagjax.commands import paths
 from tagjax.errors import UserError
 
 
@@ -64,6 +65,7 @@ def run_classification(args) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
+        type=paths.path,
         required=True,
         help="a training workdir (newest checkpoint), its "
         "checkpoints/ folder, or one checkpoint directory",
@@ -84,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--data-dir",
+        type=paths.path,
         default=None,
         help="TFDS data directory of a downstream dataset "
         "(default $TFDS_DATA_DIR or ~/tensorflow_datasets)",
@@ -107,6 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--output",
+        type=paths.path,
         default=None,
         help="JSON file to write (default: WORKDIR/eval/"
         "<dataset>-<split>-step<N>.json, or eval/<checkpoint>-<dataset>-<split>.json beside a "

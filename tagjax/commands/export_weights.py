@@ -7,14 +7,17 @@ import argparse
 import sys
 import time
 
+from tagjax.commands import paths
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Write a tagjax checkpoint's weights as a torchvision-layout .safetensors file (for PyTorch / timm)."
     parser.add_argument(
         "checkpoint",
+        type=paths.path,
         help="workdir (newest checkpoint), checkpoints/ folder or checkpoint directory",
     )
-    parser.add_argument("--out", required=True, help="FILE.safetensors to write")
+    parser.add_argument("--out", required=True, type=paths.path, help="FILE.safetensors to write")
     parser.add_argument("--no-head", action="store_true", help="export the trunk only (no 'fc')")
 
 

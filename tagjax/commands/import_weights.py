@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from tagjax import config as config_lib
+from tagjax.commands import paths
 from tagjax.errors import UserError
 
 
@@ -17,19 +18,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "models; .safetensors without PyTorch, .pth with PyTorch's weights-only loader) into a tagjax "
         "checkpoint for predict, embed, evaluate and transfer."
     )
-    parser.add_argument("file", help="weights file: .safetensors, or .pth/.pt (needs PyTorch)")
+    parser.add_argument(
+        "file", type=paths.path, help="weights file: .safetensors, or .pth/.pt (needs PyTorch)"
+    )
     parser.add_argument(
         "--arch",
         required=True,
         metavar="ARCH",
         help="architecture of the weights, a name in tagjax.models.ARCHS (a wrong name lists them)",
     )
-    parser.add_argument("--out", required=True, help="new checkpoint directory to write")
+    parser.add_argument(
+        "--out", type=paths.path, required=True, help="new checkpoint directory to write"
+    )
     parser.add_argument(
         "--no-head", action="store_true", help="import the trunk only (drop or allow no 'fc')"
     )
     parser.add_argument(
         "--classes",
+        type=paths.path,
         default=None,
         help="text file with one class name per line for a head that is not ImageNet-1k's",
     )

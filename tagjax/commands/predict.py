@@ -6,21 +6,28 @@ import argparse
 import json
 import sys
 
+from tagjax.commands import paths
 from tagjax.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, GIF, WebP, SVG, ...)"
+        "images",
+        type=paths.path,
+        nargs="+",
+        metavar="IMAGE",
+        help="image files (JPEG, PNG, GIF, WebP, SVG, ...)",
     )
     parser.add_argument(
         "--checkpoint",
+        type=paths.path,
         required=True,
         help="a training workdir, its checkpoints/ folder, or one "
         "checkpoint directory (trained or imported)",
     )
     parser.add_argument(
         "--vocab",
+        type=paths.path,
         default=None,
         help="the vocabulary (vocab.json) the checkpoint was trained on; "
         "default: found beside the checkpoint or in its training dataset",

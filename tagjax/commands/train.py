@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from tagjax.commands import paths
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -19,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workdir",
         required=True,
+        type=paths.path,
         help="run directory: checkpoints, metrics.jsonl, TensorBoard events; rerun to resume",
     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from tagjax.commands import paths
 from tagjax.errors import UserError
 
 MODES = ("linear", "finetune")
@@ -23,12 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--checkpoint",
+        type=paths.path,
         required=True,
         help="the pretrained checkpoint: a training workdir, its "
         "checkpoints/ folder, one checkpoint directory, or an imported one",
     )
     parser.add_argument(
         "--workdir",
+        type=paths.path,
         required=True,
         help="output directory: features cache, checkpoints, results.json",
     )
@@ -41,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--data-dir",
+        type=paths.path,
         default=None,
         help="TFDS data directory (default $TFDS_DATA_DIR or ~/tensorflow_datasets)",
     )

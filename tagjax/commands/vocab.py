@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 
 from tagjax import hashtags as H
+from tagjax.commands import paths
 from tagjax.errors import UserError
 from tagjax.vocab import MODES, Canonicalizer, Vocabulary, build_vocabulary, read_tag_counts
 
@@ -51,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="split unknown forms into known nouns (#sunsetbeach -> sunset + beach)",
     )
-    b.add_argument("--out", required=True, help="output vocabulary file (.json, or .json.gz)")
+    b.add_argument(
+        "--out", type=paths.path, required=True, help="output vocabulary file (.json, or .json.gz)"
+    )
     s = sub.add_parser("show", help="summarize a vocabulary and list its labels")
     s.add_argument("vocab", help="vocab.json, a dataset directory, or a built-in name (in1k)")
     s.add_argument("--limit", type=int, default=25, help="labels to list (0 = all)")
@@ -76,7 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lk.add_argument("--json", action="store_true", help="one JSON object per hashtag")
     r = sub.add_parser("rebuild-data", help="rebuild tagjax's package data from WordNet 3.0")
     r.add_argument(
-        "--out-dir", default=None, help="default: the installed package's data directory"
+        "--out-dir",
+        type=paths.path,
+        default=None,
+        help="default: the installed package's data directory",
     )
 
 

@@ -151,5 +151,8 @@ def get_config(arg=None):
     # On resume, ignore the saved data-iterator positions (needed when the number of hosts changed:
     # per-host positions cannot be remapped). The model resumes exactly; the data order restarts.
     c.checkpoint.reset_data_state = False
+    # Resume from this step instead of the newest intact checkpoint (0 = newest); newer checkpoints are
+    # set aside. A one-time choice: drop it from the command after that restart.
+    c.checkpoint.restore_step = 0
 
     return c
