@@ -291,13 +291,16 @@ def stage_pretrain(
     stages: Stages,
     *,
     progress: bool,
+    run: str = "pretrain",
 ) -> dict:
+    """Pretrains ``cfg`` with ``seed`` in ``WORKDIR/seed<seed>/<run>`` and evaluates it on the held-out posts
+    (``run`` names the run: tagjax.study runs one per arm)."""
 
     log = stages.log
     pcfg = pretrain_config(cfg, seed, corpus["dataset"])
-    run_dir = workdir / f"seed{seed}" / "pretrain"
+    run_dir = workdir / f"seed{seed}" / run
     key = _pretrain_key(pcfg, corpus_key)
-    name = f"seed{seed}/pretrain"
+    name = f"seed{seed}/{run}"
     result = stages.begin(name, run_dir, key)
     if result is not None:
         log(
@@ -349,6 +352,9 @@ def stage_pretrain(
         "steps": int(train_summary["step"]),
         "images_seen": int(train_summary["images_seen"]),
         "final_train_loss": train_summary.get("train_loss"),
+        "final_heldout_loss": train_summary.get(
+            "eval_loss"
+        ),  # in the run's own loss (softmax/sigmoid)
         "images_per_second": train_summary.get("train_images_per_second"),
         "train_seconds": train_s,
         "eval_seconds": time.perf_counter() - t1,
@@ -464,12 +470,12 @@ def stage_probe(
     result = stages.begin(name, run_dir, key)
     if result is not None:
         stages.log(
-            f"{TRUNKS[trunk]:<20} test top-1 {100 * result['test_top1']:.1f}%  top-5 "
+            f"{TRUNKS.get(trunk, trunk):<20} test top-1 {100 * result['test_top1']:.1f}%  top-5 "
             f"{100 * result['test_top5']:.1f}%"
         )
         return result
     t0 = time.perf_counter()
-    stages.log(f"-- linear probe, {TRUNKS[trunk]} trunk (seed {seed})")
+    stages.log(f"-- linear probe, {TRUNKS.get(trunk, trunk)} trunk (seed {seed})")
     r = transfer.run_linear(pc, checkpoint, run_dir, progress=progress, log_fn=stages.log)
     keep = (
         "test_top1",
