@@ -10,13 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import simplejpeg
 
-from tagjax import cli, input_pipeline, posts, records, sampling, study
+from tagjax import cli, input_pipeline, models, posts, records, sampling, study
 from tagjax import vocab as vocab_lib
-from tagjax.configs import default
+from tagjax.configs import default, tiny
 from tagjax.configs import study as study_config
 from tagjax.errors import UserError
 
@@ -353,3 +355,16 @@ def test_two_arm_two_seed_study_pairs_by_seed_and_resumes_after_a_kill(tmp_path,
     assert "pretraining tiny_resnext" not in out and "-- linear probe" not in out
     again = json.loads((wd / "study.json").read_text())
     assert again["arms"] == s["arms"]
+
+
+def test_sigmoid_head_starts_at_the_label_prior():
+    cfg = tiny.get_config()
+    x = jnp.zeros((1, 32, 32, 3))
+    for head_bias, want in (("zero", 0.0), ("prior", -math.log(40))):
+        cfg.model.head_bias = head_bias
+        model = models.create(cfg.model, 40)
+        variables = model.init(jax.random.key(0), x)
+        assert np.allclose(variables["params"]["fc"]["bias"], want)
+    cfg.model.head_bias = "half"
+    with pytest.raises(UserError, match="head_bias"):
+        models.create(cfg.model, 40)
