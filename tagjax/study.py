@@ -36,7 +36,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -232,39 +231,6 @@ def initial_variables(pcfg, num_classes: int) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def reestimate_batch_norm(pcfg, variables: Mapping, num_classes: int, num_images: int) -> dict:
-    """``variables`` with batch-norm statistics re-estimated on ``num_images`` pretraining images.
-
-    The images are the training stream of ``pcfg`` (the same positions a pretraining run with this seed
-    reads, with its augmentation), passed through the network in training mode with the weights frozen;
-    the running averages update exactly as during pretraining. A random trunk's statistics are otherwise
-    those of initialization (mean 0, variance 1), which makes its features a poor baseline.
-    """
-    model = models.create(pcfg.model, num_classes)
-    dtype = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(
-        str(pcfg.model.dtype), jnp.float32
-    )
-
-    @jax.jit
-    def update(batch_stats, images):
-        _, new = model.apply(
-            {"params": variables["params"], "batch_stats": batch_stats},
-            train.normalize_images(images, pcfg.data, dtype),
-            train=True,
-            mutable=["batch_stats"],
-        )
-        return new["batch_stats"]
-
-    it = input_pipeline.make_train_iterator(pcfg, process_index=0, process_count=1)
-    stats = variables["batch_stats"]
-    try:
-        for _ in range(max(1, num_images // int(pcfg.train.batch_size))):
-            stats = update(stats, next(it)["image"])
-    finally:
-        it.close()
-    return {"params": variables["params"], "batch_stats": jax.device_get(stats)}
-
-
 class Study:
     """One study's runs in one workdir: the corpus, then each (seed, arm), each a reusable stage."""
 
@@ -318,37 +284,6 @@ class Study:
             },
         )
 
-    def random_bn_stage(self, seed: int, init: Mapping) -> dict:
-        pcfg = demo.pretrain_config(self.cfg, seed, self.corpus["dataset"])
-        name, run_dir = f"seed{seed}/random_bn", self.workdir / f"seed{seed}" / "random_bn"
-        num_images = int(pcfg.train.total_images)
-        key = {"init": self.stages.key_of(f"seed{seed}/random"), "images": num_images}
-        result = self.stages.begin(name, run_dir, key)
-        if result is not None:
-            return result
-        t0 = time.perf_counter()
-        self.log(
-            f"re-estimating the batch-norm statistics of seed {seed}'s initial weights on "
-            f"{num_images:,} pretraining images (the count a pretraining run sees)"
-        )
-        variables = initial_variables(pcfg, self.num_classes)  # = init's checkpoint, recomputed
-        variables = reestimate_batch_norm(pcfg, variables, self.num_classes, num_images)
-        path = _fresh_checkpoint_dir(run_dir / "checkpoint")
-        checkpoint.save_inference_checkpoint(
-            path,
-            variables,
-            {"config": pcfg, "source": "initialization, batch norm re-estimated", "seed": seed},
-        )
-        return self.stages.finish(
-            name,
-            key,
-            {
-                "checkpoint": str(path),
-                "init_digest": init["init_digest"],
-                "seconds": time.perf_counter() - t0,
-            },
-        )
-
     def run_arm(self, seed: int, name: str, arm: Mapping, init: Mapping) -> dict:
         """The arm's trunk for ``seed`` (trained or reused) and its linear probe: one result row."""
         kind = str(arm["kind"])
@@ -379,13 +314,11 @@ class Study:
                 0,
             )
         elif kind == "random_bn":
-            r = self.random_bn_stage(seed, init)
-            trunk, stage, digest, images = (
-                r["checkpoint"],
-                f"seed{seed}/random_bn",
-                r["init_digest"],
-                0,
+            r = demo.stage_random_bn(
+                self.cfg, seed, self.corpus, init["checkpoint"], self.workdir, self.stages
             )
+            trunk, stage = r["checkpoint"], f"seed{seed}/random_bn"
+            digest, images = init["init_digest"], 0
             train_s = float(r["seconds"])
         elif kind == "downstream":
             r = demo.stage_downstream_only(

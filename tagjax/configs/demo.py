@@ -40,6 +40,11 @@ def get_config(arg=None):
     c.demo.downstream = "emoji_subgroups/64px"
     c.demo.data_dir = ""  # TFDS directory for it; "" = WORKDIR/tensorflow_datasets
     c.demo.target_gain = 0.05  # the acceptance bar: pretrained minus random probe top-1 (fraction)
+    # Controls the headline is also measured against (each probed like the other trunks): "shuffled" =
+    # the same pretraining with each image's hashtags taken from another image (what is left is the
+    # hashtags' own value; +1 pretraining per seed), "random_bn" = the random trunk with batch-norm
+    # statistics re-estimated on the pretraining images (a fair "no learning" trunk; ~1/4 of a pretraining).
+    c.demo.controls = ("shuffled", "random_bn")
 
     # --- the corpus (tagjax.build; each field is the `tagjax build` flag of the same name) -----------------
     b = c.corpus = ml_collections.ConfigDict()
