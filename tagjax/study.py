@@ -578,6 +578,10 @@ def check_config(cfg) -> None:
             raise UserError(
                 f"config.study.arms.{name}.kind={arm.kind!r}: choose one of {', '.join(ARM_KINDS)}."
             )
+        if str(arm.kind) == "pretrain" and name in ("random", "random_bn", "downstream_only"):
+            raise UserError(
+                f"config.study.arms.{name}: that name is the {name} trunk's; rename it."
+            )
         if not 0.0 < float(arm.fraction) <= 1.0:
             raise UserError(f"config.study.arms.{name}.fraction must be in (0, 1].")
 
