@@ -11,12 +11,13 @@ the emoji subgroups) with a few fields changed. Arms run with the same seeds are
 weights, the same training-stream positions and the same probe split, so the per-seed difference to the
 baseline removes most of the seed-to-seed variance (tagjax/study.py).
 
-Cost on the 2-core development VM (estimated from the demo's measured stages: ~2 minutes of pretraining
-per 38,400 images, ~20 s of held-out evaluation and ~20 s per linear probe): per seed ~15 minutes for the
-six full-length pretraining arms, ~3.5 for the three data-size arms (their schedules are shorter), ~2 for
-the downstream-only trunk and ~1 for the two random-init controls, so ~21 minutes per seed and ~85-90
-minutes for the default four seeds; ``--arms`` / ``--seeds`` run any subset, and a rerun reuses every
-finished run.
+Cost on the 2-core development VM, from the preliminary study's measured runs (docs/study.md: a
+full-length pretraining arm with its held-out evaluation and probe ~2m50s wall beside other jobs, the
+random-init probe ~15 s, the batch-norm re-estimation with its probe ~35 s): per seed ~14 minutes for
+the five full-length pretraining arms, ~4 for the three data-size arms (shorter schedules), ~2 for the
+downstream-only trunk and ~1 for the random-init controls, so ~21 minutes per seed and ~85 minutes for
+the default four seeds (+~3 minutes per seed for each further arm, e.g. ``images``); ``--arms`` /
+``--seeds`` run any subset, and a rerun reuses every finished run.
 
 Arms (``study.arms``): ``kind`` is ``pretrain`` (train with the listed config changes), ``random`` (the
 seed's initial weights), ``random_bn`` (the same, with batch-norm statistics re-estimated on as many
@@ -60,7 +61,6 @@ def get_config(arg=None):
         "downstream",
         "sigmoid",
         "natural",
-        "images",
         "noise50",
         "frac1_8",
         "frac1_4",
