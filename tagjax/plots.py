@@ -215,15 +215,17 @@ def study_finding(
     reference_lines: Mapping[str, float],
     log_x: bool = False,
 ) -> Path:
-    """One finding of ``tagjax study``: linear-probe top-1 (left) and held-out hashtag mAP (right) per arm,
-    mean with its 95% t-interval as error bars and each seed as a dot; ``reference_lines`` (label ->
-    top-1 fraction: chance, the controls) are drawn across the probe panel. With ``log_x`` the arms sit at
-    their ``fraction`` of the data on a log axis (the data-size finding); otherwise one slot per arm.
+    """One finding of ``tagjax study``: linear-probe top-1 (left), its paired difference to the baseline
+    (middle) and held-out hashtag mAP (right) per arm, each a mean with its 95% t-interval as error bars
+    and each seed as a dot; ``reference_lines`` (label -> top-1 fraction: chance, the controls) are drawn
+    across the probe panel. With ``log_x`` the arms sit at their ``fraction`` of the data on a log axis
+    (the data-size finding); otherwise one slot per arm.
 
-    ``arms``: [{"label", "fraction", "top1": [per seed], "top1_ci": {mean, lo, hi}, "mAP": [per seed or
-    None], "mAP_ci": {...}}].
+    ``arms``: [{"label", "fraction", "top1": [per seed], "top1_ci": {mean, lo, hi}, "diff": [per-seed
+    difference to the baseline; [] for the baseline], "diff_ci": {...}, "mAP": [per seed or None],
+    "mAP_ci": {...}}].
     """
-    fig, axes = _figure(10.0, 4.0, ncols=2)
+    fig, axes = _figure(15.0, 4.2, ncols=3)
     x = (
         np.asarray([a["fraction"] for a in arms], np.float64)
         if log_x
@@ -231,7 +233,8 @@ def study_finding(
     )
     for ax, key, ylabel in (
         (axes[0], "top1", "linear probe test top-1 (%)"),
-        (axes[1], "mAP", "held-out hashtag mAP (%)"),
+        (axes[1], "diff", "top-1 minus baseline, paired by seed (points)"),
+        (axes[2], "mAP", "held-out hashtag mAP (%)"),
     ):
         for i, arm in enumerate(arms):
             values = [100 * v for v in arm[key] if v is not None]
@@ -264,7 +267,9 @@ def study_finding(
             fontsize=7,
             color=f"C{j + 5}",
         )
+    axes[1].axhline(0.0, color="black", lw=0.8)
     axes[0].set_title("linear probe (95% intervals over seeds)", fontsize=9)
-    axes[1].set_title("hashtag prediction, held-out posts", fontsize=9)
+    axes[1].set_title("difference to the baseline (95% paired intervals)", fontsize=9)
+    axes[2].set_title("hashtag prediction, held-out posts", fontsize=9)
     fig.suptitle(title)
     return _save(fig, path)

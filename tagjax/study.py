@@ -383,6 +383,7 @@ def _heldout_summary(heldout: Mapping) -> dict:
 # Summary: statistics per arm, paired differences, tables, figures.
 # ----------------------------------------------------------------------------------------------------
 
+_NO_INTERVAL = {"mean": None, "lo": None, "hi": None}
 HELDOUT_KEYS = ("mAP", *(f"{b}_mAP" for b in metrics_lib.BUCKETS))
 
 
@@ -507,6 +508,11 @@ def make_plots(s: Mapping, out: Path) -> dict[str, str]:
                 "fraction": s["arms"][n]["fraction"],
                 "top1": [r["probe_top1"] for r in s["arms"][n]["per_seed"].values()],
                 "top1_ci": s["arms"][n]["probe_top1"],
+                "diff": s["arms"][n]
+                .get("vs_baseline", {})
+                .get("probe_top1", {})
+                .get("per_seed", []),
+                "diff_ci": s["arms"][n].get("vs_baseline", {}).get("probe_top1", _NO_INTERVAL),
                 "mAP": [(r["heldout"] or {}).get("mAP") for r in s["arms"][n]["per_seed"].values()],
                 "mAP_ci": s["arms"][n]["mAP"],
             }

@@ -368,3 +368,46 @@ def test_sigmoid_head_starts_at_the_label_prior():
     cfg.model.head_bias = "half"
     with pytest.raises(UserError, match="head_bias"):
         models.create(cfg.model, 40)
+
+
+def test_summary_table_and_one_figure_per_finding_from_result_rows(tmp_path):
+    cfg = study_config.get_config()
+    arms = ["baseline", "shuffled", "random", "sigmoid", "sigmoid_lr0_1", "frac1_8", "frac1_2"]
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in (0, 1, 2):
+        for i, arm in enumerate(arms):
+            trained = arm != "random"
+            heldout = {k: 0.1 + 0.01 * i for k in study.HELDOUT_KEYS} if trained else None
+            rows.append(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "init_digest": f"init{seed}",
+                    "images_seen": 640,
+                    "probe_top1": 0.4 + 0.01 * i + 0.02 * rng.random(),
+                    "probe_top5": 0.7,
+                    "heldout": heldout,
+                    "heldout_loss": 0.05 - 0.001 * i if trained else None,
+                    "train_seconds": 1.0,
+                    "probe_seconds": 1.0,
+                }
+            )
+    s = study.summarize(cfg, rows, arms, [0, 1, 2])
+    assert s["paired_initialization"] and "vs_baseline" not in s["arms"]["baseline"]
+    diff = s["arms"]["frac1_2"]["vs_baseline"]["probe_top1"]
+    by = {(r["arm"], r["seed"]): r["probe_top1"] for r in rows}
+    assert diff["per_seed"] == pytest.approx(
+        [by["frac1_2", k] - by["baseline", k] for k in (0, 1, 2)]
+    )
+    assert s["arms"]["random"]["mAP"]["n"] == 0  # untrained trunks have no hashtag metrics
+    s["downstream"] = {"num_classes": 89}
+    files = study.make_plots(s, tmp_path)
+    assert set(files) == {"controls", "loss", "sigmoid_lr_sweep", "data_size"}
+    assert all(Path(f).stat().st_size > 10_000 for f in files.values())
+    table = study.render_table(s)
+    assert table.count("\n") == len(arms) + 1 and all(f"(`{a}`)" in table for a in arms)
+    # frac1_2 is 6 points above the baseline with 2 points of seed noise: resolved.
+    assert s["arms"]["frac1_2"]["vs_baseline"]["probe_top1"]["verdict"] == "higher"
+    sweep = study.render_sweep(s)  # lowest held-out sigmoid loss first: sigmoid_lr0_1 (arm 4)
+    assert sweep.index("`sigmoid_lr0_1`") < sweep.index("`sigmoid`")
