@@ -8,7 +8,8 @@ Run it (the README's first command; launch/demo.sh installs everything first)::
 Time on the 2-core development VM (AMD EPYC), measured: 5m04s for one seed on an otherwise idle machine
 (5m43s while other jobs ran), 13m30s-14m30s for ``--seeds 3`` beside other jobs (per seed: ~2 minutes of
 pretraining, ~1.5 of training the downstream-only trunk, ~1 of linear probes; the corpus build ~25 s).
-The first run on a machine also rasterizes the ~3k labelled SVGs into ~/.cache/tagjax/raster (~1.5
+Those times predate the two controls of ``demo.controls`` (a shuffled-hashtag pretraining and a batch-norm
+re-estimation), which add ~2.5 minutes per seed (estimated). The first run on a machine also rasterizes the ~3k labelled SVGs into ~/.cache/tagjax/raster (~1.5
 minutes) and renders the emoji (~10 s). Everything is reproducible from this file: the corpus split is
 keyed on post ids (``corpus.split_seed``), the training stream, crops and initializations on ``seed``; a
 rerun gives the same numbers to the last digit.
@@ -40,6 +41,11 @@ def get_config(arg=None):
     c.demo.downstream = "emoji_subgroups/64px"
     c.demo.data_dir = ""  # TFDS directory for it; "" = WORKDIR/tensorflow_datasets
     c.demo.target_gain = 0.05  # the acceptance bar: pretrained minus random probe top-1 (fraction)
+    # Controls the headline is also measured against (each probed like the other trunks): "shuffled" =
+    # the same pretraining with each image's hashtags taken from another image (what is left is the
+    # hashtags' own value; +1 pretraining per seed), "random_bn" = the random trunk with batch-norm
+    # statistics re-estimated on the pretraining images (a fair "no learning" trunk; ~1/4 of a pretraining).
+    c.demo.controls = ("shuffled", "random_bn")
 
     # --- the corpus (tagjax.build; each field is the `tagjax build` flag of the same name) -----------------
     b = c.corpus = ml_collections.ConfigDict()
