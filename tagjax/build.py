@@ -35,6 +35,13 @@ interrupted build removes its staging folder and whatever it wrote.
 
 The per-post steps are tagjax.build_steps; the Apache Beam pipeline (tagjax.build_beam) runs the same ones.
 
+Memory does not grow with the corpus: what the stages know about each post lives on disk in the staging
+folder (:class:`PostTable`, an SQLite file: ids, users, hashtags, labels, each post's state; images.bin
+and raw per-image columns: the processed JPEGs, their hashes and where they are), and shards and label
+stores are written one shard at a time. Deduplication holds the hashes as arrays (~40 B per image while
+it runs); the rest is per user with habits, per hashtag form and per input source
+(docs/scaling.md, "The local builder at scale").
+
 ``tagjax build --apply-optout DATASET --optout-posts FILE`` removes posts from a finished dataset:
 every shard holding one is rewritten without it (atomically), the label indexes and statistics are
 recomputed, and the manifest is replaced last.
