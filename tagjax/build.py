@@ -601,7 +601,7 @@ def _run_stages(
     kept[list(decision.dropped)] = False
     heldout = np.zeros(n, bool)
     shard_hash = np.zeros(n, np.uint64)  # id_hash(id, "shard"): shard_of without the shard count
-    for i in np.flatnonzero(kept).tolist():
+    for i in _indices_of(kept):
         post_id, _, _, source = meta(images["seq"][i])
         root_index = decision.root_of(i)
         root_id = post_id if root_index == i else ids[root_index]
@@ -648,6 +648,12 @@ def _run_stages(
                 splits[split].add_shard(name, label_lists)
     timing["write"] = time.time() - t0
     return steps.finalize_splits(root, cfg, vocab, splits, stats, timing)
+
+
+def _indices_of(mask: np.ndarray) -> Iterator[int]:
+    """The indices where ``mask`` is true, as ints, a batch at a time (not one list of them all)."""
+    for start in range(0, len(mask), _TABLE_BATCH):
+        yield from (np.flatnonzero(mask[start : start + _TABLE_BATCH]) + start).tolist()
 
 
 @dataclasses.dataclass
