@@ -38,8 +38,9 @@ The per-post steps are tagjax.build_steps; the Apache Beam pipeline (tagjax.buil
 Memory does not grow with the corpus: what the stages know about each post lives on disk in the staging
 folder (:class:`PostTable`, an SQLite file: ids, users, hashtags, labels, each post's state; images.bin
 and raw per-image columns: the processed JPEGs, their hashes and where they are), and shards and label
-stores are written one shard at a time. Deduplication holds the hashes as arrays (~40 B per image while
-it runs); the rest is per user with habits, per hashtag form and per input source
+stores are written one shard at a time. Deduplication and the split hold per-image arrays (hashes, sort
+orders, split and shard: ~60 B per image); the rest is per user with habits, per hashtag form and per
+input source
 (docs/scaling.md, "The local builder at scale").
 
 ``tagjax build --apply-optout DATASET --optout-posts FILE`` removes posts from a finished dataset:
@@ -266,7 +267,7 @@ class PostTable:
         )
 
 
-# The columns of _ImageColumns (~60 B per image).
+# The columns of _ImageColumns (64 B per image).
 _IMAGE_COLUMNS = {
     "seq": np.int64,  # the post's row in the PostTable
     "offset": np.int64,  # where its JPEG starts in images.bin
@@ -280,7 +281,7 @@ _IMAGE_COLUMNS = {
 
 class _ImageColumns:
     """One row per processed image, in the order results arrive, appended to ``.npy``-less raw column
-    files in the staging folder: what deduplication, the split and the shard writer need (~60 B per
+    files in the staging folder: what deduplication, the split and the shard writer need (64 B per
     image), not Python objects."""
 
     def __init__(self, folder: Path):
