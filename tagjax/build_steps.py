@@ -454,11 +454,11 @@ def summarize(
     stats: Stats,
     cfg_json: dict,
     vocab,
-    split_labels: Mapping[str, list[list[int]]],
+    splits: Mapping[str, SplitWriter],
     timing: Mapping[str, float],
 ) -> dict:
-    """stats.json content."""
-    counts = {s: len(v) for s, v in split_labels.items()}
+    """stats.json content, from the counts of the splits as written."""
+    counts = {s: w.num_records for s, w in splits.items()}
     posts_read = sum(stats.read.values())
     dedup_reasons = (EVAL_DUPLICATE, EXACT_DUPLICATE, NEAR_DUPLICATE)
     per_source = {}
@@ -473,6 +473,7 @@ def summarize(
             if hashed
             else 0.0,
         }
+    train = splits.get("train")
     return {
         "posts_read": posts_read,
         "posts_written": sum(counts.values()),
@@ -481,7 +482,12 @@ def summarize(
         "per_source": per_source,
         "images": {"attempted": stats.images_attempted, "failed": stats.image_failures},
         "hashtags_dropped": dict(sorted(stats.tags_dropped.items(), key=lambda kv: -kv[1])),
-        "labels": label_summary(vocab, split_labels),
+        "labels": label_summary_of_counts(
+            vocab,
+            train.label_counts if train is not None else np.zeros(vocab.num_labels, np.int64),
+            sum(w.num_records for w in splits.values()),
+            sum(w.num_pairs for w in splits.values()),
+        ),
         **stats.extra,
         "timing_s": {k: round(v, 2) for k, v in timing.items()},
         "config": cfg_json,
@@ -489,20 +495,26 @@ def summarize(
 
 
 def label_summary(vocab, split_labels: Mapping[str, Sequence[Sequence[int]]]) -> dict:
-    """The "labels" part of stats.json, from the records' label lists per split (the build computes
-    it once; removing posts after the fact computes it again from what is left)."""
+    """The "labels" part of stats.json from the records' label lists per split (removing posts after
+    the fact computes it again from what is left)."""
     train_counts = np.zeros(vocab.num_labels, np.int64)
     for labels in split_labels.get("train", []):
         train_counts[list(labels)] += 1
+    lengths = [len(x) for v in split_labels.values() for x in v]
+    return label_summary_of_counts(vocab, train_counts, len(lengths), sum(lengths))
+
+
+def label_summary_of_counts(
+    vocab, train_counts: np.ndarray, num_records: int, num_pairs: int
+) -> dict:
+    """The "labels" part of stats.json: train images per label, and (image, label) pairs over images
+    of every split."""
     order = np.argsort(-train_counts, kind="stable")
     top = [[vocab.name_of(int(i)), int(train_counts[i])] for i in order[:30] if train_counts[i] > 0]
-    num_labels_per_post = [len(x) for v in split_labels.values() for x in v]
     return {
         "vocabulary_size": vocab.num_labels,
         "used_in_train": int((train_counts > 0).sum()),
-        "mean_per_post": round(float(np.mean(num_labels_per_post)), 3)
-        if num_labels_per_post
-        else 0,
+        "mean_per_post": round(num_pairs / num_records, 3) if num_records else 0,
         "most_frequent_train": top,
     }
 
@@ -663,7 +675,33 @@ def remove_partial_output(path: Path, created: bool) -> None:
 
 
 def _is_shard_file(name: str) -> bool:
-    return name.endswith((".array_record", ".array_record.tmp", ".tmp.npz"))
+    """A shard, or a temporary file of a shard or of a label store (records.NpyStreamWriter)."""
+    return name.endswith((".array_record", ".array_record.tmp", ".tmp.npz")) or (
+        ".labels." in name and name.endswith(".tmp")
+    )
+
+
+class SplitWriter:
+    """One split as its shards are written, in shard order: their file names, and the split's label
+    store written record by record (tagjax.records.LabelStoreWriter), so no per-record list is kept."""
+
+    def __init__(self, root: Path, split: str, num_labels: int):
+        self.shards: list[str] = []
+        self.num_records = 0
+        self.num_pairs = 0  # (record, label) pairs
+        self.label_counts = np.zeros(num_labels, np.int64)  # records per label, once closed
+        self._labels = records.LabelStoreWriter(root, split, num_labels)
+
+    def add_shard(self, name: str, label_lists: Sequence[Sequence[int]]) -> None:
+        """The file name of the next shard and its records' label lists, in record order."""
+        self.shards.append(name)
+        for labels in label_lists:
+            self._labels.add(labels)
+            self.num_pairs += len(labels)
+        self.num_records += len(label_lists)
+
+    def close(self) -> None:
+        self.label_counts = self._labels.close().counts(len(self.label_counts))
 
 
 def finalize(
@@ -678,21 +716,37 @@ def finalize(
 
     ``shards``: split -> [(shard file name, label lists of its records)] in shard order.
     """
-    splits, split_labels = {}, {}
+    splits = {}
     for split in records.SPLITS:
-        entries = list(shards.get(split, []))
-        label_lists = [labels for _, lists in entries for labels in lists]
-        records.LabelStore.write(root, split, label_lists, vocab.num_labels)
-        splits[split] = {"shards": [name for name, _ in entries], "num_records": len(label_lists)}
-        split_labels[split] = label_lists
+        splits[split] = SplitWriter(root, split, vocab.num_labels)
+        for name, label_lists in shards.get(split, []):
+            splits[split].add_shard(name, label_lists)
+    return finalize_splits(root, cfg, vocab, splits, stats, timing)
+
+
+def finalize_splits(
+    root: Path,
+    cfg: BuildConfig,
+    vocab,
+    splits: Mapping[str, SplitWriter],
+    stats: Stats,
+    timing: dict,
+) -> dict:
+    """:func:`finalize` with the splits' shards already recorded in ``splits`` (one per split of
+    tagjax.records.SPLITS, in that order); closes their label stores."""
+    for writer in splits.values():
+        writer.close()
     vocab.save(root / "vocab.json")
-    summary = summarize(stats, cfg.to_json(), vocab, split_labels, timing)
+    summary = summarize(stats, cfg.to_json(), vocab, splits, timing)
     (root / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
     (root / "report.txt").write_text(render_report(summary))
     written = [n for n in OUTPUT_FILES if n != records.MANIFEST and (root / n).is_file()]
     manifest = records.Manifest(
         schema_version=records.SCHEMA_VERSION,
-        splits=splits,
+        splits={
+            split: {"shards": list(w.shards), "num_records": w.num_records}
+            for split, w in splits.items()
+        },
         vocab_file="vocab.json",
         vocab_fingerprint=vocab.fingerprint(),
         build={
