@@ -54,7 +54,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from tagjax import build_steps as steps
 from tagjax import dedup as dedup_lib
@@ -62,6 +61,7 @@ from tagjax import eval_sets, records
 from tagjax import posts as posts_lib
 from tagjax import vocab as vocab_lib
 from tagjax.errors import UserError
+from tagjax.progress import progress_bar
 
 # ---- the local builder -------------------------------------------------------------------------------
 
@@ -156,8 +156,8 @@ def _build_stages(
     user_posts: collections.Counter = collections.Counter()
     user_forms: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     units_with_bytes: set[int] = set()
-    for u, i, post in tqdm(
-        iter_posts(units, cfg.limit), desc="reading posts", unit="post", disable=not progress
+    for u, i, post in progress_bar(
+        iter_posts(units, cfg.limit), desc="reading posts", unit="post", enabled=progress
     ):
         stats.read[post.source] += 1
         if post.problem is None:
@@ -291,7 +291,7 @@ def _build_stages(
         )
         with (
             open(staging_dir / "images.bin", "wb") as staged,
-            tqdm(total=len(labelled), desc="images", unit="img", disable=not progress) as bar,
+            progress_bar(total=len(labelled), desc="images", unit="img", enabled=progress) as bar,
         ):
             position = 0
             for r in results:
@@ -347,11 +347,11 @@ def _build_stages(
     shards: dict[str, list[tuple[str, list]]] = {}
     with (
         open(staging_dir / "images.bin", "rb") as staged,
-        tqdm(
+        progress_bar(
             total=sum(len(v) for v in by_split.values()),
             desc="writing shards",
             unit="rec",
-            disable=not progress,
+            enabled=progress,
         ) as bar,
     ):
 
@@ -456,7 +456,7 @@ def apply_optout(
     optout: steps.OptOut,
     inputs: Sequence[str] = (),
     yfcc_images: str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict:
     """Rewrites a finished dataset without the opted-out posts; returns {"removed": n, ...}.
 
@@ -494,7 +494,7 @@ def apply_optout(
     split_labels: dict[str, list[list[int]]] = {}
     splits = {}
     total = sum(manifest.num_records(s) for s in manifest.splits)
-    with tqdm(total=total, desc="applying opt-outs", unit="rec", disable=not progress) as bar:
+    with progress_bar(total=total, desc="applying opt-outs", unit="rec", enabled=progress) as bar:
         for split in manifest.splits:
             label_lists = []
             n_kept = 0

@@ -47,6 +47,7 @@ from tagjax import dedup as dedup_lib
 from tagjax import evaluate as evaluate_lib
 from tagjax import images as images_lib
 from tagjax import metrics as metrics_lib
+from tagjax import progress as progress_lib
 from tagjax import sampling as sampling_lib
 from tagjax import vocab as vocab_lib
 from tagjax.errors import UserError
@@ -180,7 +181,7 @@ def _eval_set_spec(name: str, data_dir: str) -> tuple[str, Any]:
     return str(Path(name.removeprefix("folder:")).expanduser()), test
 
 
-def build_config(cfg, workdir: Path, eval_spec: str, data_dir: str, *, progress: bool):
+def build_config(cfg, workdir: Path, eval_spec: str, data_dir: str, *, progress: bool | None):
 
     c = cfg.corpus
     cache = str(c.raster_cache)
@@ -213,7 +214,7 @@ def build_config(cfg, workdir: Path, eval_spec: str, data_dir: str, *, progress:
     )
 
 
-def stage_corpus(cfg, workdir: Path, stages: Stages, *, progress: bool) -> dict:
+def stage_corpus(cfg, workdir: Path, stages: Stages, *, progress: bool | None) -> dict:
 
     log = stages.log
     data_dir = _data_dir(cfg, workdir)
@@ -290,7 +291,7 @@ def stage_pretrain(
     workdir: Path,
     stages: Stages,
     *,
-    progress: bool,
+    progress: bool | None,
 ) -> dict:
 
     log = stages.log
@@ -314,7 +315,7 @@ def stage_pretrain(
         f"{int(pcfg.train.total_images) // bs:,} steps of {bs} ({int(pcfg.train.total_images):,} images seen), "
         f"{pcfg.data.image_size}px crops, {pcfg.data.sampling} resampling, {pcfg.loss} loss -> {run_dir}"
     )
-    train_summary = train.train_and_evaluate(pcfg, run_dir)
+    train_summary = train.train_and_evaluate(pcfg, run_dir, progress=progress)
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     metrics = evaluate_lib.evaluate_checkpoint(
@@ -401,7 +402,7 @@ def scratch_config(cfg, seed: int, data_dir: str):
 
 
 def stage_downstream_only(
-    cfg, seed: int, random_ckpt: str, workdir: Path, stages: Stages, *, progress: bool
+    cfg, seed: int, random_ckpt: str, workdir: Path, stages: Stages, *, progress: bool | None
 ) -> dict:
     """The same architecture trained from the random initialization on the downstream training split."""
 
@@ -453,7 +454,7 @@ def stage_probe(
     workdir: Path,
     stages: Stages,
     *,
-    progress: bool,
+    progress: bool | None,
 ) -> dict:
 
     data_dir = _data_dir(cfg, workdir)
@@ -836,16 +837,17 @@ def run_all(
     workdir: str | Path,
     *,
     fresh: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
     log: Callable[[str], None] = print,
     command: str = "",
 ) -> dict:
     """Runs every stage (reusing finished ones, see the module docstring); returns the summary dict that
-    is also written to ``WORKDIR/summary.json``."""
+    is also written to ``WORKDIR/summary.json`` (``render_table`` shows it). ``log`` receives the stage
+    banners and progress lines."""
 
     check_config(cfg)
     config_lib.ensure_absl_flags_parsed()
-    if not progress:  # TFDS draws its own bars while preparing the downstream set
+    if not progress_lib.wanted(progress):  # TFDS draws its own bars preparing the downstream set
         tfds.disable_progress_bar()
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -912,7 +914,6 @@ def run_all(
     summary = _jsonable(summary)
     (workdir / SUMMARY_JSON).write_text(json.dumps(summary, indent=1) + "\n")
     (workdir / SUMMARY_MD).write_text(render_markdown(summary, plot_files, workdir))
-    log(render_table(summary))
     log(
         f"\nwrote {workdir / SUMMARY_JSON}, {workdir / SUMMARY_MD} and {len(plot_files)} figures in "
         f"{workdir / PLOTS_DIR}"

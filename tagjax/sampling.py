@@ -43,10 +43,10 @@ from pathlib import Path
 
 import numpy as np
 from absl import logging
-from tqdm import tqdm
 
 from tagjax import records
 from tagjax.errors import UserError
+from tagjax.progress import progress_bar
 
 ALPHAS = {"natural": 1.0, "sqrt": 0.5, "uniform": 0.0}
 SAMPLING_MODES = (*ALPHAS, "images")
@@ -271,11 +271,11 @@ class InvertedIndex:
         counts = np.bincount(labels, minlength=num_labels).astype(np.int64)
         cursor = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         start = 0
-        bar = tqdm(
+        bar = progress_bar(
             total=n,
             unit="img",
             desc="hashtag -> images index",
-            disable=len(labels) <= _INVERT_CHUNK_PAIRS,
+            enabled=None if len(labels) > _INVERT_CHUNK_PAIRS else False,
         )
         while start < n:
             # A chunk of whole records holding about _INVERT_CHUNK_PAIRS pairs (at least one record).

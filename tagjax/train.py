@@ -476,7 +476,7 @@ def open_data(config) -> DataSource:
     )
 
 
-def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
+def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool | None = None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint) and returns the final metrics.
 
     Writes ``workdir/config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` and, with
@@ -533,6 +533,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
             workdir=workdir,
             data_iterator=data.train_iterator,
             evaluate=_hashtag_evaluation(config, model, mesh, state, data),
+            progress=progress,
         )
         result = loop.run(spec, state)
         last_eval = result.eval

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from tagjax.commands import _args
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -21,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="run directory: checkpoints, metrics.jsonl, TensorBoard events; rerun to resume",
     )
+    _args.add_json(parser, "print the final metrics as one JSON document on stdout")
+    _args.add_progress(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,5 +38,7 @@ def run(args: argparse.Namespace) -> int:
         )
     logging.getLogger("tagjax").setLevel(logging.INFO)
     cfg = config_lib.load(args.config, args.config_overrides)
-    train.train_and_evaluate(cfg, args.workdir)
+    result = train.train_and_evaluate(cfg, args.workdir, progress=args.progress)
+    if args.json:
+        _args.print_json(args, result)
     return 0
