@@ -260,6 +260,9 @@ class EmbedInput:
     description: str
     length: int
     load: Callable[[int], tuple[Any, dict]]
+    # The index entry of item i without reading its image (None: unknown until loaded); a row whose
+    # image cannot be read still names its file.
+    entry: Callable[[int], dict] | None = None
 
 
 def records_input(dataset_dir: str | Path, split: str) -> EmbedInput:
@@ -302,10 +305,13 @@ def folder_input(folder: str | Path) -> EmbedInput:
     root = Path(folder).expanduser()
     files = image_files(root)
 
-    def load(i: int):
-        return downstream.read_image_file(files[i]), {"id": str(files[i].relative_to(root))}
+    def entry(i: int) -> dict:
+        return {"id": str(files[i].relative_to(root))}
 
-    return EmbedInput(str(root), len(files), load)
+    def load(i: int):
+        return downstream.read_image_file(files[i]), entry(i)
+
+    return EmbedInput(str(root), len(files), load, entry)
 
 
 def downstream_input(name: str, split: str, data_dir: str | None) -> EmbedInput:
@@ -411,6 +417,8 @@ def embed(
             feats[~batch.valid] = 0.0
             array[batch.indices[0] : batch.indices[-1] + 1] = feats.astype(array.dtype)
             for i, ok, extra, err in zip(batch.indices, batch.valid, batch.extras, batch.errors):
+                if extra is None and source.entry is not None:
+                    extra = source.entry(int(i))
                 entry = {"row": int(i), **(extra or {}), "valid": bool(ok)}
                 if not ok:
                     entry["error"] = err
