@@ -278,7 +278,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch):
         loss, p1, new_stats, grads = gradients(state, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         lr = schedule(state.step)
         new_params = optim.apply_updates(state.params, updates, lr)
@@ -289,7 +289,7 @@ def make_train_step(
             "loss": loss,
             "precision@1": p1,
             "grad_norm": grad_norm,
-            "param_norm": optax.global_norm(new_state.params),
+            "param_norm": optax.tree.norm(new_state.params),
             "lr": lr,
             "nonfinite": nonfinite,
         }

@@ -694,7 +694,7 @@ def make_finetune_step(config, model, tx, schedule):
         (loss, (batch_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new, nonfinite = train.apply_if_finite(
