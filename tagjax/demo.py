@@ -618,7 +618,12 @@ def make_plots(
         [np.nan if v is None else v for v in first["heldout"]["per_label_ap"]], np.float64
     )
     counts = metrics_lib.label_counts_of(dataset, vocab.num_labels)
-    files["per_label_ap"] = plots.per_label_ap(ap, counts, names, out / "per_label_ap.png")
+    heldout = metrics_lib.label_counts_of(dataset, vocab.num_labels, str(cfg.data.eval_split))
+    # A random ranking's AP is the hashtag's share of the held-out images: the chance level.
+    chance = None if heldout is None else heldout / max(1, int(first["heldout"]["num_images"]))
+    files["per_label_ap"] = plots.per_label_ap(
+        ap, counts, names, out / "per_label_ap.png", chance=chance
+    )
     rows = [
         {"key": t, "label": TRUNKS[t], "top1": [p["test_top1"] for p in probes[t]]} for t in TRUNKS
     ]
@@ -627,6 +632,7 @@ def make_plots(
         out / "probe.png",
         title=f"Linear probe on {cfg.demo.downstream} "
         f"({len(pretrain)} seed{'s' if len(pretrain) > 1 else ''})",
+        num_classes=int(probes[next(iter(TRUNKS))][0]["num_classes"]),
     )
     return {k: str(v) for k, v in files.items()}
 
