@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import logging
 import sys
 
 from tagjax import __version__, progress
@@ -173,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_USAGE
     config_lib.ensure_absl_flags_parsed()
+    if not logging.getLogger().handlers:
+        # Log lines go to stderr; set up before the bars, so they are printed above them.
+        logging.basicConfig(
+            level=logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
     # With --json, stdout carries the result document alone: every other print goes to stderr.
     args.json_stdout = sys.stdout
     quiet_stdout = (

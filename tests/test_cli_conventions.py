@@ -4,6 +4,7 @@ else, progress bars never reach a redirected log, one flag name per meaning, and
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tagjax import cli, config, transfer
+from tagjax import cli, config, progress, transfer
 from tagjax import vocab as vocab_lib
 from tagjax.errors import EXIT_INTERRUPTED, EXIT_SOME_INPUTS_FAILED, EXIT_USAGE, EXIT_USER_ERROR
 
@@ -405,3 +406,32 @@ def test_evaluate_names_a_missing_path(capsys):
     argv = ["evaluate", "--checkpoint", "/no/such", "--dataset", "/nonexistent"]
     assert cli.main(argv) == EXIT_USER_ERROR
     assert "/nonexistent: no such path" in capsys.readouterr().err
+
+
+def test_log_lines_print_above_a_bar_not_through_it(capsys):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        with progress.logging_above_bars():
+            bar = progress.progress_bar(total=3, desc="work", enabled=True)
+            bar.update(1)
+            logging.getLogger("tagjax.test").warning("a log line")
+            bar.update(2)
+            bar.close()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    err = capsys.readouterr().err
+    segments = [s.strip() for s in err.replace("\r", "\n").split("\n")]
+    assert "WARNING a log line" in segments  # a line of its own, not glued to the bar's text
+    assert any(s.startswith("work: 100%") for s in segments)
+
+
+def test_bars_only_on_a_terminal_unless_forced(capsys):
+    for enabled in (None, False):  # stderr is captured here: not a terminal
+        with progress.progress_bar(total=2, desc="quiet", enabled=enabled) as bar:
+            bar.update(2)
+    assert capsys.readouterr().err == ""
+    with progress.progress_bar(total=2, desc="forced", enabled=True) as bar:
+        bar.update(2)
+    assert "forced: 100%" in capsys.readouterr().err

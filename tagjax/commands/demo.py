@@ -4,7 +4,6 @@ tagjax.demo.run_all)."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -50,8 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from tagjax.demo import render_table, run_all
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = config_lib.load(args.config, args.config_overrides)
     if args.seeds is not None:
         with cfg.unlocked():

@@ -31,11 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from tagjax import config as config_lib
     from tagjax import train
 
-    if not logging.getLogger().handlers:
-        # Libraries speak at WARNING and above; tagjax's own progress (restores, saves) at INFO.
-        logging.basicConfig(
-            level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+    # Libraries speak at WARNING and above (tagjax.cli); tagjax's own progress (restores, saves) at INFO.
     logging.getLogger("tagjax").setLevel(logging.INFO)
     cfg = config_lib.load(args.config, args.config_overrides)
     result = train.train_and_evaluate(cfg, args.workdir, progress=args.progress)
