@@ -74,6 +74,7 @@ def run(args) -> int:
         raise UserError("--batch-size must be at least 1.")
     if not 0.0 <= args.max_bad_fraction <= 1.0:
         raise UserError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}.")
+    _args.check_path_or_name(args.input, "--input")
     inference = Inference(args.checkpoint, head=False, image_size=args.image_size)
     source = resolve_input(args.input, args.split, args.data_dir)
     summary = embed(
