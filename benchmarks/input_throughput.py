@@ -88,7 +88,7 @@ def write_dataset(root: Path, jpegs: list[bytes]) -> None:
     ]
     name = records.shard_name("train", 0, 1)
     records.write_shard(root / name, encoded)
-    records.LabelIndex.from_lists(lists).save(root / "train.labels.npz")
+    records.LabelStore.write(root, "train", lists, vocab.num_labels)
     splits = {"train": {"shards": [name], "num_records": len(jpegs)}}
     records.Manifest(records.SCHEMA_VERSION, splits, vocab_fingerprint=vocab.fingerprint()).save(
         root

@@ -473,6 +473,7 @@ def apply_optout(
     else:
         records.load_manifest(root)  # raises the "not a built dataset" error
     has_user = bool(manifest.build.get("records_have_user"))
+    num_labels = vocab_lib.Vocabulary.load(root / manifest.vocab_file).num_labels
     drop_ids = set(optout.posts)
     if optout.users and not has_user:
         if not inputs:
@@ -513,7 +514,8 @@ def apply_optout(
                     records.write_shard(path, keep)
                 n_kept += len(keep)
                 bar.update(len(data))
-            records.LabelIndex.from_lists(label_lists).save(root / f"{split}.labels.npz")
+            records.LabelStore.write(root, split, label_lists, num_labels)
+            records.LabelStore(root, split).legacy_path.unlink(missing_ok=True)  # now stale
             splits[split] = {"shards": manifest.splits[split]["shards"], "num_records": n_kept}
             split_labels[split] = label_lists
     drops_path = root / steps.DROPS_FILE

@@ -67,6 +67,11 @@ OUTPUT_FILES = (
     "train.labels.npz",
     "heldout.labels.npz",
     DROPS_FILE,
+    *(
+        f"{split}.labels.{part}.npy"
+        for split in records.SPLITS
+        for part in ("offsets", "ids", "counts")
+    ),
     records.MANIFEST,
 )
 # Files of an unfinished write or an interrupted --apply-optout, removed with the dataset they belong to.
@@ -677,7 +682,7 @@ def finalize(
     for split in records.SPLITS:
         entries = list(shards.get(split, []))
         label_lists = [labels for _, lists in entries for labels in lists]
-        records.LabelIndex.from_lists(label_lists).save(root / f"{split}.labels.npz")
+        records.LabelStore.write(root, split, label_lists, vocab.num_labels)
         splits[split] = {"shards": [name for name, _ in entries], "num_records": len(label_lists)}
         split_labels[split] = label_lists
     vocab.save(root / "vocab.json")

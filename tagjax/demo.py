@@ -559,7 +559,8 @@ def resampled_label_share(dataset: str, num_labels: int, sampling: str, seed: in
     function of the seed and the position); and (c) the probability of each hashtag being the *drawn* one
     (None without hashtag resampling)."""
 
-    index = records.LabelIndex.load(Path(dataset) / "train.labels.npz")
+    # The demo's split is small: its label index is loaded whole.
+    index = records.open_label_store(Path(dataset), "train", num_labels).load()
     before = index.counts(num_labels) / max(1, index.num_records)
     inverted = (
         sampling_lib.InvertedIndex.in_memory(index, num_labels) if sampling != "images" else None

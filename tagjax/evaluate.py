@@ -81,7 +81,7 @@ def evaluate_checkpoint(
         process_index=0,
         process_count=1,
     )
-    acc = metrics_lib.MetricsAccumulator(inference.num_classes)
+    acc = metrics_lib.accumulator_from_config(config, inference.num_classes, it.num_images)
     loss = str(config.get("loss", "softmax"))
     start = time.perf_counter()
     bar = progress_bar(total=it.num_images, unit="img", desc=f"evaluate {split}", enabled=progress)

@@ -829,19 +829,17 @@ def make_train_iterator(
             config, dataset_dir if isinstance(dataset_dir, SourceInfo) else dataset_root
         )
         source = RecordSource(dataset_root, d.train_split, vocab.num_labels)
-        labels_file = dataset_root / f"{d.train_split}.labels.npz"
-        if not labels_file.is_file():
-            raise UserError(f"{labels_file} is missing; rebuild the dataset with `tagjax build`.")
+        store = records.open_label_store(dataset_root, d.train_split, source.num_labels)
+        if store.num_records != source.num_records:
+            raise UserError(
+                f"{store.offsets_path} indexes {store.num_records} records but the split has "
+                f"{source.num_records}; rebuild the dataset."
+            )
         inverted = None
         if d.sampling != "images" or d.label_noise > 0:
             inverted = sampling.InvertedIndex.load_or_build(
-                labels_file, source.num_labels, _cache_dir(config, dataset_root)
+                store, source.num_labels, _cache_dir(config, dataset_root)
             )
-            if inverted.num_records != source.num_records:
-                raise UserError(
-                    f"{labels_file} indexes {inverted.num_records} records but the split has "
-                    f"{source.num_records}; rebuild the dataset."
-                )
     sampler = sampling.make_sampler(d.sampling, config.seed, source.num_records, inverted)
     noise_cdf = None
     if d.label_noise > 0:

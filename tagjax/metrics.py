@@ -231,18 +231,42 @@ def hashtag_metrics(
         raise ValueError(f"scores must be [N, num_labels], got shape {scores.shape}")
     n, num_labels = scores.shape
     ids = _as_padded_labels(labels, num_labels)
-    num_true = (ids >= 0).sum(axis=1)
-    keep = num_true > 0
-    scores, ids, num_true = scores[keep], ids[keep], num_true[keep]
-
+    keep = (ids >= 0).sum(axis=1) > 0
+    scores, ids = scores[keep], ids[keep]
     ap = average_precision(scores, ids, num_labels, label_chunk=label_chunk)
+    top, hits = topk_predictions(scores, ids, min(max(ks), num_labels))
+    return _metrics_from_parts(
+        ap,
+        ids,
+        top,
+        hits,
+        images_without_labels=int(n - keep.sum()),
+        label_counts=label_counts,
+        ks=ks,
+        bucket_fractions=bucket_fractions,
+    )
+
+
+def _metrics_from_parts(
+    ap: np.ndarray,
+    ids: np.ndarray,
+    top: np.ndarray,
+    hits: np.ndarray,
+    *,
+    images_without_labels: int,
+    label_counts,
+    ks: Sequence[int],
+    bucket_fractions: Sequence[float],
+) -> dict[str, Any]:
+    """The metrics dict from per-label AP [L], the images' true ids [N, M] (every row has one), and their
+    top-k predictions and hits [N, kmax]: what the exact and the streamed accumulators share."""
+    num_labels = len(ap)
+    num_true = (ids >= 0).sum(axis=1)
     has_pos = ~np.isnan(ap)
     kmax = min(max(ks), num_labels)
-    top, hits = topk_predictions(scores, ids, kmax)
-
     out: dict[str, Any] = {
-        "num_images": int(keep.sum()),
-        "images_without_labels": int(n - keep.sum()),
+        "num_images": len(ids),
+        "images_without_labels": int(images_without_labels),
         "num_labels": int(num_labels),
         "labels_with_positives": int(has_pos.sum()),
         "labels_without_positives": int(num_labels - has_pos.sum()),
@@ -342,6 +366,199 @@ class MetricsAccumulator:
         return hashtag_metrics(scores, labels, **kwargs)
 
 
+# Streamed AP bins scores in logit space, log(p / (1 - p)), over [_LOGIT_MIN, _LOGIT_MAX]: softmax
+# probabilities over thousands of labels sit around logit -10, sigmoid ones near 1 at +10 and more, and
+# float32 saturates below +17. Scores outside the range land in the first or last bin.
+_LOGIT_MIN = -40.0
+_LOGIT_MAX = 20.0
+STREAMED_MODES = ("auto", "exact", "streamed")
+_AP_LABEL_CHUNK = 1024  # labels whose histograms are expanded to int64 at once when computing AP
+
+
+def _logit_bins(scores, bins: int, xp=np):
+    """(bin index int32, position inside the bin in [0, 1)) of probabilities ``scores``."""
+    scores = xp.asarray(scores, xp.float32)
+    with np.errstate(divide="ignore"):
+        z = xp.log(scores) - xp.log1p(-scores)
+    x = (xp.clip(z, _LOGIT_MIN, _LOGIT_MAX) - _LOGIT_MIN) * (bins / (_LOGIT_MAX - _LOGIT_MIN))
+    b = xp.clip(xp.floor(x), 0, bins - 1)
+    return b.astype(xp.int32), xp.clip(x - b, 0.0, 1.0)
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("bins",))
+def _histogram_update(hist, scores, mask, *, bins: int):
+    """hist[l, bin(scores[i, l])] += 1 for every row i with mask[i]; hist uint32 [L, bins]."""
+    b, _ = _logit_bins(scores, bins, jnp)
+    cols = jnp.arange(scores.shape[1], dtype=jnp.int32)[None, :]
+    return hist.at[cols, b].add(mask[:, None].astype(jnp.uint32))
+
+
+class StreamingMetricsAccumulator:
+    """:func:`hashtag_metrics` in host memory that does not grow with N x L.
+
+    Kept per evaluated image: its true label ids and the score of each (exact, O(labels per image)), and
+    its top-k predictions (O(k)); kept per label: a histogram of *all* its scores over ``bins`` bins of
+    logit space (uint32 [L, bins], on the default JAX device: 70 MB at 17k labels x 1024 bins). Negatives
+    per bin are the histogram minus the binned positives. Precision@k, recall@k and the buckets are exact.
+    AP is exact except for negatives that share a bin with a positive: they are counted as above the
+    positive in proportion to the positive's place in the bin (scores uniform within a bin). The error
+    against the exact AP is measured in ``benchmarks/streamed_ap.py`` and documented on the evaluation
+    page.
+    """
+
+    def __init__(self, num_labels: int, *, bins: int = 1024, max_images: int = 0, kmax: int = 5):
+        self.num_labels = int(num_labels)
+        self.bins = int(bins)
+        self.max_images = int(max_images)
+        self.kmax = min(int(kmax), self.num_labels)
+        self._hist = jnp.zeros((self.num_labels, self.bins), jnp.uint32)
+        self._labels: list[np.ndarray] = []
+        self._positive_scores: list[np.ndarray] = []
+        self._top: list[np.ndarray] = []
+        self._hits: list[np.ndarray] = []
+        self.count = 0
+        self.images_without_labels = 0
+
+    @property
+    def full(self) -> bool:
+        return self.max_images > 0 and self.count >= self.max_images
+
+    def update(self, scores, labels, mask=None) -> None:
+        scores = np.asarray(scores, np.float32)
+        labels = np.asarray(labels, np.int32)
+        if scores.shape[-1] != self.num_labels:
+            raise ValueError(
+                f"scores have {scores.shape[-1]} labels, the accumulator {self.num_labels}"
+            )
+        ids = _as_padded_labels(labels, self.num_labels)
+        keep = np.ones(len(scores), bool) if mask is None else np.asarray(mask, bool).copy()
+        if self.max_images > 0:
+            room = self.max_images - self.count
+            keep &= np.cumsum(keep) <= room
+        has_label = (ids >= 0).any(axis=1)
+        self.images_without_labels += int((keep & ~has_label).sum())
+        keep &= has_label
+        if not keep.any():
+            return
+        self._hist = _histogram_update(
+            self._hist, jnp.asarray(scores), jnp.asarray(keep), bins=self.bins
+        )
+        scores, ids = scores[keep], ids[keep]
+        rows = np.arange(len(ids))[:, None]
+        self._labels.append(ids)
+        self._positive_scores.append(np.where(ids >= 0, scores[rows, np.maximum(ids, 0)], 0.0))
+        top, hits = topk_predictions(scores, ids, self.kmax)
+        self._top.append(top)
+        self._hits.append(hits)
+        self.count += len(ids)
+
+    def average_precision(self) -> np.ndarray:
+        """Per-label AP (float64 [L], NaN without positives) from the histograms and the positives."""
+        ids, pos_scores = _padded_concat(self._labels), _padded_concat(self._positive_scores)
+        is_pos = ids >= 0
+        label, score = ids[is_pos].astype(np.int64), pos_scores[is_pos]
+        b, inside = _logit_bins(score, self.bins)
+        fp = np.zeros(len(label), np.float64)
+        for first in range(0, self.num_labels, _AP_LABEL_CHUNK):  # bounded temporaries
+            last = min(first + _AP_LABEL_CHUNK, self.num_labels)
+            hist = np.asarray(self._hist[first:last], np.int64)
+            mine = np.flatnonzero((label >= first) & (label < last))
+            rows, cols = label[mine] - first, b[mine]
+            np.subtract.at(hist, (rows, cols), 1)  # -> negatives per bin
+            # Negatives strictly above the positive's bin, plus its share of those in the bin.
+            above = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1] - hist
+            fp[mine] = above[rows, cols] + hist[rows, cols] * (1.0 - inside[mine])
+        # TP at each positive's score: positives of its label with a score >= it (ties enter together).
+        order = np.lexsort((-score, label))
+        label, score, fp = label[order], score[order], fp[order]
+        start = np.searchsorted(label, label, side="left")
+        # Within a label (sorted by descending score), the last index of each tie group.
+        tied_with_previous = np.zeros(len(label), bool)
+        tied_with_previous[1:] = (label[1:] == label[:-1]) & (score[1:] == score[:-1])
+        group_start = np.flatnonzero(~tied_with_previous)
+        group_last = np.append(group_start[1:], len(label)) - 1
+        last = group_last[np.cumsum(~tied_with_previous) - 1]
+        tp = last - start + 1
+        precision = tp / (tp + fp)
+        sums = np.bincount(label, weights=precision, minlength=self.num_labels)
+        positives = np.bincount(label, minlength=self.num_labels)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(positives > 0, sums / positives, np.nan)
+
+    def result(
+        self,
+        *,
+        label_counts=None,
+        ks: Sequence[int] = DEFAULT_KS,
+        bucket_fractions: Sequence[float] = DEFAULT_BUCKET_FRACTIONS,
+        label_chunk: int = 512,
+    ) -> dict[str, Any]:
+        del label_chunk  # (the exact accumulator's knob)
+        if min(max(ks), self.num_labels) > self.kmax:
+            raise ValueError(
+                f"this accumulator keeps the top {self.kmax} predictions, not {max(ks)}"
+            )
+        out = _metrics_from_parts(
+            self.average_precision(),
+            _padded_concat(self._labels, fill=-1),
+            np.concatenate(self._top) if self._top else np.zeros((0, self.kmax), np.int32),
+            np.concatenate(self._hits) if self._hits else np.zeros((0, self.kmax), bool),
+            images_without_labels=self.images_without_labels,
+            label_counts=label_counts,
+            ks=ks,
+            bucket_fractions=bucket_fractions,
+        )
+        out["ap_method"] = f"streamed ({self.bins} logit bins per label)"
+        return out
+
+
+def _padded_concat(parts: Sequence[np.ndarray], fill=-1) -> np.ndarray:
+    if not parts:
+        return np.zeros((0, 1), np.int32)
+    width = max(x.shape[1] for x in parts)
+    return np.concatenate(
+        [np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=fill) for x in parts]
+    )
+
+
+def make_accumulator(
+    num_labels: int,
+    num_images: int,
+    *,
+    mode: str = "auto",
+    exact_max_scores: int = 100_000_000,
+    bins: int = 1024,
+    max_images: int = 0,
+    kmax: int = max(DEFAULT_KS),
+):
+    """The accumulator for an evaluation of ``num_images`` images: exact (keeps all N x L scores) when
+    ``mode`` is "exact", or "auto" with N x L at most ``exact_max_scores``; else streamed (bounded host
+    memory, see :class:`StreamingMetricsAccumulator`). Configs: ``config.train.eval_metrics``,
+    ``eval_exact_max_scores``, ``eval_histogram_bins``."""
+    if mode not in STREAMED_MODES:
+        raise UserError(
+            f"config.train.eval_metrics={mode!r} is not one of {', '.join(STREAMED_MODES)}."
+        )
+    n = min(num_images, max_images) if max_images > 0 else num_images
+    if mode == "exact" or (mode == "auto" and n * num_labels <= exact_max_scores):
+        return MetricsAccumulator(num_labels, max_images=max_images)
+    return StreamingMetricsAccumulator(num_labels, bins=bins, max_images=max_images, kmax=kmax)
+
+
+def accumulator_from_config(config, num_labels: int, num_images: int, max_images: int = 0):
+    """:func:`make_accumulator` with ``config.train.eval_metrics`` / ``eval_exact_max_scores`` /
+    ``eval_histogram_bins`` (defaults where a config predates them)."""
+    t = config.train
+    return make_accumulator(
+        num_labels,
+        num_images,
+        mode=str(t.get("eval_metrics", "auto")),
+        exact_max_scores=int(t.get("eval_exact_max_scores", 100_000_000)),
+        bins=int(t.get("eval_histogram_bins", 1024)),
+        max_images=max_images,
+    )
+
+
 def to_json(metrics: Mapping[str, Any]) -> dict:
     """``metrics`` with numpy arrays as lists and NaN as null (strict JSON)."""
 
@@ -425,9 +642,10 @@ def format_table(
 def label_counts_of(
     dataset_dir: str | Path, num_labels: int, split: str = "train"
 ) -> np.ndarray | None:
-    """Training images per label from the dataset's label index (``<split>.labels.npz``), if present."""
+    """Training images per label from the dataset's label store (O(labels): its small counts file), if
+    the dataset has one; an old-format dataset is upgraded once (tagjax.records.open_label_store)."""
 
-    path = Path(dataset_dir) / f"{split}.labels.npz"
-    if not path.is_file():
+    store = records.LabelStore(Path(dataset_dir), split)
+    if not store.exists() and not store.legacy_path.is_file():
         return None
-    return records.LabelIndex.load(path).counts(num_labels)
+    return records.open_label_store(Path(dataset_dir), split, num_labels).counts(num_labels)

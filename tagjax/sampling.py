@@ -71,8 +71,12 @@ _FEISTEL_ROUNDS = 8
 _ROUND_KEYS = np.asarray(
     [((r + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF for r in range(_FEISTEL_ROUNDS)], np.uint64
 )
-# Pairs processed at once when building the inverted index; bounds the build's temporary memory (~24 B/pair).
-_INVERT_CHUNK_PAIRS = 1 << 24
+# Building the inverted index: records read per chunk (temporaries ~50 B per pair of a chunk, ~100 MB at
+# 2 labels per image), index entries assembled at once (the output buffer: 4 B each, 256 MB), and bucket
+# entries read at once. Peak memory is bounded by these, not by the split's size.
+_INVERT_CHUNK_RECORDS = 1 << 20
+_INVERT_BUFFER_PAIRS = 1 << 26
+_INVERT_READ_PAIRS = 1 << 22
 _INDEX_FORMAT = 1
 
 
@@ -242,7 +246,7 @@ class InvertedIndex:
     @property
     def images(self) -> np.ndarray:
         if self._images is None:
-            self._images = np.load(self.path, mmap_mode="r")
+            self._images = records.open_random_access(self.path)  # draws hit scattered entries
         return self._images
 
     def images_at(self, flat: np.ndarray) -> np.ndarray:
@@ -258,70 +262,92 @@ class InvertedIndex:
         return state
 
     @staticmethod
-    def _fill(label_index: records.LabelIndex, num_labels: int, out: np.ndarray) -> np.ndarray:
-        """Counting sort of (hashtag, image) pairs into ``out``; returns the counts. Bounded memory."""
-        offsets_rec = np.asarray(label_index.offsets, np.int64)
-        labels = np.asarray(label_index.labels)
-        n = label_index.num_records
-        if len(labels) and (labels.min() < 0 or labels.max() >= num_labels):
-            raise UserError(
-                f"the label index holds label ids outside [0, {num_labels}) of the vocabulary; the dataset "
-                "and its vocab.json disagree: rebuild the dataset with `tagjax build`."
-            )
-        counts = np.bincount(labels, minlength=num_labels).astype(np.int64)
-        cursor = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        start = 0
-        bar = progress_bar(
-            total=n,
-            unit="img",
-            desc="hashtag -> images index",
-            enabled=None if len(labels) > _INVERT_CHUNK_PAIRS else False,
-        )
-        while start < n:
-            # A chunk of whole records holding about _INVERT_CHUNK_PAIRS pairs (at least one record).
-            stop = (
-                int(np.searchsorted(offsets_rec, offsets_rec[start] + _INVERT_CHUNK_PAIRS, "right"))
-                - 1
-            )
-            stop = min(max(stop, start + 1), n)
-            lab = labels[offsets_rec[start] : offsets_rec[stop]].astype(np.int64)
-            rec = np.repeat(
-                np.arange(start, stop, dtype=np.int64), np.diff(offsets_rec[start : stop + 1])
-            )
-            order = np.argsort(lab, kind="stable")
-            lab, rec = lab[order], rec[order]
-            rank = np.arange(len(lab)) - np.searchsorted(lab, lab, side="left")
-            out[cursor[lab] + rank] = rec
-            cursor += np.bincount(lab, minlength=num_labels)
-            bar.update(stop - start)
-            start = stop
-        bar.close()
-        return counts
-
-    @staticmethod
     def _dtype(num_records: int):
         return np.uint32 if num_records < (1 << 32) else np.int64
 
     @classmethod
     def in_memory(cls, label_index: records.LabelIndex, num_labels: int) -> InvertedIndex:
-        images = np.empty(len(label_index.labels), cls._dtype(label_index.num_records))
-        counts = cls._fill(label_index, num_labels, images)
+        """The index of a small in-memory label index (synthetic task, demos), held in memory."""
+        counts = label_index.counts(num_labels)[:num_labels]  # longer if ids are out of range
+        images = np.empty(int(counts.sum()), cls._dtype(label_index.num_records))
+        for dest, rec in _placed_pairs(label_index.chunks, counts):
+            images[dest] = rec
         return cls(counts, label_index.num_records, images=images)
 
     @classmethod
-    def build(cls, label_index: records.LabelIndex, num_labels: int, path: Path) -> InvertedIndex:
-        """Writes the index to the ``.npy`` file ``path`` (plus a ``.json`` with the counts) atomically."""
-        n = label_index.num_records
+    def build(
+        cls,
+        store: records.LabelStore,
+        num_labels: int,
+        path: Path,
+        buffer_pairs: int | None = None,
+    ) -> InvertedIndex:
+        """Writes the index of ``store`` to the ``.npy`` file ``path`` (plus a ``.json`` with the counts).
+
+        Bounded memory whatever the split's size (an external counting sort): one chunked pass over the
+        label store places every (image, hashtag) pair at its final position and appends it to the
+        bucket file of that position's slice of ``buffer_pairs`` entries (8 or 12 bytes per pair of
+        temporary disk next to ``path``); then each slice is assembled in one buffer and appended to the
+        output. A split whose index fits one buffer skips the bucket files. The file is renamed into
+        place when complete.
+        """
+        buffer_pairs = int(buffer_pairs or _INVERT_BUFFER_PAIRS)
+        n = store.num_records
+        counts = store.counts(num_labels)
+        total = int(counts.sum())
+        if total != store.num_pairs:
+            raise UserError(
+                f"{store.counts_path} counts {total} (image, label) pairs but {store.labels_path} holds "
+                f"{store.num_pairs}; the label store is damaged: rebuild the dataset."
+            )
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-        out = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=cls._dtype(n), shape=(len(label_index.labels),)
+        dtype = np.dtype(cls._dtype(n))
+        num_slices = max(1, -(-total // buffer_pairs))
+        bucket_dtype = np.dtype([("pos", np.uint32), ("rec", dtype)])
+        buckets = [tmp.with_name(f"{tmp.name}.bucket{k}") for k in range(num_slices)]
+        bar = progress_bar(
+            total=2 * total if num_slices > 1 else total,
+            unit="pair",
+            desc="hashtag -> images index",
+            enabled=None if total > _INVERT_CHUNK_RECORDS else False,
         )
-        counts = cls._fill(label_index, num_labels, out)
-        out.flush()
-        del out
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as out:
+                np.lib.format.write_array_header_1_0(
+                    out,
+                    {
+                        "descr": np.lib.format.dtype_to_descr(dtype),
+                        "fortran_order": False,
+                        "shape": (total,),
+                    },
+                )
+                if num_slices == 1:
+                    buffer = np.empty(total, dtype)
+                    for dest, rec in _placed_pairs(store.chunks, counts):
+                        buffer[dest] = rec
+                        bar.update(len(dest))
+                    buffer.tofile(out)
+                else:
+                    _write_buckets(store, counts, buffer_pairs, buckets, bucket_dtype, bar)
+                    buffer = np.empty(buffer_pairs, dtype)
+                    for k, bucket in enumerate(buckets):
+                        size = min(buffer_pairs, total - k * buffer_pairs)
+                        with open(bucket, "rb") as f:
+                            while True:
+                                part = np.fromfile(f, bucket_dtype, count=_INVERT_READ_PAIRS)
+                                if not len(part):
+                                    break
+                                buffer[part["pos"]] = part["rec"]
+                                bar.update(len(part))
+                        bucket.unlink()
+                        buffer[:size].tofile(out)
+            os.replace(tmp, path)
+        finally:
+            bar.close()
+            for f in [tmp, *buckets]:
+                f.unlink(missing_ok=True)
         meta = {"format": _INDEX_FORMAT, "num_records": int(n), "counts": counts.tolist()}
         tmp_meta = _meta_path(path).with_name(_meta_path(path).name + f".tmp{os.getpid()}")
         tmp_meta.write_text(json.dumps(meta))
@@ -329,23 +355,79 @@ class InvertedIndex:
         return cls(counts, n, path=path)
 
     @classmethod
-    def load_or_build(cls, labels_file: Path, num_labels: int, cache_dir: Path) -> InvertedIndex:
-        """The cached index for ``labels_file`` (keyed by its path, size and mtime), building it if missing.
+    def load_or_build(
+        cls, store: records.LabelStore, num_labels: int, cache_dir: Path
+    ) -> InvertedIndex:
+        """The cached index of ``store`` (keyed by its files' paths, sizes and mtimes), built if missing.
 
         Concurrent builders (several hosts on a shared disk) write identical files and rename atomically.
         """
-        labels_file = Path(labels_file)
-        st = labels_file.stat()
-        key = json.dumps(
-            [_INDEX_FORMAT, str(labels_file.resolve()), st.st_size, st.st_mtime_ns, num_labels]
-        )
-        stem = f"{labels_file.name[: -len('.npz')]}.inverted-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-        path = Path(cache_dir) / f"{stem}.npy"
+        key = [_INDEX_FORMAT, num_labels]
+        for f in (store.offsets_path, store.labels_path):
+            st = f.stat()
+            key += [str(f.resolve()), st.st_size, st.st_mtime_ns]
+        digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
+        path = Path(cache_dir) / f"{store.split}.inverted-{digest}.npy"
         if path.is_file() and _meta_path(path).is_file():
             meta = json.loads(_meta_path(path).read_text())
             return cls(np.asarray(meta["counts"], np.int64), meta["num_records"], path=path)
-        logging.info("building the hashtag -> images index of %s in %s", labels_file, path.parent)
-        return cls.build(records.LabelIndex.load(labels_file), num_labels, path)
+        logging.info(
+            "building the hashtag -> images index of %s in %s", store.labels_path, path.parent
+        )
+        return cls.build(store, num_labels, path)
+
+
+def _placed_pairs(chunks, counts: np.ndarray):
+    """Every (image, hashtag) pair with its position in the index, chunk by chunk: ``(dest, record)``.
+
+    Entry ``offsets[h] + j`` of the index is the ``j``-th record (in record order) carrying hashtag ``h``.
+    Within a chunk, pairs come sorted by hashtag, so ``dest`` is ascending. Temporaries are ~50 bytes per
+    pair of one chunk. Checks the label ids against the vocabulary and the stored counts.
+    """
+    num_labels = len(counts)
+    cursor = np.cumsum(counts) - counts  # the next free slot of each hashtag
+    seen = np.zeros(num_labels, np.int64)
+    for chunk in chunks(_INVERT_CHUNK_RECORDS):
+        labels = chunk.labels
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_labels):
+            raise UserError(
+                f"the label index holds label ids outside [0, {num_labels}) of the vocabulary; the "
+                "dataset and its vocab.json disagree: rebuild the dataset with `tagjax build`."
+            )
+        chunk_counts = np.bincount(labels, minlength=num_labels)
+        seen += chunk_counts
+        if (seen > counts).any():
+            break
+        order = np.argsort(labels, kind="stable")
+        lab, rec = labels[order], chunk.records[order]
+        rank = np.arange(len(lab)) - np.searchsorted(lab, lab, side="left")
+        yield cursor[lab] + rank, rec
+        cursor += chunk_counts
+    if not np.array_equal(seen, counts):
+        raise UserError(
+            "the label index's stored per-label counts disagree with its label ids; the label "
+            "store is damaged: rebuild the dataset with `tagjax build`."
+        )
+
+
+def _write_buckets(store, counts, buffer_pairs, buckets, bucket_dtype, bar) -> None:
+    """Appends every placed pair to the bucket file of its slice: (position in the slice, record)."""
+    files = [open(b, "wb") for b in buckets]  # noqa: SIM115 (closed below)
+    try:
+        starts = np.arange(len(buckets), dtype=np.int64) * buffer_pairs
+        for dest, rec in _placed_pairs(store.chunks, counts):
+            cuts = [*np.searchsorted(dest, starts, side="left").tolist(), len(dest)]
+            for k in range(len(buckets)):
+                lo, hi = cuts[k], cuts[k + 1]
+                if hi > lo:
+                    part = np.empty(hi - lo, bucket_dtype)
+                    part["pos"] = dest[lo:hi] - starts[k]
+                    part["rec"] = rec[lo:hi]
+                    part.tofile(files[k])
+            bar.update(len(dest))
+    finally:
+        for f in files:
+            f.close()
 
 
 def _meta_path(path: Path) -> Path:

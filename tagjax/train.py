@@ -401,15 +401,17 @@ def evaluate(
     *,
     max_images: int = 0,
     label_counts: np.ndarray | None = None,
+    accumulator=None,
 ) -> dict:
     """Held-out metrics over ``batches`` (per-host eval batches with "mask"): the mean loss and the flat
     scalars of ``tagjax.evaluate.hashtag_metrics`` (mAP, precision@k, recall@k, per frequency bucket).
 
     Stops after ``max_images`` real images (0 = the whole iterator). ``label_counts`` (training images per
-    label) defines the head/torso/tail buckets.
+    label) defines the head/torso/tail buckets. ``accumulator`` (default: the exact one) collects the
+    scores; ``tagjax.metrics.accumulator_from_config`` picks exact or streamed by size.
     """
 
-    acc = metrics_lib.MetricsAccumulator(num_classes, max_images=max_images)
+    acc = accumulator or metrics_lib.MetricsAccumulator(num_classes, max_images=max_images)
     loss_sum = count = 0.0
     for local in batches:
         batch = sharding.global_batch({k: local[k] for k in EVAL_BATCH_KEYS}, mesh)
@@ -569,14 +571,19 @@ def _hashtag_evaluation(config, model, mesh: Mesh, state: TrainState, data: Data
     eval_step = jit_eval_step(config, model, mesh, state)
 
     def evaluate_state(state: TrainState) -> dict:
+        batches = data.make_eval_iterator()
+        max_images = int(config.train.eval_max_images)
         return evaluate(
             eval_step,
             state,
-            data.make_eval_iterator(),
+            batches,
             mesh,
             data.num_classes,
-            max_images=int(config.train.eval_max_images),
+            max_images=max_images,
             label_counts=data.label_counts,
+            accumulator=metrics_lib.accumulator_from_config(
+                config, data.num_classes, int(getattr(batches, "num_images", 0)), max_images
+            ),
         )
 
     return evaluate_state

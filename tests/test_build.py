@@ -191,7 +191,7 @@ def test_records_round_trip_with_labels_and_no_user_ids(built):
     by_id = {}
     for split in records.SPLITS:
         recs = read_split(out, split)
-        index = records.LabelIndex.load(out / f"{split}.labels.npz")
+        index = records.LabelStore(out, split).load()
         assert index.num_records == len(recs) == manifest.num_records(split)
         for i, r in enumerate(recs):
             assert list(index.labels_of(i)) == list(r.labels)
@@ -350,7 +350,7 @@ def test_apply_optout_after_the_fact(built, tmp_path):
     ids = set()
     for split in records.SPLITS:
         recs = read_split(out, split)
-        index = records.LabelIndex.load(out / f"{split}.labels.npz")
+        index = records.LabelStore(out, split).load()
         assert index.num_records == len(recs)
         assert [list(index.labels_of(i)) for i in range(len(recs))] == [
             list(r.labels) for r in recs

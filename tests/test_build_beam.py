@@ -31,9 +31,9 @@ def test_beam_and_local_builds_write_the_same_records(both):
     assert {r.post_id for s in records.SPLITS for r in read_split(base / "beam", s)} == KEPT
     for name in sorted(p.name for p in (base / "local").glob("*.array_record")):
         assert (base / "beam" / name).read_bytes() == (base / "local" / name).read_bytes()
-    for name in ("train.labels.npz", "heldout.labels.npz"):
-        a = records.LabelIndex.load(base / "local" / name)
-        b = records.LabelIndex.load(base / "beam" / name)
+    for split in records.SPLITS:
+        a = records.LabelStore(base / "local", split).load()
+        b = records.LabelStore(base / "beam", split).load()
         assert a.offsets.tolist() == b.offsets.tolist() and a.labels.tolist() == b.labels.tolist()
     assert (base / "beam" / "vocab.json").read_text() == (base / "local" / "vocab.json").read_text()
 
@@ -134,3 +134,29 @@ def test_beam_build_that_keeps_nothing_fails_and_leaves_nothing(tmp_path):
     with pytest.raises(UserError, match=r"kept no training records: 3 posts read.*private 3"):
         build_beam.build(cfg, ["--runner=DirectRunner"])
     assert not out.exists()
+
+
+def test_beam_multi_processing_direct_runner_writes_the_local_shards(both, tmp_path):
+    """Several worker processes (what a cluster runner does: pickled stages, no shared state) still
+    write byte-identical shards, label stores and statistics."""
+    base, local, _ = both
+    paths = write_corpus(tmp_path / "in")
+    out = tmp_path / "mp"
+    stats = build_beam.build(
+        corpus_config(paths, out),
+        [
+            "--runner=DirectRunner",
+            "--direct_running_mode=multi_processing",
+            "--direct_num_workers=2",
+        ],
+    )
+    for name in sorted(p.name for p in (base / "local").glob("*.array_record")):
+        assert (out / name).read_bytes() == (base / "local" / name).read_bytes()
+    assert sorted(p.name for p in out.glob("*.array_record")) == sorted(
+        p.name for p in (base / "local").glob("*.array_record")
+    )
+    for split in records.SPLITS:
+        for part in ("offsets", "ids", "counts"):
+            name = f"{split}.labels.{part}.npy"
+            assert (out / name).read_bytes() == (base / "local" / name).read_bytes()
+    assert stats["records"] == local["records"] and stats["dropped"] == local["dropped"]

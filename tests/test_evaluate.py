@@ -130,6 +130,72 @@ def test_accumulator_equals_one_call_and_respects_mask():
         assert got[key] == pytest.approx(want[key])
 
 
+def _random_eval_set(n, num_labels, seed):
+    """Softmax scores where true labels get a logit boost; 1-3 labels per image."""
+    rng = np.random.default_rng(seed)
+    logits = 2 * rng.normal(size=(n, num_labels)).astype(np.float32)
+    labels = np.full((n, 3), -1, np.int32)
+    for i in range(n):
+        k = rng.integers(1, 4)
+        labels[i, :k] = rng.choice(num_labels, k, replace=False)
+        logits[i, labels[i, :k]] += 2.5
+    return metrics.scores_from_logits(logits), labels
+
+
+def test_streamed_metrics_match_exact_ones(monkeypatch):
+    monkeypatch.setattr(metrics, "_AP_LABEL_CHUNK", 7)  # AP computed over several label chunks
+    scores, labels = _random_eval_set(600, 40, seed=2)
+    scores[7] = scores[8]  # a tie across images, including a positive's score
+    labels[7] = labels[8]
+    exact = metrics.MetricsAccumulator(40)
+    streamed = metrics.StreamingMetricsAccumulator(40, bins=1024, max_images=580)
+    for a in range(0, 600, 64):
+        mask = np.arange(a, a + 64)[: len(scores[a : a + 64])] % 50 != 3  # some padding rows
+        exact.update(scores[a : a + 64][mask], labels[a : a + 64][mask])
+        streamed.update(scores[a : a + 64], labels[a : a + 64], mask=mask)
+    assert streamed.count == 580 and streamed.full
+    exact_scores, exact_labels = exact.arrays()
+    want = metrics.hashtag_metrics(exact_scores[:580], exact_labels[:580])
+    got = streamed.result()
+    # top-k metrics and buckets are exact; AP differs only through negatives sharing a bin with a
+    # positive (documented bound: docs/evaluation.md).
+    for key in ("precision@1", "precision@5", "recall@1", "recall@5", "num_images"):
+        assert got[key] == pytest.approx(want[key])
+    assert got["buckets"]["tail"]["recall@5"] == pytest.approx(want["buckets"]["tail"]["recall@5"])
+    assert got["mAP"] == pytest.approx(want["mAP"], abs=1e-3)
+    assert np.nanmax(np.abs(got["per_label_ap"] - want["per_label_ap"])) < 0.02
+    assert np.array_equal(np.isnan(got["per_label_ap"]), np.isnan(want["per_label_ap"]))
+
+
+def test_streamed_ap_is_exact_when_no_negative_shares_a_positives_bin():
+    # Hand-made: label 0 positives at 0.9 and 0.5, negatives at 0.7 and 0.1 (distinct logit bins).
+    scores = np.array([[0.9, 0.1], [0.7, 0.3], [0.5, 0.5], [0.1, 0.9]], np.float32)
+    labels = np.array([[0], [1], [0], [1]])
+    acc = metrics.StreamingMetricsAccumulator(2, bins=4096)
+    acc.update(scores, labels)
+    # label 0: 1/1 at 0.9, 2/3 at 0.5 -> (1 + 2/3) / 2; label 1: 1/1 at 0.9, 2/3 at 0.3.
+    assert acc.average_precision() == pytest.approx([5 / 6, 5 / 6])
+    assert metrics.average_precision(scores, labels) == pytest.approx([5 / 6, 5 / 6])
+
+
+def test_accumulator_is_picked_by_size_and_config():
+    assert isinstance(metrics.make_accumulator(100, 1000), metrics.MetricsAccumulator)
+    big = metrics.make_accumulator(17_000, 50_000)
+    assert isinstance(big, metrics.StreamingMetricsAccumulator)
+    assert isinstance(
+        metrics.make_accumulator(17_000, 50_000, mode="exact"), metrics.MetricsAccumulator
+    )
+    assert isinstance(
+        metrics.make_accumulator(10, 10, mode="streamed"), metrics.StreamingMetricsAccumulator
+    )
+    # max_images bounds the evaluation, so it decides too.
+    assert isinstance(
+        metrics.make_accumulator(17_000, 10**6, max_images=1000), metrics.MetricsAccumulator
+    )
+    with pytest.raises(UserError, match="eval_metrics"):
+        metrics.make_accumulator(10, 10, mode="sampled")
+
+
 def test_json_and_table_are_readable():
     m = metrics.hashtag_metrics(np.array([[0.9, 0.1]], np.float32), np.array([[0]]))
     text = json.dumps(metrics.to_json(m), allow_nan=False)  # NaN (label 1 has no positive) -> null

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -60,7 +61,7 @@ def _write_split(root, split, n, shards, bad=None):
     for s in range(shards):
         names.append(records.shard_name(split, s, shards))
         records.write_shard(root / names[-1], encoded[s * per : (s + 1) * per])
-    records.LabelIndex.from_lists(lists).save(root / f"{split}.labels.npz")
+    records.LabelStore.write(root, split, lists, len(NOUNS))
     return {"shards": names, "num_records": n}
 
 
@@ -378,7 +379,7 @@ def test_inverted_index_is_cached_next_to_the_dataset(dataset):
     input_pipeline.make_train_iterator(
         _config(dataset, sampling="natural"), process_index=0, process_count=1
     )
-    assert len(list(dataset.glob("train.labels.inverted-*.npy"))) == 1
+    assert len(list(dataset.glob("train.inverted-*.npy"))) == 1
 
 
 def test_bad_config_values_are_user_errors(dataset):
@@ -529,3 +530,42 @@ def test_color_jitter_strength():
     gray = img.copy()
     augment.color_jitter(gray, 1.0, np.asarray([0.5, 0.5, 0.0]))  # saturation 0: gray
     assert np.abs(gray.astype(int) - gray[..., :1]).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["images", "sqrt"])
+def test_training_and_evaluation_start_without_loading_the_label_file(tmp_path, monkeypatch, mode):
+    """The O(images) label files are only memory-mapped or read in bounded chunks, never loaded whole."""
+    from tagjax import metrics
+
+    root = _write_dataset(tmp_path / "ds", n_train=48)
+    store = records.LabelStore(root, "train")
+    big = {store.offsets_path.name, store.labels_path.name}
+    monkeypatch.setattr(sampling, "_INVERT_CHUNK_RECORDS", 10)  # 48 records: 5 chunks
+    monkeypatch.setattr(sampling, "_INVERT_BUFFER_PAIRS", 32)  # several passes
+    reads = []
+    real_load, real_fromfile = np.load, np.fromfile
+
+    def load(path, *args, **kwargs):
+        reads.append(("load", getattr(path, "name", str(path)), kwargs.get("mmap_mode")))
+        return real_load(path, *args, **kwargs)
+
+    def fromfile(f, dtype, count=-1, **kwargs):
+        reads.append(("read", getattr(f, "name", ""), count))
+        return real_fromfile(f, dtype, count=count, **kwargs)
+
+    monkeypatch.setattr(np, "load", load)
+    monkeypatch.setattr(np, "fromfile", fromfile)
+    config = _config(root, sampling=mode, cache_dir=str(tmp_path / "cache"))
+    it = input_pipeline.make_train_iterator(config, process_index=0, process_count=1)
+    next(iter(it))
+    counts = metrics.label_counts_of(root, len(NOUNS))
+    assert (
+        counts.tolist()
+        == np.bincount(np.concatenate([_labels_of(i) for i in range(48)]), minlength=10).tolist()
+    )
+    assert reads  # the store was opened
+    for kind, name, how in reads:
+        if kind == "load" and Path(name).name in big:
+            assert how == "r", f"{name} loaded whole"
+        if kind == "read" and Path(name).name in big:
+            assert 0 <= how <= 11 * 4, f"{how} elements of {name} read at once"

@@ -26,6 +26,10 @@ def zipf_index():
     return records.LabelIndex.from_lists([sorted(x) for x in lists])
 
 
+def _lists_of(index):
+    return [index.labels_of(i).tolist() for i in range(index.num_records)]
+
+
 @pytest.mark.parametrize("mode", ["natural", "sqrt", "uniform"])
 def test_drawn_hashtag_frequency_matches_n_to_the_alpha(zipf_index, mode):
     inv = sampling.InvertedIndex.in_memory(zipf_index, NUM_LABELS)
@@ -99,22 +103,33 @@ def test_images_mode_visits_every_image_once_per_epoch(n):
 
 def test_inverted_index_file_matches_and_is_memory_mapped(tmp_path, zipf_index, monkeypatch):
     # Several chunks, so records are split across chunk boundaries.
-    monkeypatch.setattr(sampling, "_INVERT_CHUNK_PAIRS", 1000)
-    labels_file = tmp_path / "train.labels.npz"
-    zipf_index.save(labels_file)
-    built = sampling.InvertedIndex.load_or_build(labels_file, NUM_LABELS, tmp_path / "cache")
+    # Several chunks and several output passes, so records and hashtags straddle their boundaries.
+    monkeypatch.setattr(sampling, "_INVERT_CHUNK_RECORDS", 300)
+    monkeypatch.setattr(sampling, "_INVERT_BUFFER_PAIRS", 777)
+    store = records.LabelStore.write(tmp_path, "train", _lists_of(zipf_index), NUM_LABELS)
+    built = sampling.InvertedIndex.load_or_build(store, NUM_LABELS, tmp_path / "cache")
     for h in range(NUM_LABELS):
         expected = [i for i in range(zipf_index.num_records) if h in zipf_index.labels_of(i)]
         assert built.images_of(h).tolist() == expected
     # The second call reuses the cache file; pickling (into a worker) does not copy the id array.
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    again = sampling.InvertedIndex.load_or_build(labels_file, NUM_LABELS, tmp_path / "cache")
+    again = sampling.InvertedIndex.load_or_build(store, NUM_LABELS, tmp_path / "cache")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == files
     assert isinstance(again.images, np.memmap)
     assert len(pickle.dumps(again)) < 4 * len(zipf_index.labels) / 4
     assert np.array_equal(pickle.loads(pickle.dumps(again)).images_of(3), built.images_of(3))
     # Memory per image: 4 bytes per (image, hashtag) pair, as documented.
     assert again.images.dtype == np.uint32 and again.images.nbytes == 4 * len(zipf_index.labels)
+    # The chunked multi-pass build and the in-memory one agree entry for entry.
+    in_memory = sampling.InvertedIndex.in_memory(zipf_index, NUM_LABELS)
+    assert np.array_equal(np.asarray(again.images), in_memory.images)
+
+
+def test_damaged_label_store_is_refused(tmp_path):
+    store = records.LabelStore.write(tmp_path, "train", [[0, 1], [2]], 3)
+    np.save(store.counts_path, np.asarray([1, 1, 0]))  # the counts no longer match the ids
+    with pytest.raises(UserError, match="damaged"):
+        sampling.InvertedIndex.build(store, 3, tmp_path / "index.npy")
 
 
 def test_label_ids_outside_the_vocabulary_are_refused():

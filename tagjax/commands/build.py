@@ -1,6 +1,7 @@
 """The ``tagjax build`` command: its options become a tagjax.build_steps.BuildConfig, run by the local
 builder (tagjax.build) or, with ``--beam``, by the Apache Beam pipeline (tagjax.build_beam);
-``--apply-optout`` removes opted-out posts from a finished dataset instead."""
+``--apply-optout`` removes opted-out posts from a finished dataset instead, and ``--upgrade-labels``
+converts an old dataset's label index to the memory-mapped label store."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import shlex
 import signal
 import sys
+from pathlib import Path
 
 from tagjax import build_steps, dedup
 from tagjax import images as images_lib
@@ -98,6 +100,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DATASET",
         default=None,
         help="instead of building: remove the opted-out posts/users from DATASET",
+    )
+    io_.add_argument(
+        "--upgrade-labels",
+        metavar="DATASET",
+        default=None,
+        help="instead of building: convert DATASET's old *.labels.npz to the memory-mapped label "
+        "store (training does this on the fly where the folder is writable)",
     )
     lb = parser.add_argument_group("labels")
     lb.add_argument(
@@ -300,6 +309,16 @@ def run(args) -> int:
         print(
             f"removed {result['removed']} records ({result['per_split']}) from {args.apply_optout}"
         )
+        return 0
+    if args.upgrade_labels:
+        from tagjax import records, vocab
+
+        root = Path(args.upgrade_labels).expanduser()
+        manifest = records.load_manifest(root)
+        num_labels = vocab.Vocabulary.load(root / manifest.vocab_file).num_labels
+        for split in manifest.splits:
+            store = records.open_label_store(root, split, num_labels)
+            print(f"{split}: {store.num_records:,} records in {store.offsets_path.parent}")
         return 0
     if not args.output:
         raise UserError("pass --output DIR for the dataset.")

@@ -122,6 +122,12 @@ def get_config(arg=None):
     c.train.log_every_images = 8064 * 20
     c.train.eval_every_images = 50_000_000
     c.train.eval_max_images = 50_000  # held-out images per evaluation (0 = all)
+    # Hashtag metrics (tagjax.metrics): "exact" keeps every score (N x L floats on the host), "streamed"
+    # keeps per-label score histograms (bounded memory; mAP within 1e-3 of exact, docs/evaluation.md);
+    # "auto" is exact while images x labels <= eval_exact_max_scores.
+    c.train.eval_metrics = "auto"
+    c.train.eval_exact_max_scores = 100_000_000  # 400 MB of float32 scores
+    c.train.eval_histogram_bins = 1024  # streamed: logit bins per label (uint32 each)
     c.train.checkpoint_every_images = 10_000_000
     c.train.nan_policy = "stop"  # "stop" with a clear message, or "skip" the update and count it
     c.train.max_consecutive_nonfinite = (
