@@ -704,6 +704,7 @@ def summarize(
             "dropped": stats["dropped"],
             "eval_near_duplicates_removed": corpus["dedup"].get("eval_removed"),
             "dataset": corpus["dataset"],
+            "content_hash": corpus.get("content_hash"),
         },
         "pretraining": {
             "model": str(cfg.model.name),
@@ -753,7 +754,8 @@ def render_table(s: Mapping) -> str:
         f"corpus: {c['posts_read']:,} openclipart posts read -> {c['records'].get('train', 0):,} train + "
         f"{c['records'].get('heldout', 0):,} held-out images, {c['labels']:,} canonical hashtags "
         f"({c['labels_per_post']} per image); {c['eval_near_duplicates_removed']} near-duplicates of "
-        "downstream test images removed",
+        "downstream test images removed"
+        + (f"; content hash {c['content_hash']}" if c.get("content_hash") else ""),
         f"pretraining: {p['model']}, {p['image_size']}px, {p['steps']:,} steps x {p['batch_size']} = "
         f"{p['images_seen']:,} images, {p['sampling']} resampling, {p['loss']} loss",
         f"hashtag prediction on {h['num_images']:,} held-out posts ({spread}): mAP {_pm(h['mAP'])}, "
@@ -865,6 +867,8 @@ def run_all(
 
     stages.banner("[1/5] corpus: openclipart -> vocabulary -> deduplicated, decontaminated shards")
     corpus = stage_corpus(cfg, workdir, stages, progress=progress)
+    # What the corpus holds, in one digest a run elsewhere can compare (tagjax.records.content_hash).
+    corpus["content_hash"] = records.content_hash(Path(corpus["dataset"]))
     corpus_key = stages.key_of("corpus")
 
     pretrain, randoms, scratch = [], [], []
