@@ -435,3 +435,14 @@ def test_bars_only_on_a_terminal_unless_forced(capsys):
     with progress.progress_bar(total=2, desc="forced", enabled=True) as bar:
         bar.update(2)
     assert "forced: 100%" in capsys.readouterr().err
+
+
+def test_every_command_takes_progress_and_no_progress():
+    for name in cli.COMMANDS:
+        parser, _ = cli.build_parser(name)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        cmd = sub.choices[name]
+        nested = next((a for a in cmd._actions if isinstance(a, argparse._SubParsersAction)), None)
+        for p in nested.choices.values() if nested else [cmd]:
+            flags = {o for a in p._actions for o in a.option_strings}
+            assert {"--progress", "--no-progress"} <= flags, p.prog

@@ -57,12 +57,16 @@ def add_json(parser, help: str = "print the result as one JSON document on stdou
     parser.add_argument("--json", action="store_true", help=help)
 
 
-def add_progress(parser) -> None:
+def add_progress(parser, *, draws_bars: bool = True) -> None:
+    """``--progress``/``--no-progress`` (None when neither is given: bars only on a terminal). Every
+    command takes it, so a script can pass it to all; ``draws_bars`` False says this one has none."""
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="progress bars on stderr (default: only when stderr is a terminal)",
+        help="progress bars on stderr (default: only when stderr is a terminal)"
+        if draws_bars
+        else "accepted for uniformity: this command draws no progress bars",
     )
 
 

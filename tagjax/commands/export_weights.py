@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _args.add_output(parser, "FILE.safetensors to write", required=True)
     parser.add_argument("--no-head", action="store_true", help="export the trunk only (no 'fc')")
     _args.add_json(parser, "print what was written (path, arch, size) as one JSON document")
+    _args.add_progress(parser, draws_bars=False)
 
 
 def run(args: argparse.Namespace) -> int:

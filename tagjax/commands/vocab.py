@@ -75,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("vocab", help="vocab.json, a dataset directory, or a built-in name (in1k)")
     s.add_argument("--limit", type=int, default=25, help="labels to list (0 = all)")
     _args.add_json(s, "print the listed label entries as JSON Lines (the summary goes to stderr)")
+    _args.add_progress(s, draws_bars=False)
     lk = sub.add_parser(
         "lookup",
         formatter_class=_args.HelpFormatter,
@@ -101,6 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         lk,
         "one JSON object per hashtag (JSON Lines); the 'as one post' line goes to stderr",
     )
+    _args.add_progress(lk, draws_bars=False)
     r = sub.add_parser(
         "rebuild-data",
         help="rebuild tagjax's package data from WordNet 3.0",
@@ -115,6 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="data directory to write (default: the installed package's data directory)",
     )
     _args.add_json(r, "print what was written as one JSON document")
+    _args.add_progress(r, draws_bars=False)
 
 
 def run(args) -> int:
