@@ -240,9 +240,12 @@ def test_demo_end_to_end_and_rerun_reuses_every_stage(tmp_path, capsys):
         w, hgt = _png_size(path)
         assert w > 300 and hgt > 200
 
-    # The same command again: every stage is reused, the numbers are the same.
-    assert cli.main(argv) == 0
-    out = capsys.readouterr().err
+    # The same command again (with --json): every stage is reused, the numbers are the same, and
+    # stdout is the summary as one JSON document.
+    assert cli.main([*argv, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["downstream"] == s["downstream"]
+    out = captured.err
     assert (
         out.count("reusing the finished stage") == 7
     )  # corpus, pretrain, random, downstream-only, 3 probes
