@@ -1,11 +1,24 @@
-"""Local builder throughput: posts per second, and per core, for `tagjax build`.
+"""Local builder throughput: posts per second, and per core, for `tagjax build`; side by side with an
+older tagjax.
 
-Generates a synthetic corpus of photo-sized JPEGs (a JSONL manifest with hashtags, one image per post),
-builds it with 1 worker and with N workers, and reports posts/s for the whole build and for the image
-stage alone (decode + resize + JPEG + hashes), divided by the number of worker processes.
+Generates a corpus (a JSONL manifest with hashtags, one image per post), builds it, and reports posts/s
+for the whole build and for the image stage alone (decode + resize + JPEG + hashes), divided by the
+number of worker processes. Two corpora:
+
+* ``--photos``: web-size JPEGs (default 1024x768, quality 90) of real photographs: each is a mosaic of
+  Debian tuxpaint stamps (photo cut-outs of animals, food, plants, objects) pasted at their own size over
+  a background made from another stamp, so the JPEGs carry real photographic texture;
+* otherwise synthetic photo-like JPEGs (smooth colour fields plus noise) of ``--size``.
+
+``--baseline REV`` measures the tagjax of git revision REV (extracted with ``git archive``) and the
+working tree side by side, in alternating rounds of child processes, so both see the same machine load.
+Each child reports the wall time of a whole build and, because this benchmark usually shares its CPUs,
+the CPU seconds it used (a one-worker build runs everything in one process, so its CPU time is the cost
+per post whatever the load), plus the image stage alone as milliseconds of one core per image.
 
     .venv/bin/python benchmarks/build_throughput.py --posts 2000 --size 640x480 --max-side 256 --workers 1 2
     .venv/bin/python benchmarks/build_throughput.py --openclipart --max-side 96 --workers 2
+    .venv/bin/python benchmarks/build_throughput.py --photos --posts 400 --baseline d09f989 --rounds 3
 
 With --openclipart the real corpus is built instead (rasterized SVGs come from the cache after the first
 run; pass --raster-cache '' to measure cold rasterization).
@@ -14,9 +27,14 @@ run; pass --raster-cache '' to measure cold rasterization).
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import json
 import os
+import resource
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,23 +66,12 @@ TAGS = [
     "lake",
     "forest",
 ]
+STAMPS = "/usr/share/tuxpaint/stamps"
 
 
-def make_corpus(root: Path, n: int, width: int, height: int, seed: int = 0) -> Path:
-    """Photo-like JPEGs: smooth colour fields plus texture noise (so JPEG sizes are realistic)."""
-    rng = np.random.default_rng(seed)
-    (root / "img").mkdir(parents=True)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+def _write_manifest(root: Path, n: int, rng) -> Path:
     lines = []
     for i in range(n):
-        f = rng.uniform(0.005, 0.03, 3)
-        ph = rng.uniform(0, 6.3, 3)
-        base = 128 + 90 * np.sin(x[..., None] * f + ph) * np.cos(y[..., None] * f[::-1] + ph[::-1])
-        noise = rng.normal(0, 12, (height, width, 3))
-        img = np.clip(base + noise, 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "JPEG", quality=90)
-        (root / "img" / f"{i:06d}.jpg").write_bytes(buf.getvalue())
         tags = list(rng.choice(TAGS, size=int(rng.integers(1, 4)), replace=False))
         lines.append(
             json.dumps(
@@ -81,49 +88,234 @@ def make_corpus(root: Path, n: int, width: int, height: int, seed: int = 0) -> P
     return root / "posts.jsonl"
 
 
+def make_corpus(root: Path, n: int, width: int, height: int, seed: int = 0) -> Path:
+    """Photo-like JPEGs: smooth colour fields plus texture noise (so JPEG sizes are realistic)."""
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    for i in range(n):
+        f = rng.uniform(0.005, 0.03, 3)
+        ph = rng.uniform(0, 6.3, 3)
+        base = 128 + 90 * np.sin(x[..., None] * f + ph) * np.cos(y[..., None] * f[::-1] + ph[::-1])
+        noise = rng.normal(0, 12, (height, width, 3))
+        img = np.clip(base + noise, 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=90)
+        (root / "img" / f"{i:06d}.jpg").write_bytes(buf.getvalue())
+    return _write_manifest(root, n, rng)
+
+
+def make_photo_corpus(root: Path, n: int, width: int, height: int, seed: int = 0) -> Path:
+    """Web-size JPEGs of real photographs: mosaics of tuxpaint's photo stamps (see the docstring)."""
+    paths = sorted(glob.glob(f"{STAMPS}/**/*.png", recursive=True))
+    stamps = [Image.open(p).convert("RGBA") for p in paths]
+    stamps = [s for s in stamps if min(s.size) >= 96]
+    if not stamps:
+        raise SystemExit(
+            f"no photo stamps under {STAMPS}: install Debian's tuxpaint-stamps-default"
+        )
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True)
+    for i in range(n):
+        back = stamps[int(rng.integers(len(stamps)))]
+        canvas = Image.new("RGBA", (width, height), (255, 255, 255, 255))
+        canvas.alpha_composite(back.resize((width, height), Image.Resampling.BICUBIC))
+        for _ in range(int(rng.integers(6, 13))):
+            s = stamps[int(rng.integers(len(stamps)))]
+            x = int(rng.integers(-s.width // 3, width - s.width // 2))
+            y = int(rng.integers(-s.height // 3, height - s.height // 2))
+            canvas.alpha_composite(s, (max(x, 0), max(y, 0)), (max(-x, 0), max(-y, 0)))
+        buf = io.BytesIO()
+        canvas.convert("RGB").save(buf, "JPEG", quality=90)
+        (root / "img" / f"{i:06d}.jpg").write_bytes(buf.getvalue())
+    return _write_manifest(root, n, rng)
+
+
+def _cpu_seconds() -> float:
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_build(inputs, output: Path, workers: int, max_side: int, raster_cache) -> dict:
+    cfg = build_steps.BuildConfig(
+        inputs=tuple(inputs),
+        output=str(output),
+        workers=workers,
+        progress=False,
+        images=images.ImageOptions(max_side=max_side),
+        raster_cache=raster_cache,
+    )
+    cpu0, t0 = _cpu_seconds(), time.time()
+    stats = build.build(cfg)
+    return {
+        "wall_s": time.time() - t0,
+        "cpu_s": _cpu_seconds() - cpu0,
+        "posts": stats["posts_read"],
+        "images": stats["images"]["attempted"],
+        "written": stats["posts_written"],
+        "image_stage_s": stats["timing_s"]["images"],
+        "timing": stats["timing_s"],
+    }
+
+
+def image_stage_ms(files: list[Path], max_side: int) -> float:
+    """Milliseconds of one core per image for what a build worker does with one post's image (decode,
+    resize, JPEG, both hashes: ``build_steps.process_post_image`` of the tagjax on sys.path), second of
+    two passes."""
+    from tagjax import posts
+
+    opts = images.ImageOptions(max_side=max_side)
+    items = [posts.Post(post_id=f.stem, image_bytes=f.read_bytes()) for f in files]
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.process_time()
+        for post in items:
+            build_steps.process_post_image(post, opts, None)
+        best = min(best, time.process_time() - t0)
+    return 1000 * best / len(items)
+
+
+def child(args) -> None:
+    """One measurement in this process (the tagjax on sys.path: the working tree or a baseline)."""
+    import tagjax
+
+    corpus = Path(args.corpus)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_build(
+            [f"jsonl:{corpus / 'posts.jsonl'}"],
+            Path(tmp) / "out",
+            args.workers[0],
+            args.max_side,
+            None,
+        )
+    files = sorted((corpus / "img").glob("*.jpg"))[: args.stage_images]
+    result["image_ms"] = image_stage_ms(files, args.max_side)
+    result["tagjax"] = str(Path(tagjax.__file__).parent)
+    print(json.dumps(result))
+
+
+def side_by_side(args, corpus: Path) -> None:
+    here = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = Path(tmp) / "baseline"
+        baseline.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(here), "archive", args.baseline, "tagjax"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
+        trees = {f"baseline {args.baseline}": str(baseline), "working tree": str(here)}
+        results: dict[str, list[dict]] = {name: [] for name in trees}
+        for r in range(args.rounds):
+            for name, path in trees.items() if r % 2 == 0 else reversed(trees.items()):
+                env = dict(os.environ, PYTHONPATH=path)
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        "--corpus",
+                        str(corpus),
+                        "--workers",
+                        str(args.workers[0]),
+                        "--max-side",
+                        str(args.max_side),
+                        "--stage-images",
+                        str(args.stage_images),
+                    ],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                row = json.loads(out.strip().splitlines()[-1])
+                assert row["tagjax"].startswith(path), (row["tagjax"], path)
+                results[name].append(row)
+                print(
+                    f"round {r} {name:24s} wall {row['wall_s']:.2f}s cpu {row['cpu_s']:.2f}s "
+                    f"image stage {row['image_ms']:.2f} ms/img",
+                    flush=True,
+                )
+    # With worker processes, getrusage sees the main process only (the pool's workers are the forkserver's
+    # children), so the CPU column is then the main process's cost per post.
+    cpu_column = (
+        "posts per CPU-second" if args.workers[0] == 1 else "posts per main-process CPU-second"
+    )
+    print(
+        f"\n{args.workers[0]} worker(s), {row['posts']} posts, medians of {args.rounds} rounds:"
+        f"\n| code | posts/s (wall) | {cpu_column} | image stage, ms of one core per image |"
+        "\n|---|---|---|---|"
+    )
+    summary = {}
+    for name, rows in results.items():
+        posts = rows[0]["posts"]
+        wall = statistics.median(posts / x["wall_s"] for x in rows)
+        per_cpu = statistics.median(posts / x["cpu_s"] for x in rows)
+        ms = statistics.median(x["image_ms"] for x in rows)
+        summary[name] = (wall, per_cpu, ms)
+        print(f"| {name} | {wall:.0f} | {per_cpu:.0f} | {ms:.2f} |")
+    (b_wall, b_cpu, b_ms), (n_wall, n_cpu, n_ms) = summary.values()
+    print(
+        f"speed-up: {n_wall / b_wall:.2f}x posts/s, {n_cpu / b_cpu:.2f}x {cpu_column}, "
+        f"{b_ms / n_ms:.2f}x image stage"
+    )
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--posts", type=int, default=2000)
-    ap.add_argument("--size", default="640x480")
+    ap.add_argument("--size", default=None, help="WxH of the generated JPEGs")
     ap.add_argument("--max-side", type=int, default=256)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--openclipart", action="store_true")
+    ap.add_argument("--photos", action="store_true", help="mosaics of real photos, see docstring")
     ap.add_argument("--raster-cache", default=None)
     ap.add_argument("--corpus-dir", default=None, help="keep the generated corpus here for re-runs")
+    ap.add_argument("--baseline", default=None, help="git revision to measure side by side")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--stage-images", type=int, default=200)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--corpus", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        corpus = None
         if args.openclipart:
             inputs = ("openclipart",)
         else:
-            w, h = (int(v) for v in args.size.split("x"))
-            corpus = Path(args.corpus_dir or tmp) / f"tagjax-bench-{args.posts}-{w}x{h}"
+            w, h = (
+                int(v) for v in (args.size or ("1024x768" if args.photos else "640x480")).split("x")
+            )
+            kind = "photos" if args.photos else "bench"
+            corpus = Path(args.corpus_dir or tmp) / f"tagjax-{kind}-{args.posts}-{w}x{h}"
             if not (corpus / "posts.jsonl").is_file():
                 t0 = time.time()
-                make_corpus(corpus, args.posts, w, h)
+                (make_photo_corpus if args.photos else make_corpus)(corpus, args.posts, w, h)
                 print(f"generated {args.posts} {w}x{h} JPEGs in {time.time() - t0:.1f}s")
             inputs = (f"jsonl:{corpus / 'posts.jsonl'}",)
-        for workers in args.workers:
-            cfg = build_steps.BuildConfig(
-                inputs=inputs,
-                output=str(tmp / f"out{workers}"),
-                workers=workers,
-                progress=False,
-                images=images.ImageOptions(max_side=args.max_side),
-                raster_cache=args.raster_cache,
-            )
-            t0 = time.time()
-            stats = build.build(cfg)
-            total = time.time() - t0
-            attempted = stats["images"]["attempted"]
-            img_s = stats["timing_s"]["images"]
-            print(
-                f"workers={workers}: {stats['posts_read']} posts read, {attempted} images, "
-                f"{stats['posts_written']} written; total {total:.1f}s = {stats['posts_read'] / total:.0f} "
-                f"posts/s ({stats['posts_read'] / total / workers:.0f} per core); image stage "
-                f"{img_s:.1f}s = {attempted / img_s:.0f} img/s ({attempted / img_s / workers:.0f} per core); "
-                f"phases {stats['timing_s']}"
-            )
+        if args.baseline:
+            if corpus is None:
+                raise SystemExit("--baseline needs a generated corpus (--photos or --size)")
+            side_by_side(args, corpus)
+        else:
+            for workers in args.workers:
+                r = run_build(
+                    inputs, tmp / f"out{workers}", workers, args.max_side, args.raster_cache
+                )
+                print(
+                    f"workers={workers}: {r['posts']} posts read, {r['images']} images, "
+                    f"{r['written']} written; total {r['wall_s']:.1f}s = {r['posts'] / r['wall_s']:.0f} "
+                    f"posts/s ({r['posts'] / r['wall_s'] / workers:.0f} per core); image stage "
+                    f"{r['image_stage_s']:.1f}s = {r['images'] / r['image_stage_s']:.0f} img/s "
+                    f"({r['images'] / r['image_stage_s'] / workers:.0f} per core); phases {r['timing']}"
+                )
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}")
 
 

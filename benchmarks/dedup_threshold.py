@@ -11,11 +11,18 @@ Two distance distributions decide the threshold:
     .venv/bin/python benchmarks/dedup_threshold.py --side 96 --workers 2 [--limit N] [--sheet out.png]
 
 Rasterizations go through the same cache as `tagjax build`, so the first run pays for cairosvg once.
+``--images GLOB`` hashes raster files instead (e.g. the raster cache's PNGs, or photo stamps), and
+``--hash lanczos`` uses the perceptual hash tagjax had before its 64 px area pre-reduction (one Lanczos
+pass from the stored image to 32x32), so the two can be compared on the same images:
+
+    .venv/bin/python benchmarks/dedup_threshold.py --images '/usr/share/tuxpaint/stamps/**/*.png' \
+        --side 256 --hash lanczos
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import multiprocessing as mp
 import time
@@ -26,8 +33,20 @@ from PIL import Image, ImageDraw
 from tagjax import dedup, images, posts
 
 
+def _lanczos_phash(pixels: np.ndarray) -> int:
+    """The previous tagjax.dedup.phash: grayscale, one Lanczos pass to 32x32, DCT, median bits."""
+    gray = Image.fromarray(np.asarray(pixels, np.uint8)).convert("L")
+    x = np.asarray(gray.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    low = (dedup._DCT @ x @ dedup._DCT.T)[:8, :8].ravel()
+    return int.from_bytes(np.packbits(low > np.median(low)).tobytes(), "big")
+
+
+HASHES = {"current": dedup.phash, "lanczos": _lanczos_phash}
+
+
 def _hash_one(args):
-    post, side, cache_dir, seed = args
+    post, side, cache_dir, seed, hash_name = args
+    phash = HASHES[hash_name]
     opts = images.ImageOptions(max_side=side, min_side=1, max_aspect=1000)
     try:
         data = posts.load_image_bytes(post, side, posts.RasterCache(cache_dir))
@@ -42,7 +61,7 @@ def _hash_one(args):
     buf = io.BytesIO()
     copy.save(buf, "JPEG", quality=int(rng.integers(60, 86)))
     q = images.process(buf.getvalue(), opts)
-    return post.post_id, dedup.phash(p.pixels), dedup.phash(q.pixels), p.jpeg, post.user
+    return post.post_id, phash(p.pixels), phash(q.pixels), p.jpeg, post.user
 
 
 def main():
@@ -60,13 +79,21 @@ def main():
         "generated spirograph stars: thin radial lines with almost no low-frequency "
         "structure, the worst case for a DCT hash)",
     )
+    ap.add_argument(
+        "--images", default="", help="glob of raster files to use instead of openclipart"
+    )
+    ap.add_argument("--hash", choices=sorted(HASHES), default="current")
     args = ap.parse_args()
 
-    items = [p for p in posts.read_openclipart(args.root) if p.problem is None]
+    if args.images:
+        paths = sorted(glob.glob(args.images, recursive=True))
+        items = [posts.Post(post_id=p, image_path=p) for p in paths]
+    else:
+        items = [p for p in posts.read_openclipart(args.root) if p.problem is None]
     if args.limit:
         items = items[: args.limit]
     t0 = time.time()
-    jobs = [(p, args.side, args.cache, i) for i, p in enumerate(items)]
+    jobs = [(p, args.side, args.cache, i, args.hash) for i, p in enumerate(items)]
     with mp.get_context("forkserver").Pool(args.workers) as pool:
         results = [r for r in pool.imap(_hash_one, jobs, chunksize=8) if r is not None]
     print(f"{len(results)} cliparts hashed in {time.time() - t0:.0f}s")

@@ -65,6 +65,8 @@ pids=()
 cleanup() {
   local pid
   # Each process leads its own process group (set -m below): end it with its children (data workers).
+  # Only the ones still running: a process that ended is left alone, because its group also holds the
+  # `sed` that prefixes its output, which may not have printed its last lines (the error) yet.
   for pid in "${pids[@]}"; do kill -- "-$pid" 2>/dev/null || true; done
 }
 trap cleanup EXIT
@@ -93,14 +95,15 @@ remaining=("${pids[@]}")
 while ((${#remaining[@]})); do
   finished=""
   if wait -n -p finished "${remaining[@]}"; then code=0; else code=$?; fi
-  if ((code != 0)); then
-    status=1
-    echo "local.sh: a process failed (exit status $code); stopping the others" >&2
-    break
-  fi
   left=()
   for pid in "${remaining[@]}"; do [[ "$pid" == "$finished" ]] || left+=("$pid"); done
   remaining=("${left[@]}")
+  if ((code != 0)); then
+    status=1
+    echo "local.sh: a process failed (exit status $code); stopping the others" >&2
+    pids=("${remaining[@]}")
+    break
+  fi
 done
 if ((status == 0)); then
   pids=()

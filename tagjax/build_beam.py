@@ -20,10 +20,12 @@ Beam stages, so on the same input it writes the same records into the same shard
 6. split by group root; records grouped by (split, shard) and written, each shard sorted by id hash;
 7. finalize (one worker): label indexes, vocab.json, stats.json, report.txt, dataset.json last.
 
-Runners: the tests use the DirectRunner. On Dataflow, Flink or Spark the inputs and the output directory
-must be paths every worker can read and write (shards are written through POSIX files, as ArrayRecord
-requires): a shared filesystem (NFS, Lustre, a GCS or S3 FUSE mount in the worker container) mounted at
-the same path on the launcher and all workers. See the README section "Building at scale".
+Runners: the tests use the DirectRunner (in process and with worker processes) and the portable runner
+with an external worker pool (the Flink/Spark path). On Dataflow, Flink or Spark the inputs and the
+output directory must be paths every worker can read and write (shards are written through POSIX files,
+as ArrayRecord requires): a shared filesystem (NFS, Lustre, a GCS or S3 FUSE mount in the worker
+container) mounted at the same path on the launcher and all workers. Runner commands and what a cluster
+run needs: docs/dataset.md, "Building at scale".
 ``--limit`` is not supported here (a prefix of the input is a sequential notion): use the local builder.
 """
 

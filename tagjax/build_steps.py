@@ -349,7 +349,7 @@ def process_post_image(
         post.post_id,
         jpeg=p.jpeg,
         source_pixels=p.source_pixels,
-        content_hash=dedup_lib.content_hash(p.pixels),
+        content_hash=dedup_lib.content_hash(p.jpeg),
         phash=dedup_lib.phash(p.pixels),
     )
 

@@ -42,9 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 from tagjax import __version__
@@ -82,10 +84,19 @@ class _OrbaxInfoFilter(logging.Filter):
     to see Orbax's lines again.
     """
 
+    # The newest failure Orbax logged from a background save.
+    last_error: BaseException | None = None
+
     def filter(self, record: logging.LogRecord) -> bool:
+        from_orbax = "/orbax/" in record.pathname.replace("\\", "/")
+        if from_orbax and record.levelno >= logging.ERROR and record.exc_info:
+            # A background save failed: Orbax logs it with its traceback (and then only skips the
+            # step). CheckpointManager.check_saves reports it as one line and stops the run.
+            _OrbaxInfoFilter.last_error = record.exc_info[1]
+            return log.isEnabledFor(logging.DEBUG)
         if record.levelno >= logging.WARNING or log.isEnabledFor(logging.DEBUG):
             return True
-        return "/orbax/" not in record.pathname.replace("\\", "/")
+        return not from_orbax
 
 
 _ORBAX_FILTER = _OrbaxInfoFilter()
@@ -282,6 +293,92 @@ def _flat_shapes(tree: PyTree) -> dict[str, tuple[tuple[int, ...] | None, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Integrity: per-array checksums and the finiteness check, both computed on the device.
+# ----------------------------------------------------------------------------------------------------
+
+_WORD = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
+_KNUTH = np.uint32(2654435761)  # odd multiplier: position weights that differ for every index
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """A uint32 checksum of an array's bytes: sum over elements of ``word * (position * K + 1)`` mod 2^32.
+
+    Modular sums are exact in any order, so the value is the same whatever the mesh or device count
+    the array lives on (a checkpoint saved on 8 devices verifies on 1). Position weights make a swap of
+    two elements count; the positions come from iotas, so a sharded array is never reshaped or gathered.
+    """
+    if _is_prng_key(x):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    words = jax.lax.bitcast_convert_type(x, _WORD[x.dtype.itemsize]).astype(jnp.uint32)
+    position = jnp.zeros(words.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(words.ndim)):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
+        position = position + iota * np.uint32(stride % 2**32)
+        stride *= words.shape[axis]
+    return jnp.sum(words * (position * _KNUTH + np.uint32(1)), dtype=jnp.uint32)
+
+
+def _leaf_finite(x: jax.Array) -> jax.Array:
+    if _is_prng_key(x) or not jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.bool_(True)
+    return jnp.all(jnp.isfinite(x))
+
+
+@jax.jit
+def _summarize(leaves: list) -> tuple[list, list]:
+    return [_leaf_checksum(x) for x in leaves], [_leaf_finite(x) for x in leaves]
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSummary:
+    """What :func:`summarize` found: a checksum per array and the arrays holding NaN or Inf."""
+
+    checksums: dict[str, int]  # "params/fc/kernel" -> uint32 checksum of its bytes
+    nonfinite: list[str]  # paths of floating-point arrays with a NaN or Inf
+
+    def nonfinite_groups(self) -> list[str]:
+        """The top-level fields (params, batch_stats, opt_state) holding a non-finite array."""
+        return sorted({path.split("/")[0] for path in self.nonfinite})
+
+
+def summarize(state: PyTree) -> StateSummary:
+    """Checksums and finiteness of every array of ``state``, computed where the arrays live (one jitted
+    pass over the state, a few bytes back to the host): what a save records and a restore verifies."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    paths = [_path_str(path) for path, _ in flat]
+    checksums, finite = jax.device_get(_summarize([leaf for _, leaf in flat]))
+    return StateSummary(
+        {p: int(c) for p, c in zip(paths, checksums)},
+        [p for p, ok in zip(paths, finite) if not bool(ok)],
+    )
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint that cannot be trusted (missing pieces, unreadable files, wrong checksums)."""
+
+
+# Files every complete checkpoint step has (Orbax's layout: the pytree's index and OCDBT manifest, the
+# JSON of our metadata); a step without one of them is damaged, not "another experiment".
+_REQUIRED_FILES = (
+    "_CHECKPOINT_METADATA",
+    "state/_METADATA",
+    "state/manifest.ocdbt",
+    "meta/metadata",
+)
+SET_ASIDE_DIRNAME = "checkpoints_set_aside"
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    if len(text) > 200:
+        text = text[:200] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------------
 # The training-side manager.
 # ----------------------------------------------------------------------------------------------------
 
@@ -345,6 +442,9 @@ class CheckpointManager:
             epath.Path(self.directory), options=options, handler_registry=_handler_registry()
         )
         self.last_save_blocking_s: float | None = None  # host time the last save() took
+        self._unconfirmed: int | None = None  # the step of the last save not yet seen on disk
+        self._failure_reported = False  # a failed save was raised; close() does not raise it again
+        self.restore_step = int(ck.get("restore_step", 0) or 0)
         self._preempt_requested = threading.Event()
         self.preempted = False  # True once a preemption checkpoint was started: stop training
         self._previous_sigterm: Any = None
@@ -461,7 +561,17 @@ class CheckpointManager:
             data_iterator.get_state() if hasattr(data_iterator, "get_state") else data_iterator
         )
         data_text, data_kind = _encode_data_state(data_state)
+        summary = summarize(state)
+        if summary.nonfinite:
+            self._failure_reported = True
+            raise UserError(
+                f"not saving checkpoint {step}: the train state holds NaN/Inf in "
+                f"{', '.join(summary.nonfinite_groups())} ({summary.nonfinite[0]} first); the newest "
+                f"checkpoint stays {self.newest_on_disk()}. Lower config.optim.base_lr or set "
+                "config.optim.grad_clip_norm, then restart (it resumes from that checkpoint)."
+            )
         meta = self._metadata(step, state, metadata, data_kind)
+        meta["checksums"] = summary.checksums
         items = {
             "state": ocp.args.PyTreeSave(state),
             "meta": ocp.args.JsonSave(meta),
@@ -472,7 +582,14 @@ class CheckpointManager:
             jax.process_count() > 1 and self._mgr.reached_preemption(step)
         ):
             self.preempted = True
-        saved = self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
+        self.check_saves(wait=True)  # the previous save must be on disk before this one starts
+        try:
+            saved = self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:
+            self._fail(step, e)
+        self._unconfirmed = step if saved else self._unconfirmed
+        if not self._mgr.is_saving_in_progress():
+            self.check_saves()  # a synchronous save (async_save=False) is complete already
         self.last_save_blocking_s = time.perf_counter() - start
         if saved:
             log.info(
@@ -483,14 +600,62 @@ class CheckpointManager:
             )
         return bool(saved)
 
-    def wait_until_finished(self) -> None:
-        """Blocks until the last asynchronous save is on disk (and raises if it failed)."""
-        self._mgr.wait_until_finished()
+    def newest_on_disk(self) -> str:
+        """The newest complete checkpoint directory, for messages ("none" on a fresh workdir)."""
+        steps = _complete_steps(self.directory)
+        return str(self.directory / str(max(steps))) if steps else "none"
 
-    def close(self) -> None:
-        """Waits for pending saves, then releases Orbax's threads and the SIGTERM handler."""
+    def _fail(self, step: int, error: BaseException | None) -> None:
+        self._failure_reported = True
+        self._unconfirmed = None
+        why = _one_line(error) if error is not None else "no error was reported"
+        raise UserError(
+            f"checkpoint {step} could not be written ({why}); training stopped. The newest "
+            f"checkpoint is {self.newest_on_disk()}: free space or fix the workdir, then rerun the "
+            "same command to resume from it."
+        ) from None
+
+    def check_saves(self, *, wait: bool = False) -> None:
+        """Raises UserError (one line) when the last save failed, e.g. in its background thread.
+
+        Called at every step boundary (tagjax.loop), so a failed save stops training at the next step
+        instead of surfacing saves later as a crash. Without ``wait`` it only looks when no save is
+        running, which costs nothing. On several processes only the waiting form is used (at each save
+        and at the end), so every process stops at the same step.
+        """
+        if self._unconfirmed is None:
+            return
+        if not wait and (jax.process_count() > 1 or self._mgr.is_saving_in_progress()):
+            return
+        error = None
         try:
             self._mgr.wait_until_finished()
+            self._mgr.check_for_errors()
+        except Exception as e:
+            error = e
+        step, self._unconfirmed = self._unconfirmed, None
+        if error is None and (self.directory / str(step) / "_CHECKPOINT_METADATA").exists():
+            return
+        error = error or _ORBAX_FILTER.last_error
+        _OrbaxInfoFilter.last_error = None
+        self._unconfirmed = step
+        self._fail(step, error)
+
+    def wait_until_finished(self) -> None:
+        """Blocks until the last asynchronous save is on disk (UserError if it failed)."""
+        self.check_saves(wait=True)
+
+    def close(self) -> None:
+        """Waits for pending saves, then releases Orbax's threads and the SIGTERM handler.
+
+        A failed save already reported (raised) is not raised again, so an error path that closes the
+        manager ends with that one line."""
+        try:
+            if self._failure_reported:
+                with contextlib.suppress(Exception):
+                    self._mgr.wait_until_finished()
+            else:
+                self.check_saves(wait=True)
         finally:
             self._mgr.close()
             if self._previous_sigterm is not None:
@@ -512,18 +677,113 @@ class CheckpointManager:
         return dict(restored["meta"])
 
     def restore_latest(self, abstract_state: PyTree, data_iterator: Any = None) -> tuple[Any, Any]:
-        """Restores the newest complete checkpoint onto ``abstract_state``'s shardings.
+        """Restores the newest intact checkpoint onto ``abstract_state``'s shardings.
 
         ``abstract_state`` is the train state as ``jax.ShapeDtypeStruct``s carrying the *current* run's
         shardings (e.g. ``jax.eval_shape`` of the init, with ``sharding=``), so the checkpoint may come
         from any other mesh or device count. Returns ``(state, data_state)``, or ``(None, None)`` when the
         workdir has no checkpoint yet. If ``data_iterator`` is given, its state is set too.
+
+        Every candidate is verified (its files, its metadata, each array against the checksum recorded
+        when it was saved, and finiteness); a damaged one is moved to ``<workdir>/checkpoints_set_aside/``
+        with a one-line warning naming it, and the next older one is tried. With
+        ``config.checkpoint.restore_step=N`` exactly step N is restored (UserError if it is missing or
+        damaged) and newer checkpoints are set aside, so the run continues from N.
         Raises UserError when the checkpoint belongs to another experiment (see COMPATIBILITY_FIELDS).
         """
-        step = self.latest_step()
-        if step is None:
-            return None, None
-        return self.restore(step, abstract_state, data_iterator)
+        # Every step directory counts, complete or not: a damaged one must be set aside, or Orbax would
+        # still list its step and never save that step again.
+        steps = sorted(_step_dirs(self.directory), reverse=True)
+        if self.restore_step:
+            if self.restore_step not in steps:
+                raise UserError(
+                    f"config.checkpoint.restore_step={self.restore_step}: no checkpoint of that step in "
+                    f"{self.directory} (there are: {', '.join(map(str, sorted(steps))) or 'none'})."
+                )
+            for newer in (s for s in steps if s > self.restore_step):
+                self._set_aside(newer, f"newer than restore_step {self.restore_step}")
+            try:
+                return self._restore_verified(self.restore_step, abstract_state, data_iterator)
+            except DamagedCheckpoint as e:
+                raise UserError(
+                    f"config.checkpoint.restore_step={self.restore_step}: {e}; pick another step."
+                ) from None
+        for step in steps:
+            try:
+                return self._restore_verified(step, abstract_state, data_iterator)
+            except DamagedCheckpoint as e:
+                self._set_aside(step, "damaged")
+                log.warning("%s: set aside; trying the previous checkpoint", e)
+        if steps:
+            log.warning("no intact checkpoint left in %s: starting from scratch", self.directory)
+        return None, None
+
+    def _set_aside(self, step: int, why: str) -> None:
+        """Moves checkpoint ``step`` out of Orbax's sight into ``checkpoints_set_aside/`` (kept, not
+        deleted: a user may still want to look at it), so the run saves that step again later."""
+        aside = self.workdir / SET_ASIDE_DIRNAME
+        target = aside / f"{step}-{why.split()[0]}"
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            n = 1
+            while target.exists():
+                n += 1
+                target = aside / f"{step}-{why.split()[0]}-{n}"
+            (self.directory / str(step)).rename(target)
+            if why.split()[0] != "damaged":
+                log.warning(
+                    "checkpoint %s (%s) moved to %s", self.directory / str(step), why, target
+                )
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"tagjax_set_aside_{step}")
+        self._mgr.reload()
+
+    def _verify_files(self, step: int) -> None:
+        where = self.directory / str(step)
+        for name in _REQUIRED_FILES:
+            if not (where / name).exists():
+                raise DamagedCheckpoint(f"checkpoint {where} is damaged: {name} is missing")
+
+    def _restore_verified(self, step: int, abstract_state: PyTree, data_iterator: Any):
+        """:meth:`restore` of ``step`` after checking its files, then its arrays against the checksums
+        stored at save time; DamagedCheckpoint (one line naming it) when anything is off."""
+        where = self.directory / str(step)
+        self._verify_files(step)
+        try:
+            meta = self.metadata(step)
+        except Exception as e:
+            raise DamagedCheckpoint(
+                f"checkpoint {where} is damaged: its metadata is unreadable ({_one_line(e)})"
+            ) from None
+        if meta.get("data_state_kind") is not None and not (where / "data").is_dir():
+            raise DamagedCheckpoint(f"checkpoint {where} is damaged: data/ is missing")
+        try:
+            state, data_state = self.restore(step, abstract_state, None)
+        except UserError:
+            raise  # another experiment's checkpoint: not damage, the user must choose
+        except Exception as e:
+            raise DamagedCheckpoint(
+                f"checkpoint {where} is damaged: its arrays do not restore ({_one_line(e)})"
+            ) from None
+        summary = summarize(state)
+        expected = meta.get("checksums") or {}
+        wrong = [p for p, c in summary.checksums.items() if p in expected and expected[p] != c]
+        if wrong:
+            raise DamagedCheckpoint(
+                f"checkpoint {where} is damaged: {len(wrong)} array(s) differ from what was saved "
+                f"({wrong[0]} first)"
+            )
+        if summary.nonfinite:
+            raise DamagedCheckpoint(
+                f"checkpoint {where} holds NaN/Inf in {', '.join(summary.nonfinite_groups())} "
+                f"({summary.nonfinite[0]} first)"
+            )
+        if data_iterator is not None and data_state is not None:
+            data_iterator.set_state(data_state)
+        log.info(
+            "restored checkpoint %s (%s images seen)", where, f"{meta.get('images_seen', 0):,}"
+        )
+        return state, data_state
 
     def restore(
         self, step: int, abstract_state: PyTree, data_iterator: Any = None
@@ -564,9 +824,6 @@ class CheckpointManager:
             log.warning("checkpoint %s: data-iterator state ignored (reset_data_state=True)", where)
         if data_iterator is not None and data_state is not None:
             data_iterator.set_state(data_state)
-        log.info(
-            "restored checkpoint %s (%s images seen)", where, f"{meta.get('images_seen', 0):,}"
-        )
         return restored["state"], data_state
 
 
@@ -636,6 +893,21 @@ def _check_structure(stored_tree: PyTree, abstract_state: PyTree, where: Any) ->
 
 def _is_step_dir(path: Path) -> bool:
     return (path / "state").is_dir() and (path / "meta").is_dir()
+
+
+def _step_dirs(root) -> list[int]:
+    """The steps of all step directories in ``root`` (not Orbax's temporary ones)."""
+    if not root.is_dir():
+        return []
+    return [int(c.name) for c in root.iterdir() if c.name.isdigit() and c.is_dir()]
+
+
+def _complete_steps(root) -> list[int]:
+    """The steps of the complete checkpoints in ``root`` (a checkpoints/ folder); Orbax's temporary
+    directories of an unfinished save never count."""
+    if not root.is_dir():
+        return []
+    return [int(c.name) for c in root.iterdir() if c.name.isdigit() and _is_step_dir(c)]
 
 
 def resolve(path: str | Path) -> Path:
@@ -807,7 +1079,7 @@ def save_inference_checkpoint(
     which model to build); ``vocab_fingerprint`` and e.g. ``source`` are recommended. The write is
     atomic (temporary directory, then rename); an existing ``path`` is refused.
     """
-    path = Path(path).expanduser()
+    path = as_path(path)
     if path.exists():
         raise UserError(
             f"{str(path)!r} already exists; choose a new output directory or delete it first."

@@ -86,6 +86,10 @@ COMMANDS: dict[str, Command] = {
     "demo": Command(
         "tagjax.commands.demo", "the whole system end to end on the openclipart corpus, on CPU"
     ),
+    "study": Command(
+        "tagjax.commands.study",
+        "the paper's findings and controls as arms x seeds on the demo corpus, paired by seed",
+    ),
 }
 
 

@@ -31,17 +31,28 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
 from tagjax import build as build_lib
-from tagjax import build_steps, downstream, plots, records, train, transfer
+from tagjax import (
+    build_steps,
+    checkpoint,
+    downstream,
+    input_pipeline,
+    models,
+    plots,
+    records,
+    train,
+    transfer,
+)
 from tagjax import config as config_lib
 from tagjax import dedup as dedup_lib
 from tagjax import evaluate as evaluate_lib
@@ -59,9 +70,15 @@ PLOTS_DIR = "plots"
 # The trunks of the downstream comparison, in table order: key -> label.
 TRUNKS = {
     "pretrained": "hashtag-pretrained",
+    "shuffled": "shuffled hashtags",
+    "random_bn": "random init, BN re-estimated",
     "random": "random init",
     "downstream": "downstream only",
 }
+# The controls the headline is measured against besides random init (config demo.controls): the same
+# pretraining with each image's hashtags taken from another image, and the random trunk with batch-norm
+# statistics re-estimated on the pretraining images.
+CONTROLS = ("shuffled", "random_bn")
 # Config sections the pretraining reads; the stage key is made of these (the demo's own sections, e.g.
 # probe settings, do not invalidate a finished pretraining).
 PRETRAIN_SECTIONS = ("data", "model", "loss", "optim", "train", "mesh", "checkpoint")
@@ -292,13 +309,16 @@ def stage_pretrain(
     stages: Stages,
     *,
     progress: bool | None,
+    run: str = "pretrain",
 ) -> dict:
+    """Pretrains ``cfg`` with ``seed`` in ``WORKDIR/seed<seed>/<run>`` and evaluates it on the held-out posts
+    (``run`` names the run: tagjax.study runs one per arm)."""
 
     log = stages.log
     pcfg = pretrain_config(cfg, seed, corpus["dataset"])
-    run_dir = workdir / f"seed{seed}" / "pretrain"
+    run_dir = workdir / f"seed{seed}" / run
     key = _pretrain_key(pcfg, corpus_key)
-    name = f"seed{seed}/pretrain"
+    name = f"seed{seed}/{run}"
     result = stages.begin(name, run_dir, key)
     if result is not None:
         log(
@@ -350,6 +370,9 @@ def stage_pretrain(
         "steps": int(train_summary["step"]),
         "images_seen": int(train_summary["images_seen"]),
         "final_train_loss": train_summary.get("train_loss"),
+        "final_heldout_loss": train_summary.get(
+            "eval_loss"
+        ),  # in the run's own loss (softmax/sigmoid)
         "images_per_second": train_summary.get("train_images_per_second"),
         "train_seconds": train_s,
         "eval_seconds": time.perf_counter() - t1,
@@ -390,6 +413,80 @@ def stage_random(cfg, seed: int, corpus: dict, workdir: Path, stages: Stages) ->
     transfer.write_random_init_checkpoint(pcfg, path, num_classes=1, seed=seed)
     stages.log(f"random-init {pcfg.model.name} trunk (seed {seed}) -> {path}")
     return stages.finish(name, key, {"checkpoint": str(path), "seconds": time.perf_counter() - t0})
+
+
+def reestimate_batch_norm(pcfg, variables: Mapping, num_images: int) -> dict:
+    """``variables`` with batch-norm statistics re-estimated on ``num_images`` pretraining images.
+
+    The images are the training stream of ``pcfg`` (the positions a pretraining run with this seed reads,
+    with its augmentation), passed through the network in training mode with the weights frozen; the
+    running averages update exactly as during pretraining. A random trunk's statistics are otherwise
+    those of initialization (mean 0, variance 1), which makes its features a needlessly weak baseline.
+    """
+    num_classes = int(np.shape(variables["params"]["fc"]["kernel"])[-1])
+    model = models.create(pcfg.model, num_classes)
+    dtype = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(
+        str(pcfg.model.dtype), jnp.float32
+    )
+
+    @jax.jit
+    def update(batch_stats, images):
+        _, new = model.apply(
+            {"params": variables["params"], "batch_stats": batch_stats},
+            train.normalize_images(images, pcfg.data, dtype),
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return new["batch_stats"]
+
+    it = input_pipeline.make_train_iterator(pcfg, process_index=0, process_count=1)
+    stats = variables["batch_stats"]
+    try:
+        for _ in range(max(1, num_images // int(pcfg.train.batch_size))):
+            stats = update(stats, next(it)["image"])
+    finally:
+        it.close()
+    return {"params": variables["params"], "batch_stats": jax.device_get(stats)}
+
+
+def stage_random_bn(
+    cfg, seed: int, corpus: dict, random_ckpt: str, workdir: Path, stages: Stages
+) -> dict:
+    """The random trunk of stage ``seed<s>/random`` with batch-norm statistics re-estimated on as many
+    pretraining images as a pretraining run sees."""
+
+    pcfg = pretrain_config(cfg, seed, corpus["dataset"])
+    num_images = int(pcfg.train.total_images)
+    run_dir = workdir / f"seed{seed}" / "random_bn"
+    name = f"seed{seed}/random_bn"
+    key = {"init": stages.key_of(f"seed{seed}/random"), "images": num_images, "data": pcfg.data}
+    result = stages.begin(name, run_dir, key)
+    if result is not None:
+        return result
+    t0 = time.perf_counter()
+    stages.log(
+        f"re-estimating the batch-norm statistics of the random trunk (seed {seed}) on {num_images:,} "
+        "pretraining images, the count a pretraining run sees"
+    )
+    variables, _ = checkpoint.load_for_inference(random_ckpt)
+    variables = reestimate_batch_norm(pcfg, variables, num_images)
+    path = run_dir / "checkpoint"
+    if path.exists():  # written by a run killed before it recorded the stage
+        shutil.rmtree(path)
+    checkpoint.save_inference_checkpoint(
+        path,
+        variables,
+        {"config": pcfg, "source": "random initialization, batch norm re-estimated", "seed": seed},
+    )
+    return stages.finish(name, key, {"checkpoint": str(path), "seconds": time.perf_counter() - t0})
+
+
+def shuffled_config(cfg):
+    """The shuffled-hashtag control: the same pretraining, each image shown with another's hashtags."""
+    scfg = cfg.copy_and_resolve_references()
+    with scfg.unlocked():
+        scfg.data.shuffle_labels = True
+    return scfg
 
 
 def scratch_config(cfg, seed: int, data_dir: str):
@@ -465,12 +562,12 @@ def stage_probe(
     result = stages.begin(name, run_dir, key)
     if result is not None:
         stages.log(
-            f"{TRUNKS[trunk]:<20} test top-1 {100 * result['test_top1']:.1f}%  top-5 "
+            f"{TRUNKS.get(trunk, trunk):<20} test top-1 {100 * result['test_top1']:.1f}%  top-5 "
             f"{100 * result['test_top5']:.1f}%"
         )
         return result
     t0 = time.perf_counter()
-    stages.log(f"-- linear probe, {TRUNKS[trunk]} trunk (seed {seed})")
+    stages.log(f"-- linear probe, {TRUNKS.get(trunk, trunk)} trunk (seed {seed})")
     r = transfer.run_linear(pc, checkpoint, run_dir, progress=progress, log_fn=stages.log)
     keep = (
         "test_top1",
@@ -626,7 +723,9 @@ def make_plots(
         ap, counts, names, out / "per_label_ap.png", chance=chance
     )
     rows = [
-        {"key": t, "label": TRUNKS[t], "top1": [p["test_top1"] for p in probes[t]]} for t in TRUNKS
+        {"key": t, "label": TRUNKS[t], "top1": [p["test_top1"] for p in probes[t]]}
+        for t in TRUNKS
+        if probes.get(t)
     ]
     files["probe"] = plots.probe_comparison(
         rows,
@@ -639,7 +738,12 @@ def make_plots(
 
 
 def compute_seconds(
-    corpus: dict, pretrain: list[dict], randoms: list[dict], scratch: list[dict], probes: dict
+    corpus: dict,
+    pretrain: list[dict],
+    randoms: list[dict],
+    scratch: list[dict],
+    probes: dict,
+    controls: Sequence[dict] = (),
 ) -> dict[str, float]:
     """What producing the results cost, per stage, whether computed now or by an earlier invocation (the
     stage results carry their own durations)."""
@@ -654,7 +758,15 @@ def compute_seconds(
         "random_init": total(randoms),
         "downstream_only": total(scratch),
         "probes": total([p for t in probes.values() for p in t]),
-    }
+    } | (
+        {  # the shuffled-hashtag pretraining and the batch-norm re-estimation
+            "controls": total(controls, "train_seconds")
+            + total(controls, "eval_seconds")
+            + total(controls)
+        }
+        if controls
+        else {}
+    )
 
 
 def summarize(
@@ -667,10 +779,11 @@ def summarize(
     wall: float,
     reused: int,
     command: str,
+    controls: Sequence[dict] = (),
 ) -> dict:
     seeds = [r["seed"] for r in pretrain]
     trunks = {}
-    for t in TRUNKS:
+    for t in (t for t in TRUNKS if probes.get(t)):
         trunks[t] = {
             "label": TRUNKS[t],
             "top1": _stats([p["test_top1"] for p in probes[t]]),
@@ -681,6 +794,15 @@ def summarize(
         p["test_top1"] - r["test_top1"] for p, r in zip(probes["pretrained"], probes["random"])
     ]
     gain = _stats(gains)
+    # The headline against the controls: what is left for the hashtags themselves.
+    control_gains = {
+        f"gain_pretrained_minus_{c}": {**_stats(g), "per_seed": g}
+        for c in CONTROLS
+        if probes.get(c)
+        for g in [
+            [p["test_top1"] - r["test_top1"] for p, r in zip(probes["pretrained"], probes[c])]
+        ]
+    }
     threshold = float(cfg.demo.target_gain)
     hashtag = {
         k: _stats([r["heldout"][k] for r in pretrain])
@@ -692,7 +814,7 @@ def summarize(
         "command": command,
         "seeds": seeds,
         "machine": machine_info(),
-        "compute_seconds": compute_seconds(corpus, pretrain, randoms, scratch, probes),
+        "compute_seconds": compute_seconds(corpus, pretrain, randoms, scratch, probes, controls),
         "wall_seconds": wall,  # this invocation (less than the compute time when stages were reused)
         "stages_reused": reused,
         "corpus": {
@@ -734,6 +856,7 @@ def summarize(
                 [s["finetuned_head"]["test_top1"] for s in scratch]
             ),
             "gain_pretrained_minus_random": {**gain, "per_seed": gains},
+            **control_gains,
             "target_gain": threshold,
             "meets_target": gain["mean"] is not None and gain["mean"] >= threshold,
         },
@@ -778,6 +901,14 @@ def render_table(s: Mapping) -> str:
         f"hashtag-pretrained minus random init: {_pm(g, signed=True)} points top-1 "
         f"(per seed: {', '.join(f'{100 * x:+.1f}' for x in g['per_seed'])}); {verdict} the target of "
         f"+{100 * d['target_gain']:.0f}",
+        *(
+            f"hashtag-pretrained minus {TRUNKS[c]}: {_pm(g, signed=True)} points top-1 (per seed: "
+            f"{', '.join(f'{100 * x:+.1f}' for x in g['per_seed'])})"
+            + ("; what the hashtags themselves add" if c == "shuffled" else "")
+            for c in CONTROLS
+            for g in [d.get(f"gain_pretrained_minus_{c}")]
+            if g
+        ),
         f"downstream-only trunk with its own trained head (not a probe): top-1 "
         f"{_pm(d['downstream_only_finetuned_head_top1'])}%",
         "",
@@ -833,6 +964,12 @@ def check_config(cfg) -> None:
     for section in ("demo", "corpus", "probe", "scratch"):
         if section not in cfg:
             raise UserError(f"the config has no `{section}` section; start from configs/demo.py.")
+    unknown = [c for c in cfg.demo.get("controls", ()) if c not in CONTROLS]
+    if unknown:
+        raise UserError(
+            f"config.demo.controls: unknown {', '.join(map(str, unknown))}; choose from "
+            f"{', '.join(CONTROLS)}."
+        )
     if int(cfg.demo.seeds) < 1:
         raise UserError(f"--seeds must be at least 1 (got {int(cfg.demo.seeds)}).")
     if cfg.data.synthetic:
@@ -871,7 +1008,8 @@ def run_all(
     corpus["content_hash"] = records.content_hash(Path(corpus["dataset"]))
     corpus_key = stages.key_of("corpus")
 
-    pretrain, randoms, scratch = [], [], []
+    controls = [str(c) for c in cfg.demo.get("controls", ())]
+    pretrain, randoms, scratch, control_runs = [], [], [], []
     probes: dict[str, list[dict]] = {t: [] for t in TRUNKS}
     for i, seed in enumerate(seeds):
         of = f" (seed {seed}, {i + 1} of {len(seeds)})" if len(seeds) > 1 else ""
@@ -880,31 +1018,53 @@ def run_all(
         pretrain.append(pre)
 
         stages.banner(
-            f"[3/5] baselines: random init, trunk trained on the downstream set alone{of}"
+            "[3/5] baselines and controls: random init"
+            + (", its batch norm re-estimated" if "random_bn" in controls else "")
+            + (", shuffled hashtags" if "shuffled" in controls else "")
+            + f", trunk trained on the downstream set alone{of}"
         )
         rnd = stage_random(cfg, seed, corpus, workdir, stages)
         randoms.append(rnd)
+        trunk_ckpts = {"pretrained": pre["workdir"], "random": rnd["checkpoint"]}
+        trunk_stages = {"pretrained": f"seed{seed}/pretrain", "random": f"seed{seed}/random"}
+        if "random_bn" in controls:
+            rbn = stage_random_bn(cfg, seed, corpus, rnd["checkpoint"], workdir, stages)
+            control_runs.append(rbn)
+            trunk_ckpts["random_bn"] = rbn["checkpoint"]
+            trunk_stages["random_bn"] = f"seed{seed}/random_bn"
+        if "shuffled" in controls:
+            shuf = stage_pretrain(
+                shuffled_config(cfg),
+                seed,
+                corpus,
+                corpus_key,
+                workdir,
+                stages,
+                progress=progress,
+                run="pretrain_shuffled",
+            )
+            control_runs.append(shuf)
+            trunk_ckpts["shuffled"] = shuf["workdir"]
+            trunk_stages["shuffled"] = f"seed{seed}/pretrain_shuffled"
         scr = stage_downstream_only(
             cfg, seed, rnd["checkpoint"], workdir, stages, progress=progress
         )
         scratch.append(scr)
+        trunk_ckpts["downstream"] = scr["checkpoint"]
+        trunk_stages["downstream"] = f"seed{seed}/downstream_only"
 
         stages.banner(f"[4/5] linear probes on {cfg.demo.downstream}{of}")
-        trunk_ckpts = {
-            "pretrained": pre["workdir"],
-            "random": rnd["checkpoint"],
-            "downstream": scr["checkpoint"],
-        }
-        for t in TRUNKS:
-            marker = {
-                "pretrained": f"seed{seed}/pretrain",
-                "random": f"seed{seed}/random",
-                "downstream": f"seed{seed}/downstream_only",
-            }[t]
-            trunk_key = stages.key_of(marker)
+        for t in (t for t in TRUNKS if t in trunk_ckpts):
             probes[t].append(
                 stage_probe(
-                    cfg, seed, t, trunk_ckpts[t], trunk_key, workdir, stages, progress=progress
+                    cfg,
+                    seed,
+                    t,
+                    trunk_ckpts[t],
+                    stages.key_of(trunk_stages[t]),
+                    workdir,
+                    stages,
+                    progress=progress,
                 )
             )
 
@@ -920,6 +1080,7 @@ def run_all(
         time.perf_counter() - stages.start,
         stages.reused,
         command,
+        control_runs,
     )
     summary["plots"] = plot_files
     summary = _jsonable(summary)

@@ -41,12 +41,18 @@ shared by all workers of a host; ``images`` mode none).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import multiprocessing
 import os
+import secrets
+import threading
+import time
 from collections.abc import Sequence
+from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 import cv2
@@ -324,6 +330,39 @@ class AncestorDropper:
         return labels[~np.isin(labels, anc)]
 
 
+def corrupt_labels(
+    labels: np.ndarray, record: int, seed: int, rate: float, noise_cdf: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's label noise: each label of training record ``record`` is replaced with probability
+    ``rate`` by one drawn from the label marginal (``noise_cdf``), never by itself.
+
+    A pure function of ``(seed, record, labels)``: the corrupted dataset is fixed, whichever position,
+    epoch or host reads the record (the paper corrupts the dataset once; it does not re-draw per view).
+    The replacement is drawn from the marginal with the replaced label's own weight taken out, so it is
+    always a different tag. Returns the labels (same order, before deduplication) and the replaced mask.
+    """
+    labels = np.asarray(labels)
+    u = sampling.uniforms(seed, sampling.STREAM_NOISE, np.int64(record), 2 * len(labels))
+    flip = u[0::2] < rate
+    if not flip.any():
+        return labels, flip
+    out = labels.astype(np.int64)
+    cdf = np.asarray(noise_cdf, np.int64)
+    old = out[flip]
+    lo = np.where(old > 0, cdf[np.maximum(old - 1, 0)], 0)  # the replaced label's interval [lo, hi)
+    own = cdf[old] - lo
+    total = int(cdf[-1])
+    if np.any(own >= total):
+        raise UserError(
+            "label noise needs at least two labels with training images; the split has one."
+        )
+    span = total - own  # the marginal without the replaced label
+    r = np.minimum((u[1::2][flip] * span).astype(np.int64), span - 1)
+    r = np.where(r >= lo, r + own, r)  # skip over the replaced label's interval
+    out[flip] = np.searchsorted(cdf, r, side="right")
+    return out.astype(labels.dtype), flip
+
+
 @dataclasses.dataclass
 class LabelOptions:
     max_labels: int
@@ -332,18 +371,23 @@ class LabelOptions:
     noise_cdf: np.ndarray | None = None  # int64 cumulative weights of the label marginal
     drop_ancestors: AncestorDropper | None = None
 
-    def targets(self, labels: np.ndarray, drawn: int, position: int, train: bool) -> np.ndarray:
-        """Final label ids of one image: ancestors dropped, noise injected, at most ``max_labels``."""
+    def targets(
+        self, labels: np.ndarray, drawn: int, position: int, train: bool, record: int = -1
+    ) -> np.ndarray:
+        """Final label ids of one image: ancestors dropped, noise injected, at most ``max_labels``.
+
+        ``record`` (the training record's id in its split) keys the label noise; ``position`` (the stream
+        position) keys the choice of labels kept when there are more than ``max_labels``.
+        """
         if self.drop_ancestors is not None:
             labels = self.drop_ancestors(labels)
         if train and self.label_noise > 0:
-            u = sampling.uniforms(self.seed, sampling.STREAM_NOISE, position, 2 * len(labels))
-            flip = u[0::2] < self.label_noise
+            if record < 0:
+                raise ValueError("label noise needs the record id")
+            labels, flip = corrupt_labels(
+                labels, record, self.seed, self.label_noise, self.noise_cdf
+            )
             if flip.any():
-                total = int(self.noise_cdf[-1])
-                r = np.minimum((u[1::2][flip] * total).astype(np.int64), total - 1)
-                labels = labels.copy()
-                labels[flip] = np.searchsorted(self.noise_cdf, r, side="right")
                 labels = np.unique(labels)
         if len(labels) > self.max_labels:
             if train:  # the drawn hashtag first, then a random subset of the others
@@ -353,6 +397,100 @@ class LabelOptions:
             else:
                 labels = labels[: self.max_labels]
         return labels
+
+
+# ------------------------------------------------------------------------------------------------
+# Less data, and the shuffled-hashtag control (tagjax.study's arms)
+# ------------------------------------------------------------------------------------------------
+
+# The label shuffle's permutation is ImageSampler's keyed permutation at an epoch no run reaches, so it is
+# independent of the epoch shuffles of ``images`` sampling with the same seed.
+_SHUFFLE_EPOCH = 1 << 62
+
+
+def train_subset(num_records: int, fraction: float) -> np.ndarray | None:
+    """Record ids that ``config.data.train_fraction`` keeps (None = all of them).
+
+    Record ``i`` is kept when a hash of ``i`` alone falls below ``fraction``: the subset is the same for
+    every seed and run, and the subsets are nested (1/8 of the data lies inside 1/4). The vocabulary, the
+    held-out split and everything downstream stay those of the whole dataset. Costs 8 bytes per kept record.
+    """
+    if fraction >= 1.0:
+        return None
+    ids = np.arange(int(num_records), dtype=np.int64)
+    u = (sampling.hash_u64(0, sampling.STREAM_FRACTION, ids) >> np.uint64(11)).astype(np.float64)
+    kept = ids[u * (1.0 / (1 << 53)) < fraction]
+    if not len(kept):
+        raise UserError(
+            f"config.data.train_fraction={fraction} keeps none of the {num_records} training records."
+        )
+    return kept
+
+
+def subset_label_index(index: records.LabelIndex, kept: np.ndarray) -> records.LabelIndex:
+    """The label lists of records ``kept`` (in that order) as a LabelIndex of ``len(kept)`` records."""
+    starts = index.offsets[kept]
+    lengths = index.offsets[kept + 1] - starts
+    offsets = np.zeros(len(kept) + 1, np.int64)
+    offsets[1:] = np.cumsum(lengths)
+    gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
+    return records.LabelIndex(offsets=offsets, labels=index.labels[gather])
+
+
+class SubsetSampler:
+    """A sampler over the kept records' positions ``[0, len(kept))``, answering with their record ids."""
+
+    def __init__(self, inner, kept: np.ndarray, fraction: float):
+        self.inner, self.kept, self.fraction = inner, kept, float(fraction)
+        self.mode = inner.mode
+        self.num_records = len(kept)
+
+    def sample(self, positions: np.ndarray, attempt: int = 0) -> sampling.Draw:
+        draw = self.inner.sample(positions, attempt)
+        return sampling.Draw(record=self.kept[draw.record], label=draw.label)
+
+    def label_probabilities(self) -> np.ndarray:
+        return self.inner.label_probabilities()
+
+    def identity(self) -> dict:
+        return {**self.inner.identity(), "train_fraction": self.fraction}
+
+
+class ShuffledLabels:
+    """The shuffled-hashtag control: record ``j``'s hashtags on the image of record ``pi(j)``.
+
+    ``pi`` is a fixed permutation of the training records (keyed on the seed; within the kept subset with
+    ``train_fraction``). The sampler still draws ``j`` by its own hashtags, so the stream of label sets,
+    the images, the steps and the schedule are those of the real run; only the pairing of images and
+    hashtags is broken. The difference between a real run and this one is what the hashtags themselves
+    teach, beyond what training on any labels of this distribution does.
+    """
+
+    def __init__(self, source, seed: int, kept: np.ndarray | None = None):
+        self.source, self.kept = source, kept
+        self.num_records, self.num_labels = source.num_records, source.num_labels
+        self._perm = sampling.ImageSampler(
+            len(kept) if kept is not None else source.num_records, seed
+        )
+
+    def partner(self, ids) -> np.ndarray:
+        """The record whose image is shown with record ``ids``' hashtags."""
+        ids = np.asarray(ids, np.int64)
+        local = ids if self.kept is None else np.searchsorted(self.kept, ids)
+        other = self._perm.permute(local, np.full(len(local), _SHUFFLE_EPOCH, np.uint64))
+        return other if self.kept is None else self.kept[other]
+
+    def identity(self) -> dict:
+        return {**self.source.identity(), "shuffled_labels": True}
+
+    def load(self, ids: Sequence[int]) -> list:
+        labelled = self.source.load(ids)
+        pictured = self.source.load(self.partner(ids))
+        out = []
+        for lab, pic in zip(labelled, pictured):
+            bad = lab if isinstance(lab, Exception) else pic if isinstance(pic, Exception) else None
+            out.append(bad if bad is not None else (pic[0], lab[1]))
+        return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,13 +555,14 @@ class TrainBatches:
         num = _alloc((b,), np.int32)
         bad = 0
         for j in range(b):
-            drawn, item, attempt = int(draw.label[j]), items[j], 0
+            drawn, record, item = int(draw.label[j]), int(draw.record[j]), items[j]
+            attempt = 0
             while True:
                 try:
                     if isinstance(item, Exception):
                         raise item
                     payload, rec_labels = item
-                    t = self.labels.targets(rec_labels, drawn, int(pos[j]), train=True)
+                    t = self.labels.targets(rec_labels, drawn, int(pos[j]), True, record)
                     augment.train_image(payload, image[j], u[j], self.aug)
                     break
                 except _SKIPPED as e:
@@ -435,7 +574,8 @@ class TrainBatches:
                             "data is broken: check or rebuild the dataset."
                         ) from None
                     d = self.sampler.sample(pos[j : j + 1], attempt)
-                    drawn, item = int(d.label[0]), self.source.load(d.record)[0]
+                    drawn, record = int(d.label[0]), int(d.record[0])
+                    item = self.source.load(d.record)[0]
             labels[j, : len(t)] = t
             num[j] = len(t)
         stats = np.asarray([b + bad, bad], np.int64)
@@ -489,14 +629,60 @@ class EvalBatches:
 # ------------------------------------------------------------------------------------------------
 
 
+# Shared-memory segments of our grain workers are named with this prefix and the training process's pid,
+# so the process can find and release the ones still in flight when it closes its iterator, and a test
+# can tell them from other programs' segments.
+SHM_PREFIX = "psm_tagjax"
+
+
+def worker_shm_prefix(parent_pid: int) -> str:
+    return f"{SHM_PREFIX}{parent_pid}_"
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)  # the training process is gone (killed): nobody will read our batches
+
+
+def _init_worker(parent_pid: int, worker_index: int, worker_count: int) -> None:
+    """Runs first in each grain worker process: the worker ends itself when the training process dies
+    (a SIGKILL runs no cleanup; without this, workers and the resource tracker outlive it), and names
+    its shared memory so the training process can release what is left when it closes its iterator.
+
+    A thread polling the parent's pid, not prctl(PR_SET_PDEATHSIG): that signal fires when the *thread*
+    that started the worker ends, which need not be the process ending."""
+    del worker_index, worker_count
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    prefix = "/" + worker_shm_prefix(parent_pid)
+    shared_memory._make_filename = lambda: prefix + secrets.token_hex(8)  # names are never reused
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+
+
 def _grain_iterator(batch_fn, first: int, stop: int, num_workers: int, prefetch: int):
     ds = grain.MapDataset.range(first, stop).map(batch_fn)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
     if num_workers > 0:
         it_ds = it_ds.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch)
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch),
+            worker_init_fn=functools.partial(_init_worker, os.getpid()),
         )
     return iter(it_ds)
+
+
+def _close_grain(iterator) -> None:
+    """Stops a grain iterator's workers, then unlinks the shared memory of batches they made that were
+    never read (grain leaves those to the resource tracker, which warns about each at exit)."""
+    iterator.close()
+    shm_dir = Path("/dev/shm")
+    if not shm_dir.is_dir():
+        return
+    for leftover in shm_dir.glob(worker_shm_prefix(os.getpid()) + "*"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+        with contextlib.suppress(Exception):
+            resource_tracker.unregister("/" + leftover.name, "shared_memory")
 
 
 _BAD_RECORD_CAUSE = "undecodable image, no labels or unknown label ids"
@@ -564,7 +750,7 @@ class TrainIterator(grain.DatasetIterator):
 
     def close(self) -> None:
         if self._inner is not None:
-            self._inner.close()
+            _close_grain(self._inner)
             self._inner = None
 
     def get_state(self) -> dict:
@@ -665,7 +851,7 @@ class EvalIterator:
 
     def close(self) -> None:
         if self._inner is not None:
-            self._inner.close()
+            _close_grain(self._inner)
             self._inner = None
 
 
@@ -788,6 +974,8 @@ def _validate(config) -> None:
         )
     if not 0.0 <= d.label_noise <= 1.0:
         raise UserError(f"config.data.label_noise={d.label_noise} must be a probability in [0, 1].")
+    if not 0.0 < d.get("train_fraction", 1.0) <= 1.0:
+        raise UserError(f"config.data.train_fraction={d.train_fraction} must be in (0, 1].")
     if d.max_labels < 1:
         raise UserError("config.data.max_labels must be at least 1.")
     lo, hi = d.crop_area_range
@@ -821,7 +1009,7 @@ def make_train_iterator(
     )
     if d.synthetic:
         source = synthetic_task(config, "train")
-        inverted = sampling.InvertedIndex.in_memory(source.label_index, source.num_labels)
+        label_index, store = source.label_index, None
         vocab = None
     else:
         dataset_root = _dataset_dir(config, dataset_dir)
@@ -835,12 +1023,28 @@ def make_train_iterator(
                 f"{store.offsets_path} indexes {store.num_records} records but the split has "
                 f"{source.num_records}; rebuild the dataset."
             )
-        inverted = None
-        if d.sampling != "images" or d.label_noise > 0:
+        label_index = None
+    fraction = float(d.get("train_fraction", 1.0))
+    kept = train_subset(source.num_records, fraction)
+    needs_index = d.sampling != "images" or d.label_noise > 0
+    inverted = None
+    if kept is not None:  # a subset: its own inverted index, in memory (the cached one covers all)
+        if needs_index:
+            full = label_index if label_index is not None else store.memory_mapped()
+            sub = subset_label_index(full, kept)
+            inverted = sampling.InvertedIndex.in_memory(sub, source.num_labels)
+        sampler = sampling.make_sampler(d.sampling, config.seed, len(kept), inverted)
+        sampler = SubsetSampler(sampler, kept, fraction)
+    else:
+        if label_index is not None:
+            inverted = sampling.InvertedIndex.in_memory(label_index, source.num_labels)
+        elif needs_index:
             inverted = sampling.InvertedIndex.load_or_build(
                 store, source.num_labels, _cache_dir(config, dataset_root)
             )
-    sampler = sampling.make_sampler(d.sampling, config.seed, source.num_records, inverted)
+        sampler = sampling.make_sampler(d.sampling, config.seed, source.num_records, inverted)
+    if d.get("shuffle_labels", False):
+        source = ShuffledLabels(source, int(config.seed), kept)
     noise_cdf = None
     if d.label_noise > 0:
         noise_cdf = np.cumsum(sampling.integer_weights(inverted.counts, 1.0))

@@ -153,6 +153,76 @@ class Cadence:
         return self.crossed(step, self.eval_every_images) and step != self.num_steps
 
 
+# Numeric fields of a run's config that must be positive (> 0) or at least zero; checked before any data
+# is opened or anything compiled, so a typo is one line, not a crash deep inside the first step.
+POSITIVE_FIELDS = ("train.batch_size", "train.total_images", "data.image_size")
+NON_NEGATIVE_FIELDS = (
+    "optim.base_lr",
+    "optim.weight_decay",
+    "train.log_every_images",
+    "train.eval_every_images",
+    "train.checkpoint_every_images",
+    "train.eval_max_images",
+    "data.num_workers",
+)
+
+
+def _walk(config, prefix: str = ""):
+    items = config.items() if hasattr(config, "items") else ()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            yield from _walk(value, name + ".")
+        else:
+            yield name, value
+
+
+def validate_config(config) -> None:
+    """Raises UserError (one line naming the field) for numbers no run can use: NaN or Inf anywhere in
+    the config, a zero or negative batch size, image size or length, a negative learning rate,
+    interval or worker count."""
+    values = dict(_walk(config))
+    for name, value in values.items():
+        numbers = value if isinstance(value, tuple | list) else (value,)
+        for number in numbers:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise UserError(f"config.{name}={value}: must be a finite number.")
+    for name in POSITIVE_FIELDS + NON_NEGATIVE_FIELDS:
+        value = values.get(name)
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if name in POSITIVE_FIELDS and value <= 0:
+            raise UserError(f"config.{name}={value}: must be greater than 0.")
+        if value < 0:
+            raise UserError(f"config.{name}={value}: must not be negative.")
+    profile_steps = values.get("train.profile_steps") or ()
+    try:
+        first, last = (int(s) for s in profile_steps) if profile_steps else (0, 1)
+    except (TypeError, ValueError):
+        first, last = -1, -1
+    if not 0 <= first < last:
+        raise UserError(
+            f"config.train.profile_steps={profile_steps!r}: give two steps (first, last) with "
+            "0 <= first < last, e.g. --config.train.profile_steps='(10,15)'."
+        )
+
+
+def prepare_workdir(workdir) -> None:
+    """Creates ``workdir`` and checks that it is a writable directory, with one line when not."""
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir {workdir} is a file, not a directory; pass a directory.")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".tagjax-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"--workdir {workdir} is not writable ({e.strerror or type(e).__name__}); pass a "
+            "directory this user can write to."
+        ) from None
+
+
 def restore_or_init(
     manager: CheckpointManager,
     abstract_state,
@@ -211,7 +281,7 @@ class NonfiniteGuard:
             return True
         if self.policy == "stop":
             raise UserError(
-                f"the loss or the gradients became NaN/Inf at step {step:,} "
+                f"the loss, the gradients or the updated state became NaN/Inf at step {step:,} "
                 f"({step * self.batch_size:,} images seen; that update was not applied): lower "
                 "config.optim.base_lr, set config.optim.grad_clip_norm, or set "
                 "config.train.nan_policy=skip to skip such updates."
@@ -219,7 +289,9 @@ class NonfiniteGuard:
         self.skipped += 1
         self.consecutive += 1
         log.warning(
-            "step %d: non-finite loss or gradients; update skipped (%d so far)", step, self.skipped
+            "step %d: non-finite loss, gradients or update; update skipped (%d so far)",
+            step,
+            self.skipped,
         )
         if self.consecutive > self.max_consecutive:
             raise UserError(
@@ -360,7 +432,12 @@ class Profiler:
 
 def save_if_due(manager: CheckpointManager, step: int, state, data_iterator: Any = None) -> bool:
     """Saves step ``step`` when the manager's cadence (or a preemption) says so; True when the run must
-    stop now because a preemption checkpoint was just started."""
+    stop now because a preemption checkpoint was just started.
+
+    Also where a failed background save surfaces: ``manager.check_saves`` raises a one-line UserError
+    at the first step boundary after the failure, so the run stops with the previous checkpoint as its
+    newest instead of training on without saving."""
+    manager.check_saves()
     if manager.should_save(step):
         manager.save(step, state, data_iterator)
         if manager.preempted:

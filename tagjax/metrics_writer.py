@@ -17,6 +17,7 @@ in memory and rewritten at every ``flush`` (each log interval); locally each lin
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -27,15 +28,21 @@ from pathlib import Path
 from etils import epath
 from tensorboardX import SummaryWriter
 
+from tagjax.errors import UserError
+
+log = logging.getLogger(__name__)
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
 def as_path(path: str | os.PathLike):
-    """A local ``pathlib.Path`` (``~`` expanded), or an ``etils.epath.Path`` for URLs such as gs://."""
+    """An absolute local ``pathlib.Path`` (``~`` expanded), or an ``etils.epath.Path`` for URLs such as
+    gs://. Every library entry point taking a path from a user calls this once: Orbax refuses relative
+    paths, and a relative one would change meaning with the working directory."""
     if "://" in str(path):
         return epath.Path(str(path))
-    return Path(path).expanduser()
+    return Path(path).expanduser().absolute()
 
 
 def is_remote(path) -> bool:
@@ -43,12 +50,45 @@ def is_remote(path) -> bool:
 
 
 def read_metrics(workdir: str | Path, split: str | None = None) -> list[dict]:
-    """The JSONL log of a run as a list of dicts (optionally only one split)."""
+    """The JSONL log of a run as a list of dicts (optionally only one split).
+
+    A last line cut short (a run killed mid-write on a filesystem that tears appends, or a full disk)
+    is left out with a warning; a bad line anywhere else is a UserError naming it."""
     path = as_path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = _parse_rows(path)
     return [r for r in rows if split is None or r.get("split") == split]
+
+
+def _parse_rows(path) -> list[dict]:
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise UserError(
+                    f"{path} line {number} is not JSON; repair or remove that line."
+                ) from None
+            log.warning("%s: its last line is incomplete (cut off mid-write); ignored", path)
+    return rows
+
+
+def _write_atomically(path, text: str) -> None:
+    """Replaces ``path`` by ``text`` all at once: a reader (or a crash) sees the old or the new file."""
+    if is_remote(path):
+        path.write_text(text)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _jsonable(value):
@@ -76,20 +116,29 @@ class MetricWriter:
         self._remote = is_remote(workdir)
         self._rows: list[dict] = []  # remote workdirs: the whole log, rewritten at each flush
         self._tb = None
-        self._file = None
+        self._fd: int | None = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         resume_images = None
-        kept = read_metrics(workdir) if self.path.exists() else []
-        if resume_step is not None and kept:
+        kept = _parse_rows(self.path) if self.path.exists() else []
+        if resume_step is not None:
+            dropped = sum(int(r.get("step", 0)) > resume_step for r in kept)
             kept = [r for r in kept if int(r.get("step", 0)) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            if self.path.exists():
+                _write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            if dropped:
+                log.info(
+                    "%s: %d rows logged after step %d dropped", self.path, dropped, resume_step
+                )
             resume_images = max(
                 (int(r["images_seen"]) for r in kept if "images_seen" in r), default=0
             )
 
-        # purge_step drops events logged past the restored point by the interrupted run.
+        # TensorBoard: each run writes a fresh event file; purge_step records in it that events at or
+        # past the resume point from earlier files are to be dropped, which TensorBoard does when it
+        # reads the directory (other readers must apply the same rule: for each tag, keep only the
+        # newest file's events from the purge step on).
         self._tb = SummaryWriter(
             str(as_path(workdir) / TENSORBOARD_DIR),
             purge_step=None if resume_images is None else resume_images + 1,
@@ -98,9 +147,9 @@ class MetricWriter:
         if self._remote:
             self._rows = kept
         else:
-            self._file = self.path.open(
-                "a", buffering=1
-            )  # line-buffered: a killed run keeps its lines
+            # O_APPEND and one os.write per row: each line lands whole (a killed run keeps every
+            # line written before, never half of one).
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, split: str, step: int, images_seen: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -115,7 +164,10 @@ class MetricWriter:
         if self._remote:
             self._rows.append(row)
         else:
-            self._file.write(json.dumps(row) + "\n")
+            data = (json.dumps(row) + "\n").encode()
+            written = os.write(self._fd, data)
+            if written != len(data):  # a full disk: finish the line or fail, never leave half
+                os.write(self._fd, data[written:])
         for key, value in metrics.items():
             if (
                 isinstance(value, int | float)
@@ -135,15 +187,14 @@ class MetricWriter:
         if self.enabled:
             if self._remote:
                 self.path.write_text("".join(json.dumps(r) + "\n" for r in self._rows))
-            else:
-                self._file.flush()
             self._tb.flush()
 
     def close(self) -> None:
         if self.enabled:
             self.flush()
-            if self._file is not None:
-                self._file.close()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
             self._tb.close()
             self.enabled = False
 

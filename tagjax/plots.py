@@ -1,5 +1,5 @@
-"""The demo's figures (PNG, matplotlib): loss curves, hashtag frequency before and after resampling,
-per-hashtag average precision, and the downstream comparison.
+"""The demo's and the study's figures (PNG, matplotlib): loss curves, hashtag frequency before and after
+resampling, per-hashtag average precision, the downstream comparison, and one figure per study finding.
 
 Each function takes plain numbers (what ``summary.json`` and ``metrics.jsonl`` hold), writes one PNG and
 returns its path, so a notebook can redraw any figure from a finished run. Figures are built on
@@ -241,4 +241,72 @@ def probe_comparison(
         ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title or "Downstream linear probe")
     ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def study_finding(
+    arms: Sequence[Mapping],
+    path: str | Path,
+    *,
+    title: str,
+    reference_lines: Mapping[str, float],
+    log_x: bool = False,
+) -> Path:
+    """One finding of ``tagjax study``: linear-probe top-1 (left), its paired difference to the baseline
+    (middle) and held-out hashtag mAP (right) per arm, each a mean with its 95% t-interval as error bars
+    and each seed as a dot; ``reference_lines`` (label -> top-1 fraction: chance, the controls) are drawn
+    across the probe panel. With ``log_x`` the arms sit at their ``fraction`` of the data on a log axis
+    (the data-size finding); otherwise one slot per arm.
+
+    ``arms``: [{"label", "fraction", "top1": [per seed], "top1_ci": {mean, lo, hi}, "diff": [per-seed
+    difference to the baseline; [] for the baseline], "diff_ci": {...}, "mAP": [per seed or None],
+    "mAP_ci": {...}}].
+    """
+    fig, axes = _figure(15.0, 4.2, ncols=3)
+    x = (
+        np.asarray([a["fraction"] for a in arms], np.float64)
+        if log_x
+        else np.arange(len(arms), dtype=np.float64)
+    )
+    for ax, key, ylabel in (
+        (axes[0], "top1", "linear probe test top-1 (%)"),
+        (axes[1], "diff", "top-1 minus baseline, paired by seed (points)"),
+        (axes[2], "mAP", "held-out hashtag mAP (%)"),
+    ):
+        for i, arm in enumerate(arms):
+            values = [100 * v for v in arm[key] if v is not None]
+            ci = arm[f"{key}_ci"]
+            if not values or ci["mean"] is None:
+                continue
+            mean = 100 * ci["mean"]
+            yerr = None
+            if ci["lo"] is not None:
+                yerr = [[mean - 100 * ci["lo"]], [100 * ci["hi"] - mean]]
+            ax.errorbar(x[i], mean, yerr=yerr, fmt="o", color=f"C{i}", capsize=5, ms=7)
+            ax.plot(np.full(len(values), x[i]), values, ".", color="black", ms=4, alpha=0.6)
+        if log_x:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(x, [f"{f:g}" for f in x])
+            ax.set_xlabel("share of the training split (schedule grows with the data)")
+        else:
+            ax.set_xticks(x, [a["label"] for a in arms], fontsize=8, rotation=15)
+            ax.set_xlim(-0.6, len(arms) - 0.4)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+    for j, (label, value) in enumerate(reference_lines.items()):
+        axes[0].axhline(100 * value, ls=":" if label == "chance" else "--", color=f"C{j + 5}")
+        axes[0].annotate(
+            f"{label} {100 * value:.1f}",
+            (0.01, 100 * value),
+            xycoords=("axes fraction", "data"),
+            xytext=(0, 2),
+            textcoords="offset points",
+            fontsize=7,
+            color=f"C{j + 5}",
+        )
+    axes[1].axhline(0.0, color="black", lw=0.8)
+    axes[0].set_title("linear probe (95% intervals over seeds)", fontsize=9)
+    axes[1].set_title("difference to the baseline (95% paired intervals)", fontsize=9)
+    axes[2].set_title("hashtag prediction, held-out posts", fontsize=9)
+    fig.suptitle(title)
     return _save(fig, path)

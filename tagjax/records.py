@@ -423,6 +423,10 @@ class LabelStore:
             labels = read_npy_range(self.labels_path, int(offsets[0]), int(offsets[-1]))
             yield LabelChunk(start, offsets - offsets[0], labels)
 
+    def memory_mapped(self) -> LabelIndex:
+        """The index over the memory maps: random access that reads only the pages it touches."""
+        return LabelIndex(offsets=self.offsets(), labels=self.labels())
+
     def load(self) -> LabelIndex:
         """The whole index in memory: O(images), for small splits (demos, tests) only."""
         return LabelIndex(offsets=np.load(self.offsets_path), labels=np.load(self.labels_path))

@@ -60,6 +60,7 @@ STREAM_AUGMENT = 5
 STREAM_NOISE = 6
 STREAM_SUBSET = 7
 STREAM_SYNTHETIC = 8
+STREAM_FRACTION = 9  # which training records config.data.train_fraction keeps
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)

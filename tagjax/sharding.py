@@ -21,8 +21,10 @@ A single process (a laptop, one GPU box, one TPU VM) needs none of this.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 
 import jax
 import numpy as np
@@ -51,6 +53,27 @@ def _distributed_environment() -> str | None:
     return None
 
 
+# How long a process that finished waits at exit for the others to finish too (JAX's default is 300 s).
+# The run itself ends with a barrier (tagjax.train), so the processes arrive here within seconds of each
+# other; a longer wait means one of them died or hangs.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 60
+
+
+def _shutdown_distributed(timeout: int) -> None:
+    try:
+        jax.distributed.shutdown()
+    except Exception as e:
+        index = jax.process_index()
+        print(
+            f"tagjax: process {index}: the other processes did not reach the end of the run within "
+            f"{timeout} s (one of them died or hangs; see its log); exiting without them "
+            f"({type(e).__name__}).",
+            file=sys.stderr,
+        )
+        sys.stderr.flush()
+        os._exit(1)
+
+
 def maybe_initialize_distributed() -> bool:
     """``jax.distributed.initialize()`` when launched as one of several processes; True if it did.
 
@@ -76,7 +99,11 @@ def maybe_initialize_distributed() -> bool:
             process_id=int(os.environ["JAX_PROCESS_ID"]),
         )
     log.info("starting jax.distributed (%s)", source)
-    jax.distributed.initialize(**kwargs)
+    timeout = int(os.environ.get("TAGJAX_SHUTDOWN_TIMEOUT_S", DEFAULT_SHUTDOWN_TIMEOUT_S))
+    jax.distributed.initialize(**kwargs, shutdown_timeout_seconds=timeout)
+    # Runs before JAX's own exit hook (atexit is last-in, first-out), so a process that waits in vain
+    # for the others at the end says so in one line instead of a gRPC error after 5 minutes.
+    atexit.register(_shutdown_distributed, timeout)
     log.info(
         "process %d of %d, %d local devices",
         jax.process_index(),

@@ -40,7 +40,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import flax
@@ -302,13 +301,24 @@ def apply_if_finite(
     state: TrainState, loss, grad_norm, params, batch_stats, opt_state
 ) -> tuple[TrainState, jax.Array]:
     """The state after one update, ``(new state, nonfinite)``: the update (``params``, ``batch_stats``,
-    ``opt_state``) is applied only when ``loss`` and ``grad_norm`` are finite; ``step`` advances either way.
+    ``opt_state``) is applied only when ``loss``, ``grad_norm`` and the updated arrays are all finite;
+    ``step`` advances either way, and a skipped update leaves every other field as it was.
 
     The device half of the NaN/Inf rule of every tagjax step (pretraining and fine-tuning): whatever the
     ``nan_policy``, a NaN never enters the state, so the host (``loop.NonfiniteGuard``) can decide a step
     later, without a sync, whether to stop or skip. ``nonfinite`` is 1.0 for a dropped update, else 0.0.
     """
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # The new state itself is checked too: a NaN/Inf learning rate, an overflow in the update or in
+    # the batch-norm statistics leave loss and gradients finite. A global norm is finite exactly when
+    # every element is (barring overflow of the squares, itself a sign of divergence); these are small
+    # reductions next to the step.
+    finite = (
+        jnp.isfinite(loss)
+        & jnp.isfinite(grad_norm)
+        & jnp.isfinite(optax.tree.norm(params))
+        & jnp.isfinite(optax.tree.norm(batch_stats))
+        & jnp.isfinite(optax.tree.norm(_float_leaves(opt_state)))
+    )
 
     def keep(new, old):
         return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -320,6 +330,10 @@ def apply_if_finite(
         opt_state=keep(opt_state, state.opt_state),
     )
     return new_state, 1.0 - finite.astype(jnp.float32)
+
+
+def _float_leaves(tree) -> list:
+    return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
 
 
 def jit_train_step(
@@ -438,11 +452,20 @@ def setup_runtime(config) -> None:
     persistent compilation cache (a restart or a second run of the same config skips most compiling)."""
     sharding.maybe_initialize_distributed()
     cache_dir = str(config.train.get("compilation_cache_dir", "") or "")
-    if cache_dir and not jax.config.jax_compilation_cache_dir:
-        path = Path(cache_dir).expanduser()
-        path.mkdir(parents=True, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", str(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if cache_dir:
+        path = as_path(cache_dir)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if not os.access(path, os.W_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as e:
+            raise UserError(
+                f"config.train.compilation_cache_dir={cache_dir} cannot be written "
+                f"({e.strerror or type(e).__name__}); pass a writable directory, or '' for no cache."
+            ) from None
+        if not jax.config.jax_compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", str(path))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 @dataclasses.dataclass
@@ -486,11 +509,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool | N
     what is pretraining's own is the data (hashtag-resampled shards), the step and the hashtag evaluation.
     """
     run_start = time.perf_counter()
+    loop.validate_config(config)
+    workdir = as_path(workdir)  # absolute; or gs://... (etils.epath) on Cloud TPU
     setup_runtime(config)
-    workdir = as_path(workdir)  # a local path, or gs://... (etils.epath) on Cloud TPU
     is_main = jax.process_index() == 0
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
+        loop.prepare_workdir(workdir)
         (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
     # Refuse a run shorter than one batch or an unknown NaN policy before any data is opened.
     num_steps = loop.Cadence.from_config(config.train).num_steps
@@ -519,7 +543,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool | N
         jax.devices()[0].device_kind,
         f"resuming at step {start_step:,}" if start_step else "starting fresh",
     )
-    writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step or None)
+    # Rows an interrupted run logged after the step resumed from (all of them on a fresh start) go.
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
     if start_step == 0:
         writer.write_text("config", "```\n" + config_lib.to_json(config) + "\n```")
     try:
@@ -545,6 +570,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool | N
         loop.close_iterator(data.train_iterator)
         manager.close()
         writer.close()
+    if jax.process_count() > 1:
+        # Every process leaves the run together: none reaches jax.distributed's exit barrier minutes
+        # before another (process 0 alone writes the logs and finalizes checkpoints).
+        multihost_utils.sync_global_devices("tagjax_train_end")
 
     summary = {
         "step": result.step,

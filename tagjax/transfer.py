@@ -55,7 +55,7 @@ from tagjax import (
 from tagjax.errors import UserError
 from tagjax.inference import BadImageCounter, Inference, image_batches
 from tagjax.metrics import to_json, topk_accuracy
-from tagjax.metrics_writer import MetricWriter
+from tagjax.metrics_writer import MetricWriter, as_path
 from tagjax.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -442,7 +442,7 @@ def run_linear(
     """Feature extraction (cached) + the linear probe; writes ``WORKDIR/results.json``."""
 
     t = config.transfer
-    workdir = Path(workdir).expanduser()
+    workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     inference = Inference(
         checkpoint_path,
@@ -789,12 +789,13 @@ def run_finetune(
     The loop is pretraining's (tagjax.loop) with :func:`make_finetune_step` and this config; the data
     position is the step (:class:`FinetuneBatches`), so checkpoints carry no iterator state.
     """
-    workdir = Path(workdir).expanduser()
+    workdir = as_path(workdir)
     train_ds, test_ds = _downstream(config, "train"), _downstream(config, "test")
     config = prepare_finetune_config(
         config, checkpoint_path, train_ds.num_classes, len(train_ds.source), log_fn=log_fn
     )
     t = config.transfer
+    loop.validate_config(config)
     batch_size = int(config.train.batch_size)
     num_steps = loop.Cadence.from_config(config.train).num_steps
     model = models.create(config.model, train_ds.num_classes)
@@ -817,7 +818,7 @@ def run_finetune(
     state, start = loop.restore_or_init(
         manager, abstract, lambda: init_finetune_state(config, checkpoint_path, model, tx, mesh)
     )
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start or None)
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
     try:
         if start:
             log_fn(f"resumed fine-tuning at step {start:,} of {num_steps:,}")

@@ -1,6 +1,13 @@
-"""tagjax.build_beam: the Beam pipeline (DirectRunner) writes what the local builder writes."""
+"""tagjax.build_beam: the Beam pipeline writes what the local builder writes, in process, with several
+worker processes (DirectRunner multi_processing) and through the portable runner path."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -118,6 +125,92 @@ def test_beam_habits_and_user_cap_match_local(tmp_path):
         assert read_split(tmp_path / "local", split) == read_split(tmp_path / "beam", split)
 
 
+MULTI_PROCESS = [
+    "--runner=DirectRunner",
+    "--direct_num_workers=2",
+    "--direct_running_mode=multi_processing",
+]
+
+
+def test_multi_process_direct_runner_writes_the_local_builders_shards(both):
+    """Two worker processes (the DirectRunner's multi_processing mode, what the docs recommend for one
+    machine; stages pickled into them as a cluster runner does) write byte-identical shards, label
+    stores and statistics. The work ran outside this process: the per-process caches the element
+    functions fill (vocabulary canonicalizer, raster caches) stay empty here, while the in-process run
+    of the fixture filled them."""
+    base, local, _ = both
+    assert build_beam._CANON  # filled by the fixture's in-process run
+    build_beam._CANON.clear()
+    build_beam._CACHES.clear()
+    paths = write_corpus(base / "in-mp")
+    stats = build_beam.build(corpus_config(paths, base / "beam-mp"), MULTI_PROCESS)
+    assert not build_beam._CANON and not build_beam._CACHES
+    assert stats["records"] == local["records"] and stats["dropped"] == local["dropped"]
+    written = sorted(
+        p.name for p in (base / "local").iterdir() if p.suffix in (".array_record", ".npy")
+    )
+    assert any(name.endswith(".labels.ids.npy") for name in written)
+    assert written == sorted(
+        p.name for p in (base / "beam-mp").iterdir() if p.suffix in (".array_record", ".npy")
+    )
+    for name in [*written, "vocab.json"]:
+        assert (base / "beam-mp" / name).read_bytes() == (base / "local" / name).read_bytes(), name
+
+
+@pytest.fixture
+def worker_pool():
+    """A Beam worker pool (what runs beside each Flink/Spark worker in docs/dataset.md's recipe) in
+    this virtual environment: its SDK workers start `python` from PATH."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    pool = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "apache_beam.runners.worker.worker_pool_main",
+            f"--service_port={port}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120  # the pool imports Beam first: slow on a loaded machine
+        while True:
+            assert pool.poll() is None, "the Beam worker pool exited at start"
+            try:
+                socket.create_connection(("localhost", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the Beam worker pool did not start listening"
+                time.sleep(0.2)
+        yield f"localhost:{port}"
+    finally:
+        pool.terminate()
+        pool.wait(timeout=30)
+
+
+def test_portable_runner_with_an_external_worker_pool_writes_the_same_shards(both, worker_pool):
+    """The portable path the Flink and Spark runners take: a job service (here the embedded one)
+    hands the stages to an EXTERNAL worker pool, whose processes do all the work."""
+    base, local, _ = both
+    build_beam._CANON.clear()
+    paths = write_corpus(base / "in-ext")
+    options = [
+        "--runner=PortableRunner",
+        "--job_endpoint=embed",
+        "--environment_type=EXTERNAL",
+        f"--environment_config={worker_pool}",
+    ]
+    stats = build_beam.build(corpus_config(paths, base / "beam-ext"), options)
+    assert not build_beam._CANON
+    assert stats["posts_written"] == local["posts_written"]
+    for split in records.SPLITS:
+        assert read_split(base / "beam-ext", split) == read_split(base / "local", split)
+
+
 def test_beam_build_that_keeps_nothing_fails_and_leaves_nothing(tmp_path):
     from tagjax.errors import UserError
 
@@ -134,29 +227,3 @@ def test_beam_build_that_keeps_nothing_fails_and_leaves_nothing(tmp_path):
     with pytest.raises(UserError, match=r"kept no training records: 3 posts read.*private 3"):
         build_beam.build(cfg, ["--runner=DirectRunner"])
     assert not out.exists()
-
-
-def test_beam_multi_processing_direct_runner_writes_the_local_shards(both, tmp_path):
-    """Several worker processes (what a cluster runner does: pickled stages, no shared state) still
-    write byte-identical shards, label stores and statistics."""
-    base, local, _ = both
-    paths = write_corpus(tmp_path / "in")
-    out = tmp_path / "mp"
-    stats = build_beam.build(
-        corpus_config(paths, out),
-        [
-            "--runner=DirectRunner",
-            "--direct_running_mode=multi_processing",
-            "--direct_num_workers=2",
-        ],
-    )
-    for name in sorted(p.name for p in (base / "local").glob("*.array_record")):
-        assert (out / name).read_bytes() == (base / "local" / name).read_bytes()
-    assert sorted(p.name for p in out.glob("*.array_record")) == sorted(
-        p.name for p in (base / "local").glob("*.array_record")
-    )
-    for split in records.SPLITS:
-        for part in ("offsets", "ids", "counts"):
-            name = f"{split}.labels.{part}.npy"
-            assert (out / name).read_bytes() == (base / "local" / name).read_bytes()
-    assert stats["records"] == local["records"] and stats["dropped"] == local["dropped"]

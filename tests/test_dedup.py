@@ -60,8 +60,11 @@ def test_content_hash_is_about_pixels_not_files():
     Image.fromarray(px).save(bmp, "BMP")
     a = images.process(png.getvalue(), OPTS)
     b = images.process(bmp.getvalue(), OPTS)
-    assert dedup.content_hash(a.pixels) == dedup.content_hash(b.pixels)
-    assert dedup.content_hash(a.pixels) != dedup.content_hash(drawing(2))
+    assert a.jpeg == b.jpeg and dedup.content_hash(a.jpeg) == dedup.content_hash(b.jpeg)
+    png2 = io.BytesIO()
+    Image.fromarray(drawing(2)).save(png2, "PNG")
+    other = images.process(png2.getvalue(), OPTS)
+    assert dedup.content_hash(a.jpeg) != dedup.content_hash(other.jpeg)
 
 
 @pytest.mark.parametrize("threshold", [0, 3, 4, 8])
@@ -151,3 +154,21 @@ def test_eval_hashes_from_a_tfds_split():
 
     with pytest.raises(UserError, match="tfds:NAME/SPLIT"):
         eval_sets.hashes_of_set("tfds:mnist", OPTS)
+
+
+def test_phash_of_stored_size_images_matches_copies_and_smaller_copies():
+    """At the size a build stores (256 px) the hash area-reduces to 64 px before its Lanczos step: copies,
+    and the same picture stored at 64 px, stay within the threshold; different pictures do not."""
+    t = dedup.DedupOptions().near_threshold
+    opts = images.ImageOptions(max_side=256, min_side=8)
+    big = [
+        np.asarray(Image.fromarray(drawing(s)).resize((256, 256), Image.Resampling.BICUBIC))
+        for s in range(20)
+    ]
+    hashes = [dedup.phash(p) for p in big]
+    for s, p in enumerate(big):
+        copy = images.process(resized_recompressed(p, scale=0.6), opts).pixels
+        assert dedup.hamming(hashes[s], dedup.phash(copy)) <= t
+        assert dedup.hamming(hashes[s], dedup.phash(drawing(s))) <= t
+    distinct = [dedup.hamming(hashes[i], hashes[j]) for i in range(20) for j in range(i + 1, 20)]
+    assert min(distinct) > t

@@ -73,7 +73,7 @@ def _fake_results(tops):
         )
         rnd.append({"seconds": 2.0})
         scr.append({"finetuned_head": {"test_top1": 0.5}, "seconds": 4.0})
-        for t, v in zip(demo.TRUNKS, top):
+        for t, v in zip(("pretrained", "random", "downstream"), top):
             probes[t].append(
                 {
                     "test_top1": v,
@@ -227,6 +227,14 @@ def test_demo_end_to_end_and_rerun_reuses_every_stage(tmp_path, capsys):
     assert d["gain_pretrained_minus_random"]["per_seed"][0] == pytest.approx(
         tops["pretrained"] - tops["random"]
     )
+    # The headline against the controls: shuffled hashtags and the random trunk with re-estimated BN.
+    assert set(d["trunks"]) == set(demo.TRUNKS)
+    for control in demo.CONTROLS:
+        assert d[f"gain_pretrained_minus_{control}"]["per_seed"][0] == pytest.approx(
+            tops["pretrained"] - tops[control]
+        )
+    assert "what the hashtags themselves add" in demo.render_table(s)
+    assert tops["random_bn"] != tops["random"]
     probe = json.loads((wd / "seed0" / "probe_random" / "results.json").read_text())
     assert probe["test_top1"] == pytest.approx(tops["random"])
     assert all(v > 0 for k, v in s["compute_seconds"].items() if k != "hashtag_eval")
@@ -246,10 +254,9 @@ def test_demo_end_to_end_and_rerun_reuses_every_stage(tmp_path, capsys):
     captured = capsys.readouterr()
     assert json.loads(captured.out)["downstream"] == s["downstream"]
     out = captured.err
-    assert (
-        out.count("reusing the finished stage") == 7
-    )  # corpus, pretrain, random, downstream-only, 3 probes
+    # corpus, pretrain, shuffled pretrain, random, random_bn, downstream-only, 5 probes
+    assert out.count("reusing the finished stage") == 11
     again = json.loads((wd / "summary.json").read_text())
     assert again["downstream"]["trunks"] == s["downstream"]["trunks"]
     assert again["hashtag_prediction"] == s["hashtag_prediction"]
-    assert again["compute_seconds"] == s["compute_seconds"] and again["stages_reused"] == 7
+    assert again["compute_seconds"] == s["compute_seconds"] and again["stages_reused"] == 11

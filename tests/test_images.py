@@ -2,6 +2,7 @@
 
 import io
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -135,3 +136,17 @@ def test_bad_options_are_refused():
         images.ImageOptions(max_side=16, min_side=32)
     with pytest.raises(ValueError):
         images.ImageOptions(jpeg_quality=0)
+
+
+def test_reduction_below_2x_stays_within_a_grey_level_of_area_averaging():
+    """Below 2x (where JPEG DCT scaling leaves photos) the cheaper bilinear filter is used; it must stay
+    close to area averaging, which is still used beyond 2x."""
+    opts = images.ImageOptions(max_side=256, min_side=8)
+    source = smooth(480, 640, seed=3)  # 480 -> 256: 1.875x, PNG so no DCT scaling happens first
+    near = images.process(encode(Image.fromarray(source), "PNG"), opts).pixels
+    area = cv2.resize(source, (341, 256), interpolation=cv2.INTER_AREA)
+    assert near.shape == area.shape == (256, 341, 3)
+    assert np.abs(near.astype(float) - area).mean() < 1.0
+    big = smooth(1024, 1280, seed=4)  # 4x: area averaging, exactly
+    far = images.process(encode(Image.fromarray(big), "PNG"), opts).pixels
+    assert np.array_equal(far, cv2.resize(big, (320, 256), interpolation=cv2.INTER_AREA))

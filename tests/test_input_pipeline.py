@@ -333,16 +333,16 @@ def test_too_many_bad_records_fail_loudly(bad_dataset):
 def test_label_noise_replaces_labels_at_the_configured_rate(dataset):
     cfg = _config(dataset, label_noise=0.4, max_labels=8, batch_size=48)
     it = input_pipeline.make_train_iterator(cfg, process_index=0, process_count=1)
-    changed = total = 0
+    seen = {}  # the noise is a fixed function of (seed, record id): every view of a record agrees
     for _ in range(10):
         b = next(it)
         for row, i in enumerate(_ids(b)):
             got = set(b["labels"][row, : b["num_labels"][row]].tolist())
-            true = set(_labels_of(i))
-            changed += len(true - got)
-            total += len(true)
-    # A replaced label stays only if the marginal redraws it (probability <= ~0.35 here).
-    assert 0.4 * 0.6 < changed / total < 0.4 + 0.03
+            assert seen.setdefault(i, got) == got
+    changed = sum(len(set(_labels_of(i)) - got) for i, got in seen.items())
+    total = sum(len(_labels_of(i)) for i in seen)
+    # A replaced label is never redrawn as itself; ~90 labels: the rate within 3 standard deviations.
+    assert total > 60 and 0.4 - 0.16 < changed / total < 0.4 + 0.16
     clean = input_pipeline.make_train_iterator(
         _config(dataset, batch_size=48), process_index=0, process_count=1
     )

@@ -1,6 +1,6 @@
 """The flags every command spells the same way, and how a command prints its result.
 
-One name per meaning across subcommands (docs/cli.md): ``--checkpoint`` for a checkpoint to read,
+Every path a flag names is made absolute (tagjax.commands.paths). One name per meaning across subcommands (docs/cli.md): ``--checkpoint`` for a checkpoint to read,
 ``--output``/``-o`` for what a command writes, ``--data-dir`` for a TFDS data directory, ``--json`` for
 machine-readable stdout, ``--progress``/``--no-progress`` for bars on stderr. Old spellings still work
 for a while: each command module may list them in ``ALIASES`` (old -> new); tagjax.cli rewrites them
@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from tagjax.commands import paths
 from tagjax.errors import UserError
 
 
@@ -36,16 +37,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def add_checkpoint(parser, help: str, *, required: bool = True) -> None:
-    parser.add_argument("--checkpoint", required=required, metavar="PATH", help=help)
+    parser.add_argument(
+        "--checkpoint", type=paths.path, required=required, metavar="PATH", help=help
+    )
 
 
 def add_output(parser, help: str, *, required: bool = False) -> None:
-    parser.add_argument("--output", "-o", required=required, metavar="PATH", help=help)
+    parser.add_argument(
+        "--output", "-o", type=paths.path, required=required, metavar="PATH", help=help
+    )
 
 
 def add_data_dir(parser) -> None:
     parser.add_argument(
         "--data-dir",
+        type=paths.path,
         default=None,
         metavar="DIR",
         help="TFDS data directory of downstream datasets (default $TFDS_DATA_DIR or "

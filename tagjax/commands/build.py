@@ -15,7 +15,7 @@ from tagjax import build_steps, dedup
 from tagjax import images as images_lib
 from tagjax import posts as posts_lib
 from tagjax import vocab as vocab_lib
-from tagjax.commands import _args
+from tagjax.commands import _args, paths
 from tagjax.errors import UserError
 
 # Old flag spellings, still accepted with a warning (tagjax.cli).
@@ -43,9 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.workers,
         help="image worker processes (0 = one per CPU core, 1 = no subprocesses)",
     )
-    io_.add_argument("--yfcc-images", default=None, help="folder of YFCC100M photos (yfcc inputs)")
+    io_.add_argument(
+        "--yfcc-images",
+        type=paths.path,
+        default=None,
+        help="folder of YFCC100M photos (yfcc inputs)",
+    )
     io_.add_argument(
         "--image-root",
+        type=paths.path,
         action="append",
         default=[],
         metavar="DIR",
@@ -87,16 +93,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="use posts whose source does not record visibility (only your own data)",
     )
     pv.add_argument(
-        "--optout-posts", default=None, help="file of post ids to exclude, one per line"
+        "--optout-posts",
+        type=paths.path,
+        default=None,
+        help="file of post ids to exclude, one per line",
     )
     pv.add_argument(
-        "--optout-users", default=None, help="file of user ids to exclude, one per line"
+        "--optout-users",
+        type=paths.path,
+        default=None,
+        help="file of user ids to exclude, one per line",
     )
     pv.add_argument(
         "--keep-user-ids", action="store_true", help="store the uploader id in each record"
     )
     pv.add_argument(
         "--apply-optout",
+        type=paths.path,
         metavar="DATASET",
         default=None,
         help="instead of building: remove the opted-out posts/users from DATASET",

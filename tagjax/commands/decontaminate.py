@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tagjax.commands import _args
+from tagjax.commands import _args, paths
 from tagjax.errors import UserError
 
 
@@ -56,6 +56,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--embeddings-dir",
+        type=paths.path,
         default=None,
         help="where embeddings are cached (default: beside --output); an interrupted run resumes",
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tagjax import config as config_lib
 from tagjax import progress
-from tagjax.commands import _args
+from tagjax.commands import _args, paths
 
 DEFAULT_WORKDIR = "runs/demo"
 DEFAULT_CONFIG = "demo"
@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workdir",
+        type=paths.path,
         default=DEFAULT_WORKDIR,
         help=f"output directory (default {DEFAULT_WORKDIR}); rerun to reuse finished stages",
     )

@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from tagjax.commands import _args
+from tagjax.commands import _args, paths
 from tagjax.errors import UserError
 
 # Old flag spellings, still accepted with a warning (tagjax.cli).
@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=False,
     )
     # The checkpoint used to be positional; still accepted, with a warning.
-    parser.add_argument("legacy_checkpoint", nargs="?", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "legacy_checkpoint", type=paths.path, nargs="?", default=None, help=argparse.SUPPRESS
+    )
     _args.add_output(parser, "FILE.safetensors to write", required=True)
     parser.add_argument("--no-head", action="store_true", help="export the trunk only (no 'fc')")
     _args.add_json(parser, "print what was written (path, arch, size) as one JSON document")

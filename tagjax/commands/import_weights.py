@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from tagjax import config as config_lib
-from tagjax.commands import _args
+from tagjax.commands import _args, paths
 from tagjax.errors import UserError
 
 # Old flag spellings, still accepted with a warning (tagjax.cli).
@@ -21,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "models; .safetensors without PyTorch, .pth with PyTorch's weights-only loader) into a tagjax "
         "checkpoint for predict, embed, evaluate and transfer."
     )
-    parser.add_argument("file", help="weights file: .safetensors, or .pth/.pt (needs PyTorch)")
+    parser.add_argument(
+        "file", type=paths.path, help="weights file: .safetensors, or .pth/.pt (needs PyTorch)"
+    )
     parser.add_argument(
         "--arch",
         required=True,
@@ -34,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--classes",
+        type=paths.path,
         default=None,
         help="text file with one class name per line for a head that is not ImageNet-1k's",
     )

@@ -6,13 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from tagjax.commands import _args
+from tagjax.commands import _args, paths
 from tagjax.errors import EXIT_SOME_INPUTS_FAILED, UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "images",
+        type=paths.path,
         nargs="+",
         metavar="IMAGE",
         help="image files (JPEG, PNG, GIF, WebP, SVG, ...) or folders of them (read recursively, "
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--vocab",
+        type=paths.path,
         default=None,
         help="the vocabulary (vocab.json) the checkpoint was trained on; "
         "default: found beside the checkpoint or in its training dataset",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from tagjax.commands import _args
+from tagjax.commands import _args, paths
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workdir",
+        type=paths.path,
         required=True,
         help="run directory: checkpoints, metrics.jsonl, TensorBoard events; rerun to resume",
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from tagjax.commands import _args
+from tagjax.commands import _args, paths
 from tagjax.errors import UserError
 
 MODES = ("linear", "finetune")
@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workdir",
+        type=paths.path,
         required=True,
         help="output directory: features cache, checkpoints, results.json",
     )

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 
 from tagjax import hashtags as H
-from tagjax.commands import _args
+from tagjax.commands import _args, paths
 from tagjax.errors import UserError
 from tagjax.vocab import MODES, Canonicalizer, Vocabulary, build_vocabulary, read_tag_counts
 
@@ -111,6 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--output",
         "-o",
+        type=paths.path,
         dest="out_dir",
         default=None,
         metavar="DIR",

@@ -55,7 +55,15 @@ def get_config(arg=None):
     c.data.max_labels = (
         16  # padded label ids per image (images with more keep a deterministic subset)
     )
-    c.data.label_noise = 0.0  # replace each label with prob p by one drawn from the label marginal
+    # The paper's label noise: each training label replaced with probability p by another tag drawn from
+    # the label marginal, a fixed function of (seed, record id): one corrupted dataset, not a re-draw per view.
+    c.data.label_noise = 0.0
+    # Train on this share of the training split (nested subsets keyed on record ids, the same for every
+    # seed); the vocabulary and the held-out split stay the whole dataset's (tagjax.study's data-size arms).
+    c.data.train_fraction = 1.0
+    # The shuffled-hashtag control: each image shown with another image's hashtags (a fixed permutation of
+    # the training records keyed on the seed); the same label stream, images, steps and schedule.
+    c.data.shuffle_labels = False
     c.data.drop_ancestors = False  # drop a label when a WordNet descendant is on the same image
     c.data.num_workers = 0  # grain worker processes per host (0 = in the main process)
     c.data.prefetch_buffer = 2  # batches
@@ -89,6 +97,8 @@ def get_config(arg=None):
     c.model.bn_group_size = 24
     c.model.bn_momentum = 0.9
     c.model.bn_epsilon = 1e-5
+    # The fc bias at initialization: "zero", or "prior" (-log(num_labels): the sigmoid loss's fair start).
+    c.model.head_bias = "zero"
 
     # --- loss (tagjax.losses) ---------------------------------------------------------------------
     c.loss = (
@@ -151,5 +161,8 @@ def get_config(arg=None):
     # On resume, ignore the saved data-iterator positions (needed when the number of hosts changed:
     # per-host positions cannot be remapped). The model resumes exactly; the data order restarts.
     c.checkpoint.reset_data_state = False
+    # Resume from this step instead of the newest intact checkpoint (0 = newest); newer checkpoints are
+    # set aside. A one-time choice: drop it from the command after that restart.
+    c.checkpoint.restore_step = 0
 
     return c

@@ -11,7 +11,9 @@ downstream-only trunk, ~0.8 of linear probes; the corpus build 4m00s while it ra
 SVGs into ~/.cache/tagjax/raster, ~25 s once they are cached; the emoji ~10 s). Everything is
 reproducible from this file: the corpus depends only on the Debian packages (not on thread counts or the
 cache; its content hash is in summary.json), the split is keyed on post ids (``corpus.split_seed``), the
-training stream, crops and initializations on ``seed``; a rerun gives the same numbers to the last digit.
+training stream, crops and initializations on ``seed``; a rerun gives the same numbers to the last digit. Those times predate the two controls of
+``demo.controls`` (a shuffled-hashtag pretraining and a batch-norm re-estimation), which add ~2.5
+minutes per seed (estimated).
 
 Sections: the top level (data / model / loss / optim / train / ...) is the pretraining config, exactly as
 ``tagjax train`` reads it; ``corpus`` the build of the dataset (``tagjax build`` flags of the same names);
@@ -40,6 +42,11 @@ def get_config(arg=None):
     c.demo.downstream = "emoji_subgroups/64px"
     c.demo.data_dir = ""  # TFDS directory for it; "" = WORKDIR/tensorflow_datasets
     c.demo.target_gain = 0.05  # the acceptance bar: pretrained minus random probe top-1 (fraction)
+    # Controls the headline is also measured against (each probed like the other trunks): "shuffled" =
+    # the same pretraining with each image's hashtags taken from another image (what is left is the
+    # hashtags' own value; +1 pretraining per seed), "random_bn" = the random trunk with batch-norm
+    # statistics re-estimated on the pretraining images (a fair "no learning" trunk; ~1/4 of a pretraining).
+    c.demo.controls = ("shuffled", "random_bn")
 
     # --- the corpus (tagjax.build; each field is the `tagjax build` flag of the same name) -----------------
     b = c.corpus = ml_collections.ConfigDict()

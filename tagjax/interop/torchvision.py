@@ -56,6 +56,7 @@ from safetensors.numpy import load_file, save_file
 from tagjax import __version__, checkpoint, models
 from tagjax import config as config_lib
 from tagjax.errors import UserError
+from tagjax.metrics_writer import as_path
 from tagjax.progress import progress_bar
 from tagjax.vocab import IMAGENET1K_CLASSES_FILE
 
@@ -336,7 +337,7 @@ def _torch():
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """A state dict from ``.safetensors`` (no PyTorch needed) or ``.pth`` (PyTorch, weights-only)."""
-    p = Path(path).expanduser()
+    p = as_path(path)
     if not p.is_file():
         raise UserError(
             f"weights file {str(p)!r} does not exist; pass the path of a .safetensors or .pth file."
@@ -382,7 +383,7 @@ def write_safetensors(
 ) -> Path:
     """Writes ``sd`` atomically (temporary file, then rename); refuses to overwrite."""
 
-    p = Path(path).expanduser()
+    p = as_path(path)
     if p.exists():
         raise UserError(f"{str(p)!r} already exists; choose another --output or delete it first.")
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -454,8 +455,8 @@ def import_weights(
     """
 
     models.get_spec(arch)  # an unknown name is a UserError listing the choices
-    file = Path(file).expanduser()
-    out = Path(out).expanduser()
+    file = as_path(file)
+    out = as_path(out)
     if out.exists():
         raise UserError(
             f"{str(out)!r} already exists; choose a new --output directory or delete it first."
@@ -501,7 +502,7 @@ def export_weights(
     safetensors.torch.load_file(path))`` (``strict=False`` for a ``--no-head`` export).
     """
 
-    out = Path(out).expanduser()
+    out = as_path(out)
     if not out.name.lower().endswith(".safetensors"):
         raise UserError(
             f"--output {str(out)!r}: the export is a .safetensors file; name it NAME.safetensors."

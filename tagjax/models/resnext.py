@@ -33,6 +33,7 @@ and the running estimate.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -276,6 +277,9 @@ class ResNet(nn.Module):
     bn_group_size: int = 0
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    head_bias: float = (
+        0.0  # the fc bias at initialization (see ``create``: "prior" for sigmoid heads)
+    )
 
     @nn.compact
     def __call__(self, x, train: bool = False, *, features_only: bool = False):
@@ -317,6 +321,7 @@ class ResNet(nn.Module):
             dtype=jnp.float32,
             param_dtype=jnp.float32,
             kernel_init=head_init,
+            bias_init=nn.initializers.constant(self.head_bias),
             name="fc",
         )(features)
 
@@ -367,6 +372,11 @@ def create(model_config, num_classes: int, *, spec: ArchSpec | None = None) -> R
         )
     if num_classes < 1:
         raise UserError(f"the model needs at least one class (got num_classes={num_classes}).")
+    # "prior": every logit starts at -log(num_classes), a sigmoid head's fair start (each hashtag's
+    # probability about 1/k, near the label prior) instead of 0.5 for every hashtag.
+    head_bias = str(_get(model_config, "head_bias", "zero"))
+    if head_bias not in ("zero", "prior"):
+        raise UserError(f"config.model.head_bias={head_bias!r}: choose zero or prior.")
     return ResNet(
         spec=spec,
         num_classes=int(num_classes),
@@ -377,6 +387,7 @@ def create(model_config, num_classes: int, *, spec: ArchSpec | None = None) -> R
         bn_group_size=group_size,
         bn_momentum=float(_get(model_config, "bn_momentum", 0.9)),
         bn_epsilon=float(_get(model_config, "bn_epsilon", 1e-5)),
+        head_bias=-math.log(num_classes) if head_bias == "prior" else 0.0,
     )
 
 

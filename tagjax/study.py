@@ -1,0 +1,682 @@
+"""``tagjax study``: the paper's findings and the controls that isolate the hashtag signal, arms x seeds.
+
+An *arm* is one way of producing a trunk (configs/study.py): the demo's pretraining with a few config fields
+changed (sigmoid loss, another resampling, label noise, less data, shuffled hashtags), or a control that
+trains on no hashtags at all (the initial weights, the same with batch-norm statistics re-estimated on the
+pretraining images, a trunk trained on the downstream set alone). Every arm is run with every seed on one
+corpus (the demo's, built once: tagjax.demo's stages are reused as they are) and its trunk is probed on the
+downstream task with the demo's linear probe.
+
+Arms are **paired by seed**: with seed ``s`` every arm starts from the same initial weights (the trainer's
+initialization for ``s``; the study records a digest of each arm's initial trunk to show it), reads the
+same training-stream positions and is probed on the same train/validation split. The comparison with the
+baseline is then the per-seed difference ``d_s = arm_s - baseline_s``, reported with its mean and a
+t-interval over seeds: ``mean(d) ± t(0.975, n-1) * std(d) / sqrt(n)``. Pairing removes the variance the
+arms share (initialization, stream, probe split), which is most of it at this scale.
+
+Reuse and resume: every run is a stage of tagjax.demo.Stages under ``WORKDIR/stages``; a rerun reuses each
+finished run whose settings did not change and resumes an interrupted one from its checkpoints, so a killed
+study continues where it stopped and ``--arms`` / ``--seeds`` add arms or seeds to a finished study.
+
+Outputs: ``study.json`` (every per-seed number, the statistics, the machine, the command, the compute
+time), ``study.md`` (the tables) and ``plots/<finding>.png`` (one figure per finding: mean probe top-1
+per arm with 95% intervals, each seed as a dot, chance and the controls as reference lines).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from tagjax import checkpoint, demo, input_pipeline, models, optim, plots, records, sharding, train
+from tagjax import config as config_lib
+from tagjax import metrics as metrics_lib
+from tagjax.errors import UserError
+
+STUDY_JSON = "study.json"
+STUDY_MD = "study.md"
+PLOTS_DIR = "plots"
+ARM_KINDS = ("pretrain", "random", "random_bn", "downstream")
+FINDING_TITLES = {
+    "controls": "Controls: what the hashtags add beyond training on any labels",
+    "loss": "(a) Loss: softmax over 1/k vs per-hashtag sigmoid",
+    "sigmoid_lr_sweep": "Sigmoid learning-rate sweep",
+    "sampling": "(b) Hashtag resampling",
+    "noise": "(c) Label noise (a fixed corrupted dataset)",
+    "data_size": "(d) Pretraining data size",
+}
+# Two-sided 95% quantiles t(0.975, df) of Student's t for df = 1..30; larger df use the Cornish-Fisher
+# expansion below (error < 1e-4 past 30). Tabulated, because scipy is not a tagjax dependency.
+_T975 = (
+    12.7062,
+    4.3027,
+    3.1824,
+    2.7764,
+    2.5706,
+    2.4469,
+    2.3646,
+    2.3060,
+    2.2622,
+    2.2281,
+    2.2010,
+    2.1788,
+    2.1604,
+    2.1448,
+    2.1314,
+    2.1199,
+    2.1098,
+    2.1009,
+    2.0930,
+    2.0860,
+    2.0796,
+    2.0739,
+    2.0687,
+    2.0639,
+    2.0595,
+    2.0555,
+    2.0518,
+    2.0484,
+    2.0452,
+    2.0423,
+)
+_Z975 = 1.959964
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics.
+# ----------------------------------------------------------------------------------------------------
+
+
+def t_quantile_975(df: int) -> float:
+    """Student's t 0.975 quantile with ``df`` degrees of freedom (the 95% two-sided interval's factor)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1 (got {df})")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = _Z975
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def interval(values: Sequence[float]) -> dict:
+    """Mean, sample std, n and the 95% t-interval of the mean (None bounds below two values)."""
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    n = len(v)
+    if not n:
+        return {"mean": None, "std": None, "n": 0, "lo": None, "hi": None}
+    mean = float(v.mean())
+    if n < 2:
+        return {"mean": mean, "std": None, "n": 1, "lo": None, "hi": None}
+    std = float(v.std(ddof=1))
+    half = t_quantile_975(n - 1) * std / math.sqrt(n)
+    return {"mean": mean, "std": std, "n": n, "lo": mean - half, "hi": mean + half}
+
+
+def paired_difference(arm: Mapping[int, float], baseline: Mapping[int, float]) -> dict:
+    """The per-seed difference arm - baseline over the seeds both have, its mean and 95% t-interval, and
+    a verdict: ``higher`` / ``lower`` when the interval excludes zero, else ``not resolved``."""
+    seeds = sorted(
+        s for s in arm if s in baseline and arm[s] is not None and baseline[s] is not None
+    )
+    diffs = [arm[s] - baseline[s] for s in seeds]
+    stats = interval(diffs)
+    if stats["lo"] is not None and stats["lo"] > 0:
+        verdict = "higher"
+    elif stats["hi"] is not None and stats["hi"] < 0:
+        verdict = "lower"
+    else:
+        verdict = "not resolved"
+    return {**stats, "seeds": seeds, "per_seed": diffs, "verdict": verdict}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arms: configs and runs.
+# ----------------------------------------------------------------------------------------------------
+
+
+def select(requested: str | None, available: Sequence, what: str, convert=str) -> list:
+    """A comma-separated ``--arms`` / ``--seeds`` value (``a-b`` ranges for seeds) checked against the
+    configured ones; None = all of ``available``."""
+    if requested is None or not str(requested).strip():
+        return list(available)
+    out = []
+    for part in str(requested).split(","):
+        part = part.strip()
+        try:
+            if convert is int and re.fullmatch(r"\d+-\d+", part):
+                lo, hi = part.split("-")
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(convert(part))
+        except ValueError:
+            raise UserError(f"--{what}: {part!r} is not a valid value.") from None
+    if convert is str:
+        unknown = [a for a in out if a not in available]
+        if unknown:
+            raise UserError(
+                f"--{what}: unknown {', '.join(unknown)}; configured: {', '.join(available)}."
+            )
+    return list(dict.fromkeys(out))
+
+
+def _set_dotted(cfg, key: str, value) -> None:
+    *path, last = key.split(".")
+    node = cfg
+    for p in path:
+        node = node[p]
+    if last not in node:
+        raise UserError(f"study arm: the config has no field {key!r}.")
+    node[last] = value
+
+
+def size_schedule_images(cfg, fraction: float, train_records: int) -> int:
+    """Images a data-size arm processes: the paper's heuristic (a straight line in the dataset size,
+    tagjax.optim.paper_schedule_images) through the baseline's schedule on the whole split and
+    ``study.passes_at_smallest_fraction`` passes over ``study.smallest_fraction`` of it; whole batches."""
+    st = cfg.study
+    full_passes = int(cfg.train.total_images) / train_records
+    n = max(1, round(fraction * train_records))
+    if fraction >= 1.0:
+        images = int(cfg.train.total_images)
+    else:
+        smallest = max(1, round(float(st.smallest_fraction) * train_records))
+        images = optim.paper_schedule_images(
+            n,
+            short=(smallest, float(st.passes_at_smallest_fraction)),
+            long=(train_records, full_passes),
+        )
+    bs = int(cfg.train.batch_size)
+    return max(bs, bs * round(images / bs))
+
+
+def arm_config(cfg, arm: Mapping, train_records: int):
+    """The study config with the arm's changes applied (the demo's pretraining config + ``set``)."""
+    acfg = cfg.copy_and_resolve_references()
+    with acfg.unlocked():
+        for key, value in arm["set"]:
+            _set_dotted(acfg, str(key), value)
+        fraction = float(arm.get("fraction", 1.0))
+        if fraction < 1.0:
+            acfg.data.train_fraction = fraction
+            acfg.train.total_images = size_schedule_images(cfg, fraction, train_records)
+    return acfg
+
+
+def trunk_digest(variables: Mapping) -> str:
+    """A digest of the trunk's parameters and batch-norm statistics (everything but the ``fc`` head)."""
+    h = hashlib.sha1()
+    for collection in ("params", "batch_stats"):
+        tree = dict(variables.get(collection, {}))
+        tree.pop("fc", None)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            h.update(jax.tree_util.keystr(path).encode())
+            h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def initial_variables(pcfg, num_classes: int) -> dict:
+    """The weights the trainer starts ``pcfg`` from (tagjax.train.create_train_state, seed pcfg.seed)."""
+    model = models.create(pcfg.model, num_classes)
+    state = train.create_train_state(pcfg, model, sharding.create_mesh(pcfg.mesh))
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+class Study:
+    """One study's runs in one workdir: the corpus, then each (seed, arm), each a reusable stage."""
+
+    def __init__(self, cfg, workdir: Path, stages: demo.Stages, *, progress: bool):
+        self.cfg, self.workdir, self.stages, self.progress = cfg, workdir, stages, progress
+        self.log = stages.log
+        self.corpus: dict = {}
+        self.corpus_key = None
+        self.num_classes = 0
+        self.train_records = 0
+
+    def build_corpus(self) -> dict:
+        self.corpus = demo.stage_corpus(self.cfg, self.workdir, self.stages, progress=self.progress)
+        self.corpus_key = self.stages.key_of("corpus")
+        dataset = Path(self.corpus["dataset"])
+        self.num_classes = input_pipeline.num_labels(
+            demo.pretrain_config(self.cfg, 0, str(dataset))
+        )
+        self.train_records = records.load_manifest(dataset).num_records(
+            str(self.cfg.data.train_split)
+        )
+        return self.corpus
+
+    def arm_cfg(self, arm: Mapping):
+        return arm_config(self.cfg, arm, self.train_records)
+
+    # --- trunks -----------------------------------------------------------------------------------------
+
+    def init_stage(self, seed: int) -> dict:
+        """The seed's initial weights as an inference checkpoint (stage ``seed<s>/random``)."""
+        pcfg = demo.pretrain_config(self.cfg, seed, self.corpus["dataset"])
+        name, run_dir = f"seed{seed}/random", self.workdir / f"seed{seed}" / "random"
+        key = {"seed": seed, "model": pcfg.model, "data": pcfg.data, "corpus": self.corpus_key}
+        result = self.stages.begin(name, run_dir, key)
+        if result is not None:
+            return result
+        t0 = time.perf_counter()
+        variables = initial_variables(pcfg, self.num_classes)
+        path = _fresh_checkpoint_dir(run_dir / "checkpoint")
+        checkpoint.save_inference_checkpoint(
+            path, variables, {"config": pcfg, "source": "initialization", "seed": seed}
+        )
+        self.log(f"the initial weights of seed {seed} -> {path}")
+        return self.stages.finish(
+            name,
+            key,
+            {
+                "checkpoint": str(path),
+                "init_digest": trunk_digest(variables),
+                "seconds": time.perf_counter() - t0,
+            },
+        )
+
+    def run_arm(self, seed: int, name: str, arm: Mapping, init: Mapping) -> dict:
+        """The arm's trunk for ``seed`` (trained or reused) and its linear probe: one result row."""
+        kind = str(arm["kind"])
+        heldout, heldout_loss, train_s = None, None, 0.0
+        if kind == "pretrain":
+            acfg = self.arm_cfg(arm)
+            start = demo.pretrain_config(acfg, seed, self.corpus["dataset"])
+            digest = trunk_digest(initial_variables(start, self.num_classes))
+            pre = demo.stage_pretrain(
+                acfg,
+                seed,
+                self.corpus,
+                self.corpus_key,
+                self.workdir,
+                self.stages,
+                progress=self.progress,
+                run=name,
+            )
+            trunk, stage = pre["workdir"], f"seed{seed}/{name}"
+            heldout, heldout_loss = _heldout_summary(pre["heldout"]), pre.get("final_heldout_loss")
+            train_s = float(pre.get("train_seconds") or 0) + float(pre.get("eval_seconds") or 0)
+            images = int(pre["images_seen"])
+        elif kind == "random":
+            trunk, stage, digest, images = (
+                init["checkpoint"],
+                f"seed{seed}/random",
+                init["init_digest"],
+                0,
+            )
+        elif kind == "random_bn":
+            r = demo.stage_random_bn(
+                self.cfg, seed, self.corpus, init["checkpoint"], self.workdir, self.stages
+            )
+            trunk, stage = r["checkpoint"], f"seed{seed}/random_bn"
+            digest, images = init["init_digest"], 0
+            train_s = float(r["seconds"])
+        elif kind == "downstream":
+            r = demo.stage_downstream_only(
+                self.cfg,
+                seed,
+                init["checkpoint"],
+                self.workdir,
+                self.stages,
+                progress=self.progress,
+            )
+            trunk, stage, digest = (
+                r["checkpoint"],
+                f"seed{seed}/downstream_only",
+                init["init_digest"],
+            )
+            train_s, images = float(r["seconds"]), 0
+        else:
+            raise UserError(
+                f"study arm {name}: kind {kind!r} is not one of {', '.join(ARM_KINDS)}."
+            )
+        probe = demo.stage_probe(
+            self.cfg,
+            seed,
+            name,
+            trunk,
+            self.stages.key_of(stage),
+            self.workdir,
+            self.stages,
+            progress=self.progress,
+        )
+        return {
+            "arm": name,
+            "seed": seed,
+            "init_digest": digest,
+            "images_seen": images,
+            "probe_top1": probe["test_top1"],
+            "probe_top5": probe["test_top5"],
+            "heldout": heldout,
+            "heldout_loss": heldout_loss,
+            "train_seconds": train_s,
+            "probe_seconds": float(probe.get("seconds") or 0.0),
+            "probe": {k: probe.get(k) for k in ("num_classes", "num_train", "num_test")},
+        }
+
+
+def _fresh_checkpoint_dir(path: Path) -> Path:
+    """``path`` cleared: a run killed after writing it but before recording the stage writes it again."""
+    if path.exists():
+        shutil.rmtree(path)
+    return path
+
+
+def _heldout_summary(heldout: Mapping) -> dict:
+    """The held-out hashtag numbers the study reports: mAP overall and per frequency bucket, P@1."""
+    out = {"mAP": heldout["mAP"], "precision@1": heldout["precision@1"]}
+    for bucket in metrics_lib.BUCKETS:
+        out[f"{bucket}_mAP"] = heldout["buckets"][bucket]["mAP"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summary: statistics per arm, paired differences, tables, figures.
+# ----------------------------------------------------------------------------------------------------
+
+_NO_INTERVAL = {"mean": None, "lo": None, "hi": None}
+HELDOUT_KEYS = ("mAP", *(f"{b}_mAP" for b in metrics_lib.BUCKETS))
+
+
+def summarize(cfg, rows: Sequence[Mapping], arm_names: Sequence[str], seeds: Sequence[int]) -> dict:
+    """study.json's numbers from the result rows (one per arm and seed)."""
+    base = str(cfg.study.baseline)
+    by_arm = {a: {r["seed"]: r for r in rows if r["arm"] == a} for a in arm_names}
+
+    def metric(arm: str, key: str) -> dict[int, float]:
+        """``seed -> value`` of one number of one arm (held-out ones are None for untrained trunks)."""
+        return {
+            seed: (r["heldout"] or {}).get(key) if key in HELDOUT_KEYS else r.get(key)
+            for seed, r in by_arm[arm].items()
+        }
+
+    arms = {}
+    for a in arm_names:
+        spec = cfg.study.arms[a]
+        entry = {
+            "label": str(spec.label),
+            "kind": str(spec.kind),
+            "finding": str(spec.finding),
+            "fraction": float(spec.fraction),
+            "set": [[str(k), v] for k, v in spec.set],
+            "images_seen": max((r["images_seen"] for r in by_arm[a].values()), default=0),
+            "per_seed": {str(s): dict(r) for s, r in sorted(by_arm[a].items())},
+        }
+        for key in ("probe_top1", "probe_top5", *HELDOUT_KEYS, "heldout_loss"):
+            entry[key] = interval(list(metric(a, key).values()))
+        if a != base:
+            entry["vs_baseline"] = {
+                key: paired_difference(metric(a, key), metric(base, key))
+                for key in ("probe_top1", "probe_top5", *HELDOUT_KEYS)
+            }
+        arms[a] = entry
+    digests = {
+        str(s): {a: by_arm[a][s]["init_digest"] for a in arm_names if s in by_arm[a]} for s in seeds
+    }
+    return {
+        "baseline": base,
+        "seeds": list(seeds),
+        "arms": arms,
+        "initial_trunk_digests": digests,
+        "paired_initialization": all(len(set(d.values())) == 1 for d in digests.values()),
+    }
+
+
+def _pct(x, signed: bool = False) -> str:
+    return "-" if x is None else f"{100 * x:{'+' if signed else ''}.1f}"
+
+
+def _ci(stats: Mapping, signed: bool = False) -> str:
+    if stats["mean"] is None:
+        return "-"
+    text = _pct(stats["mean"], signed)
+    if stats["lo"] is not None:
+        text += f" [{_pct(stats['lo'], signed)}, {_pct(stats['hi'], signed)}]"
+    return text
+
+
+def render_table(s: Mapping) -> str:
+    """The study's main table (Markdown): per arm the mean with its 95% interval, and the paired
+    difference to the baseline."""
+    lines = [
+        "| arm | finding | probe top-1 (%) | probe top-5 (%) | held-out mAP (%) | head / torso / tail mAP |"
+        " top-1 minus baseline (points) | top-1 verdict |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, a in s["arms"].items():
+        buckets = " / ".join(_pct(a[f"{b}_mAP"]["mean"]) for b in metrics_lib.BUCKETS)
+        diff = a.get("vs_baseline", {}).get("probe_top1")
+        lines.append(
+            f"| {a['label']} (`{name}`) | {a['finding']} | {_ci(a['probe_top1'])} | "
+            f"{_ci(a['probe_top5'])} | {_ci(a['mAP'])} | {buckets if a['mAP']['n'] else '-'} | "
+            + (f"{_ci(diff, signed=True)} | {diff['verdict']} |" if diff else "(baseline) | |")
+        )
+    return "\n".join(lines)
+
+
+def render_sweep(s: Mapping) -> str:
+    """The sigmoid learning-rate sweep: held-out hashtag (sigmoid) loss per rate, lowest first."""
+    rows = [
+        (a["heldout_loss"]["mean"], name, a)
+        for name, a in s["arms"].items()
+        if a["set"] and any(k == "loss" and v == "sigmoid" for k, v in a["set"])
+    ]
+    if len(rows) < 2:
+        return ""
+    rows.sort(key=lambda r: math.inf if r[0] is None else r[0])
+    lines = [
+        "| sigmoid arm | base_lr | held-out sigmoid loss | probe top-1 (%) |",
+        "|---|---:|---:|---:|",
+    ]
+    for loss, name, a in rows:
+        lr = next(v for k, v in a["set"] if k == "optim.base_lr")
+        lines.append(
+            f"| `{name}` | {lr} | {'-' if loss is None else f'{loss:.4f}'} | {_ci(a['probe_top1'])} |"
+        )
+    lines.append(
+        f"\nThe rate with the lowest held-out loss is `{rows[0][1]}`'s; the `sigmoid` arm should use it."
+    )
+    return "\n".join(lines)
+
+
+def make_plots(s: Mapping, out: Path) -> dict[str, str]:
+    """One figure per finding present among the arms (tagjax.plots.study_finding)."""
+    base = s["baseline"]
+    chance = 1.0 / s["downstream"]["num_classes"]
+    refs = {
+        s["arms"][c]["label"]: s["arms"][c]["probe_top1"]["mean"]
+        for c in ("shuffled", "random_bn", "random")
+        if c in s["arms"]
+    }
+    files = {}
+    for finding in dict.fromkeys(a["finding"] for a in s["arms"].values()):
+        if finding == "baseline":
+            continue
+        names = [base] + [n for n, a in s["arms"].items() if a["finding"] == finding]
+        arms = [
+            {
+                "label": s["arms"][n]["label"],
+                "fraction": s["arms"][n]["fraction"],
+                "top1": [r["probe_top1"] for r in s["arms"][n]["per_seed"].values()],
+                "top1_ci": s["arms"][n]["probe_top1"],
+                "diff": s["arms"][n]
+                .get("vs_baseline", {})
+                .get("probe_top1", {})
+                .get("per_seed", []),
+                "diff_ci": s["arms"][n].get("vs_baseline", {}).get("probe_top1", _NO_INTERVAL),
+                "mAP": [(r["heldout"] or {}).get("mAP") for r in s["arms"][n]["per_seed"].values()],
+                "mAP_ci": s["arms"][n]["mAP"],
+            }
+            for n in names
+            if n in s["arms"]
+        ]
+        lines = {"chance": chance} | (
+            {k: v for k, v in refs.items() if v is not None} if finding != "controls" else {}
+        )
+        files[finding] = str(
+            plots.study_finding(
+                arms,
+                out / f"{finding}.png",
+                title=FINDING_TITLES.get(finding, finding),
+                reference_lines=lines,
+                log_x=finding == "data_size",
+            )
+        )
+    return files
+
+
+def render_markdown(s: Mapping, workdir: Path) -> str:
+    m = s["machine"]
+    d = s["downstream"]
+    seeds = ", ".join(map(str, s["seeds"]))
+    lines = [
+        "# tagjax study",
+        "",
+        f"`{s['command']}` on {m['cpu']} ({m['cpu_count']} cores, {m['devices']}, jax {m['jax']}): "
+        f"{demo._duration(s['compute_seconds'])} of computation, {demo._duration(s['wall_seconds'])} "
+        f"for this invocation ({s['stages_reused']} finished stages reused).",
+        "",
+        f"Corpus: {s['corpus']['records'].get('train', 0):,} training and "
+        f"{s['corpus']['records'].get('heldout', 0):,} held-out openclipart images, "
+        f"{s['corpus']['labels']:,} hashtags. Downstream: linear probe on {d['dataset']} "
+        f"({d['num_classes']} classes, chance {100 / d['num_classes']:.1f}% top-1). Seeds {seeds}, paired "
+        f"(initial trunks identical across arms within each seed: {s['paired_initialization']}). "
+        "Numbers are means with their 95% t-interval over seeds; the difference to the baseline is "
+        "paired by seed.",
+        "",
+        render_table(s),
+        "",
+    ]
+    sweep = render_sweep(s)
+    if sweep:
+        lines += ["## Sigmoid learning-rate sweep", "", sweep, ""]
+    if s["plots"]:
+        lines += ["## Figures", ""]
+        for finding, path in s["plots"].items():
+            rel = os.path.relpath(path, workdir)
+            lines += [f"![{FINDING_TITLES.get(finding, finding)}]({rel})", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole study.
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_config(cfg) -> None:
+    if "study" not in cfg:
+        raise UserError("the config has no `study` section; start from configs/study.py.")
+    demo.check_config(cfg)
+    base = str(cfg.study.baseline)
+    if base not in cfg.study.arms:
+        raise UserError(f"config.study.baseline={base!r} is not one of config.study.arms.")
+    for name, arm in cfg.study.arms.items():
+        if str(arm.kind) not in ARM_KINDS:
+            raise UserError(
+                f"config.study.arms.{name}.kind={arm.kind!r}: choose one of {', '.join(ARM_KINDS)}."
+            )
+        if str(arm.kind) == "pretrain" and name in ("random", "random_bn", "downstream_only"):
+            raise UserError(
+                f"config.study.arms.{name}: that name is the {name} trunk's; rename it."
+            )
+        if not 0.0 < float(arm.fraction) <= 1.0:
+            raise UserError(f"config.study.arms.{name}.fraction must be in (0, 1].")
+
+
+def run_study(
+    cfg,
+    workdir: str | Path,
+    *,
+    arms: str | None = None,
+    seeds: str | None = None,
+    fresh: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    command: str = "",
+) -> dict:
+    """Runs the selected arms x seeds (reusing finished runs); returns study.json's content."""
+    check_config(cfg)
+    st = cfg.study
+    arm_names = select(arms, list(st.arms.keys()), "arms") if arms else list(st.default_arms)
+    select(",".join(arm_names), list(st.arms.keys()), "arms")  # the default list, checked too
+    if str(st.baseline) not in arm_names:
+        log(f"adding the baseline arm {st.baseline!r}: every comparison is with it")
+        arm_names.insert(0, str(st.baseline))
+    seed_list = select(seeds, [int(x) for x in st.seeds], "seeds", convert=int)
+    config_lib.ensure_absl_flags_parsed()
+    if not progress:
+        tfds.disable_progress_bar()
+    workdir = Path(workdir).expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config_lib.to_json(cfg) + "\n")
+    stages = demo.Stages(workdir, fresh=fresh, log=log)
+    log(
+        f"tagjax study: workdir {workdir}; arms {', '.join(arm_names)}; seeds "
+        f"{', '.join(map(str, seed_list))} ({len(arm_names) * len(seed_list)} runs)"
+    )
+    stages.banner("corpus: openclipart -> vocabulary -> deduplicated, decontaminated shards")
+    study = Study(cfg, workdir, stages, progress=progress)
+    corpus = study.build_corpus()
+
+    rows, total, done = [], len(arm_names) * len(seed_list), 0
+    for seed in seed_list:
+        init = study.init_stage(seed)
+        for name in arm_names:
+            done += 1
+            arm = st.arms[name]
+            stages.banner(f"[{done}/{total}] arm {name} ({arm.label}), seed {seed}")
+            row = study.run_arm(seed, name, arm, init)
+            rows.append(row)
+            log(
+                f"arm {name}, seed {seed}: probe top-1 {_pct(row['probe_top1'])}%, top-5 "
+                f"{_pct(row['probe_top5'])}%"
+                + (f", held-out mAP {_pct(row['heldout']['mAP'])}%" if row["heldout"] else "")
+            )
+
+    stages.banner("summary, tables and figures")
+    summary = summarize(cfg, rows, arm_names, seed_list)
+    probe = rows[0]["probe"]
+    stats = corpus["stats"]
+    summary.update(
+        {
+            "command": command,
+            "machine": demo.machine_info(),
+            "corpus": {
+                "dataset": corpus["dataset"],
+                "records": stats["records"],
+                "labels": stats["labels"]["vocabulary_size"],
+            },
+            "downstream": {
+                "dataset": str(cfg.demo.downstream),
+                **probe,
+            },
+            "pretraining": {
+                "model": str(cfg.model.name),
+                "image_size": int(cfg.data.image_size),
+                "batch_size": int(cfg.train.batch_size),
+                "images_seen": int(cfg.train.total_images),
+            },
+            "compute_seconds": float(
+                (corpus.get("seconds") or 0.0)
+                + sum(r["train_seconds"] + r["probe_seconds"] for r in rows)
+            ),
+            "wall_seconds": time.perf_counter() - stages.start,
+            "stages_reused": stages.reused,
+        }
+    )
+    summary["plots"] = make_plots(summary, workdir / PLOTS_DIR)
+    summary = demo._jsonable(summary)
+    (workdir / STUDY_JSON).write_text(json.dumps(summary, indent=1) + "\n")
+    (workdir / STUDY_MD).write_text(render_markdown(summary, workdir))
+    log(render_table(summary))
+    log(f"\nwrote {workdir / STUDY_JSON}, {workdir / STUDY_MD} and {len(summary['plots'])} figures")
+    return summary
