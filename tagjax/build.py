@@ -66,7 +66,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from tagjax import build_steps as steps
 from tagjax import dedup as dedup_lib
@@ -74,6 +73,7 @@ from tagjax import eval_sets, records
 from tagjax import posts as posts_lib
 from tagjax import vocab as vocab_lib
 from tagjax.errors import UserError
+from tagjax.progress import progress_bar
 
 # ---- the local builder -------------------------------------------------------------------------------
 
@@ -419,8 +419,8 @@ def _run_stages(
     # -- pass 1: read, privacy, hashtags --------------------------------------------------------------
     t0 = time.time()
     units_with_bytes: set[int] = set()
-    for u, i, post in tqdm(
-        iter_posts(units, cfg.limit), desc="reading posts", unit="post", disable=not progress
+    for u, i, post in progress_bar(
+        iter_posts(units, cfg.limit), desc="reading posts", unit="post", enabled=progress
     ):
         stats.read[post.source] += 1
         if post.problem is None and not table.first_sighting(post.post_id):
@@ -549,7 +549,7 @@ def _run_stages(
         )
         with (
             open(staging_dir / "images.bin", "wb") as staged,
-            tqdm(total=num_labelled, desc="images", unit="img", disable=not progress) as bar,
+            progress_bar(total=num_labelled, desc="images", unit="img", enabled=progress) as bar,
         ):
             position = 0
             for r in results:
@@ -620,7 +620,9 @@ def _run_stages(
     splits: dict[str, steps.SplitWriter] = {}
     with (
         open(staging_dir / "images.bin", "rb") as staged,
-        tqdm(total=int(kept.sum()), desc="writing shards", unit="rec", disable=not progress) as bar,
+        progress_bar(
+            total=int(kept.sum()), desc="writing shards", unit="rec", enabled=progress
+        ) as bar,
     ):
 
         def encoded(i: int) -> tuple[str, bytes]:
@@ -760,7 +762,7 @@ def apply_optout(
     optout: steps.OptOut,
     inputs: Sequence[str] = (),
     yfcc_images: str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict:
     """Rewrites a finished dataset without the opted-out posts; returns {"removed": n, ...}.
 
@@ -799,7 +801,7 @@ def apply_optout(
     split_labels: dict[str, list[list[int]]] = {}
     splits = {}
     total = sum(manifest.num_records(s) for s in manifest.splits)
-    with tqdm(total=total, desc="applying opt-outs", unit="rec", disable=not progress) as bar:
+    with progress_bar(total=total, desc="applying opt-outs", unit="rec", enabled=progress) as bar:
         for split in manifest.splits:
             label_lists = []
             n_kept = 0

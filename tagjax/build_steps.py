@@ -131,7 +131,7 @@ class BuildConfig:
     )
     overwrite: bool = False  # replace a previous build in `output`
     yfcc_images: str | None = None  # folder of YFCC100M photos
-    progress: bool = True
+    progress: bool | None = None  # bars on stderr (None: when stderr is a terminal)
 
     def __post_init__(self):
         if not 0.0 <= self.heldout_fraction < 1.0:

@@ -9,22 +9,28 @@ Only the chosen command's module is imported (for running it or for its ``--help
 import the heavy library (JAX, grain, the models) inside ``run``, so ``tagjax --help`` and
 ``tagjax X --help`` are fast for every X.
 
-Training-style subcommands take ``--config FILE[:arg]`` plus any number of ``--config.key=value``
-overrides (see tagjax.config); the overrides reach ``run`` as ``args.config_overrides``.
+Training-style subcommands take ``--config FILE[:arg]`` plus any number of ``--config.key=value`` (or
+``--config.key value``) overrides (see tagjax.config); they reach ``run`` as ``args.config_overrides``.
 
-Errors a user can fix (tagjax.errors.UserError) print as one line and exit with status 2.
+The conventions every command follows are in docs/cli.md: shared flag names (tagjax.commands._args),
+``--json`` (stdout holds the JSON alone; other prints go to stderr), progress bars on stderr only on a
+terminal unless forced (tagjax.progress), and the exit statuses of tagjax.errors: 0 ok, 1 some inputs
+failed, 2 usage, 3 a UserError (one line, no traceback), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
+import logging
 import sys
 
-from tagjax import __version__
+from tagjax import __version__, progress
 from tagjax import config as config_lib
-from tagjax.errors import UserError
+from tagjax.commands import _args
+from tagjax.errors import EXIT_INTERRUPTED, EXIT_USAGE, EXIT_USER_ERROR, UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,48 +99,108 @@ def build_parser(command: str | None):
         prog="tagjax",
         description="Weakly supervised image pretraining from hashtags (JAX/Flax).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run `tagjax COMMAND --help` for a command's options.",
+        epilog="Run `tagjax COMMAND --help` for a command's options. Conventions (flags, --json, "
+        "progress, exit codes): docs/cli.md.",
     )
     parser.add_argument("--version", action="version", version=f"tagjax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     module = None
     for name, cmd in COMMANDS.items():
-        sp = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        sp = sub.add_parser(
+            name, help=cmd.help, description=cmd.help, formatter_class=_args.HelpFormatter
+        )
         if name == command:  # only the chosen command's module is imported
             module = cmd.load()
             module.add_arguments(sp)
     return parser, module
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` -> (its ``--config.key=value`` overrides, the rest). ``--config.key value`` (space
+    separated, as absl accepts it) is joined into ``--config.key=value``."""
+    overrides, rest = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config.") and "=" not in arg:
+            value = argv[i + 1] if i + 1 < len(argv) else None
+            if value is not None and not value.startswith("--"):
+                overrides.append(f"{arg}={value}")
+                i += 2
+                continue
+            overrides.append(arg)  # a bare boolean, `--config.flag`
+        elif arg.startswith("--config."):
+            overrides.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return overrides, rest
+
+
+def rewrite_aliases(argv: list[str], aliases: dict[str, str], command: str) -> list[str]:
+    """Old flag spellings (a command's ``ALIASES``, old -> new) -> the new ones, with one warning each."""
+    out, warned = [], set()
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name in aliases:
+            if name not in warned:
+                print(
+                    f"tagjax {command}: warning: {name} is now {aliases[name]}; the old name will go",
+                    file=sys.stderr,
+                )
+                warned.add(name)
+            arg = aliases[name] + eq + value
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parses ``argv`` and runs the command -> the exit status (tagjax.errors: 0 ok, 1 some inputs
+    failed, 2 usage, 3 UserError, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     command = command if command in COMMANDS else None
     parser, module = build_parser(command)
     # `--config.key=value` overrides are not argparse options; they are collected and validated
     # against the config file itself (tagjax.config.load).
-    overrides = [a for a in argv if a.startswith("--config.")]
-    rest = [a for a in argv if not a.startswith("--config.")]
+    overrides, rest = split_overrides(argv)
+    if module is not None:
+        rest = rewrite_aliases(rest, getattr(module, "ALIASES", {}), command)
     args = parser.parse_args(rest)
     if args.command is None:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     args.config_overrides = overrides
     if overrides and not hasattr(args, "config"):
         print(
             f"tagjax {args.command}: error: this command takes no --config overrides",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_USAGE
     config_lib.ensure_absl_flags_parsed()
+    if not logging.getLogger().handlers:
+        # Log lines go to stderr; set up before the bars, so they are printed above them.
+        logging.basicConfig(
+            level=logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+    # With --json, stdout carries the result document alone: every other print goes to stderr.
+    args.json_stdout = sys.stdout
+    quiet_stdout = (
+        contextlib.redirect_stdout(sys.stderr)
+        if getattr(args, "json", False)
+        else contextlib.nullcontext()
+    )
     try:
-        return int(module.run(args) or 0)
+        with quiet_stdout, progress.logging_above_bars():
+            return int(module.run(args) or 0)
     except UserError as e:
         print(f"tagjax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"tagjax {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ from tagjax import dedup as dedup_lib
 from tagjax import evaluate as evaluate_lib
 from tagjax import images as images_lib
 from tagjax import metrics as metrics_lib
+from tagjax import progress as progress_lib
 from tagjax import sampling as sampling_lib
 from tagjax import vocab as vocab_lib
 from tagjax.errors import UserError
@@ -197,7 +198,7 @@ def _eval_set_spec(name: str, data_dir: str) -> tuple[str, Any]:
     return str(Path(name.removeprefix("folder:")).expanduser()), test
 
 
-def build_config(cfg, workdir: Path, eval_spec: str, data_dir: str, *, progress: bool):
+def build_config(cfg, workdir: Path, eval_spec: str, data_dir: str, *, progress: bool | None):
 
     c = cfg.corpus
     cache = str(c.raster_cache)
@@ -230,7 +231,7 @@ def build_config(cfg, workdir: Path, eval_spec: str, data_dir: str, *, progress:
     )
 
 
-def stage_corpus(cfg, workdir: Path, stages: Stages, *, progress: bool) -> dict:
+def stage_corpus(cfg, workdir: Path, stages: Stages, *, progress: bool | None) -> dict:
 
     log = stages.log
     data_dir = _data_dir(cfg, workdir)
@@ -307,7 +308,7 @@ def stage_pretrain(
     workdir: Path,
     stages: Stages,
     *,
-    progress: bool,
+    progress: bool | None,
     run: str = "pretrain",
 ) -> dict:
     """Pretrains ``cfg`` with ``seed`` in ``WORKDIR/seed<seed>/<run>`` and evaluates it on the held-out posts
@@ -334,7 +335,7 @@ def stage_pretrain(
         f"{int(pcfg.train.total_images) // bs:,} steps of {bs} ({int(pcfg.train.total_images):,} images seen), "
         f"{pcfg.data.image_size}px crops, {pcfg.data.sampling} resampling, {pcfg.loss} loss -> {run_dir}"
     )
-    train_summary = train.train_and_evaluate(pcfg, run_dir)
+    train_summary = train.train_and_evaluate(pcfg, run_dir, progress=progress)
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     metrics = evaluate_lib.evaluate_checkpoint(
@@ -498,7 +499,7 @@ def scratch_config(cfg, seed: int, data_dir: str):
 
 
 def stage_downstream_only(
-    cfg, seed: int, random_ckpt: str, workdir: Path, stages: Stages, *, progress: bool
+    cfg, seed: int, random_ckpt: str, workdir: Path, stages: Stages, *, progress: bool | None
 ) -> dict:
     """The same architecture trained from the random initialization on the downstream training split."""
 
@@ -550,7 +551,7 @@ def stage_probe(
     workdir: Path,
     stages: Stages,
     *,
-    progress: bool,
+    progress: bool | None,
 ) -> dict:
 
     data_dir = _data_dir(cfg, workdir)
@@ -715,7 +716,12 @@ def make_plots(
         [np.nan if v is None else v for v in first["heldout"]["per_label_ap"]], np.float64
     )
     counts = metrics_lib.label_counts_of(dataset, vocab.num_labels)
-    files["per_label_ap"] = plots.per_label_ap(ap, counts, names, out / "per_label_ap.png")
+    heldout = metrics_lib.label_counts_of(dataset, vocab.num_labels, str(cfg.data.eval_split))
+    # A random ranking's AP is the hashtag's share of the held-out images: the chance level.
+    chance = None if heldout is None else heldout / max(1, int(first["heldout"]["num_images"]))
+    files["per_label_ap"] = plots.per_label_ap(
+        ap, counts, names, out / "per_label_ap.png", chance=chance
+    )
     rows = [
         {"key": t, "label": TRUNKS[t], "top1": [p["test_top1"] for p in probes[t]]}
         for t in TRUNKS
@@ -726,6 +732,7 @@ def make_plots(
         out / "probe.png",
         title=f"Linear probe on {cfg.demo.downstream} "
         f"({len(pretrain)} seed{'s' if len(pretrain) > 1 else ''})",
+        num_classes=int(probes[next(iter(TRUNKS))][0]["num_classes"]),
     )
     return {k: str(v) for k, v in files.items()}
 
@@ -819,6 +826,7 @@ def summarize(
             "dropped": stats["dropped"],
             "eval_near_duplicates_removed": corpus["dedup"].get("eval_removed"),
             "dataset": corpus["dataset"],
+            "content_hash": corpus.get("content_hash"),
         },
         "pretraining": {
             "model": str(cfg.model.name),
@@ -869,7 +877,8 @@ def render_table(s: Mapping) -> str:
         f"corpus: {c['posts_read']:,} openclipart posts read -> {c['records'].get('train', 0):,} train + "
         f"{c['records'].get('heldout', 0):,} held-out images, {c['labels']:,} canonical hashtags "
         f"({c['labels_per_post']} per image); {c['eval_near_duplicates_removed']} near-duplicates of "
-        "downstream test images removed",
+        "downstream test images removed"
+        + (f"; content hash {c['content_hash']}" if c.get("content_hash") else ""),
         f"pretraining: {p['model']}, {p['image_size']}px, {p['steps']:,} steps x {p['batch_size']} = "
         f"{p['images_seen']:,} images, {p['sampling']} resampling, {p['loss']} loss",
         f"hashtag prediction on {h['num_images']:,} held-out posts ({spread}): mAP {_pm(h['mAP'])}, "
@@ -974,16 +983,17 @@ def run_all(
     workdir: str | Path,
     *,
     fresh: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
     log: Callable[[str], None] = print,
     command: str = "",
 ) -> dict:
     """Runs every stage (reusing finished ones, see the module docstring); returns the summary dict that
-    is also written to ``WORKDIR/summary.json``."""
+    is also written to ``WORKDIR/summary.json`` (``render_table`` shows it). ``log`` receives the stage
+    banners and progress lines."""
 
     check_config(cfg)
     config_lib.ensure_absl_flags_parsed()
-    if not progress:  # TFDS draws its own bars while preparing the downstream set
+    if not progress_lib.wanted(progress):  # TFDS draws its own bars preparing the downstream set
         tfds.disable_progress_bar()
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -994,6 +1004,8 @@ def run_all(
 
     stages.banner("[1/5] corpus: openclipart -> vocabulary -> deduplicated, decontaminated shards")
     corpus = stage_corpus(cfg, workdir, stages, progress=progress)
+    # What the corpus holds, in one digest a run elsewhere can compare (tagjax.records.content_hash).
+    corpus["content_hash"] = records.content_hash(Path(corpus["dataset"]))
     corpus_key = stages.key_of("corpus")
 
     controls = [str(c) for c in cfg.demo.get("controls", ())]
@@ -1074,7 +1086,6 @@ def run_all(
     summary = _jsonable(summary)
     (workdir / SUMMARY_JSON).write_text(json.dumps(summary, indent=1) + "\n")
     (workdir / SUMMARY_MD).write_text(render_markdown(summary, plot_files, workdir))
-    log(render_table(summary))
     log(
         f"\nwrote {workdir / SUMMARY_JSON}, {workdir / SUMMARY_MD} and {len(plot_files)} figures in "
         f"{workdir / PLOTS_DIR}"

@@ -13,11 +13,14 @@ transfer is tagjax.downstream's job (``open_split("emoji_subgroups", ...)``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
+import logging
 import math
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -27,6 +30,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
+from tagjax import progress
 from tagjax.errors import UserError
 
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"  # Debian fonts-noto-color-emoji
@@ -208,6 +212,17 @@ class EmojiSubgroups(tfds.core.GeneratorBasedBuilder):
         # of tagjax (its finder makes a namespace-like package); the file defining the class is the answer.
         return epath.Path(__file__)
 
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and prepared"
+    # to stdout; nothing is downloaded here, so one line on stderr says what happens instead.
+    def _log_download_bytes(self) -> None:
+        progress.say(
+            f"preparing {self.name}/{self.builder_config.name}: rendering emoji from local files "
+            f"(nothing is downloaded) into {self.data_dir}"
+        )
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _paths(self) -> tuple[str, str]:
         return (
             os.environ.get("TAGJAX_EMOJI_FONT", EMOJI_FONT),
@@ -298,7 +313,30 @@ def prepare_own(name: str, data_dir: str | Path) -> Path:
     prepared = root / base / (config or cls.BUILDER_CONFIGS[0].name) / str(cls.VERSION)
     if (prepared / "dataset_info.json").is_file():
         return prepared  # reading a prepared copy needs neither the font nor emoji-test.txt
-    builder = cls(config=config or None, data_dir=str(root), file_format="array_record")
-    if not builder.is_prepared():
-        builder.download_and_prepare()
+    with _quiet_tfds():
+        builder = cls(config=config or None, data_dir=str(root), file_format="array_record")
+        if not builder.is_prepared():
+            builder.download_and_prepare()
     return Path(builder.data_dir)
+
+
+class _NoVariantWarnings(logging.Filter):
+    """Drops absl's "Variant folder ... has no dataset_info.json": TFDS says it while looking for a
+    prepared copy of a dataset that is about to be prepared."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Variant folder")
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """TFDS without its lookup warnings, and without its bars when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        tfds.disable_progress_bar()
+    quiet = _NoVariantWarnings()
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(quiet)

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from tagjax import augment, downstream, input_pipeline, records
 from tagjax import metrics as metrics_lib
 from tagjax.errors import UserError
 from tagjax.inference import DEFAULT_THREADS, BadImageCounter, Inference, image_batches
+from tagjax.progress import progress_bar
 
 # ----------------------------------------------------------------------------------------------------
 # Hashtag metrics of a checkpoint on a built dataset.
@@ -44,7 +44,7 @@ def evaluate_checkpoint(
     resize: int | None = None,
     ks: Sequence[int] = metrics_lib.DEFAULT_KS,
     bucket_fractions: Sequence[float] = metrics_lib.DEFAULT_BUCKET_FRACTIONS,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Hashtag metrics of a checkpoint on one split of a built dataset (``"synthetic"``: the synthetic task
     of the checkpoint's config). Returns the :func:`hashtag_metrics` dict plus where it came from."""
@@ -84,7 +84,7 @@ def evaluate_checkpoint(
     acc = metrics_lib.accumulator_from_config(config, inference.num_classes, it.num_images)
     loss = str(config.get("loss", "softmax"))
     start = time.perf_counter()
-    bar = tqdm(total=it.num_images, unit="img", desc=f"evaluate {split}", disable=not progress)
+    bar = progress_bar(total=it.num_images, unit="img", desc=f"evaluate {split}", enabled=progress)
     for batch in it:
         logits = inference.logits(batch["image"])
         acc.update(metrics_lib.scores_from_logits(logits, loss), batch["labels"], batch["mask"])
@@ -226,7 +226,7 @@ def evaluate_classification(
     ks: Sequence[int] = metrics_lib.DEFAULT_KS,
     num_threads: int | None = None,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Top-k accuracy of a classifier checkpoint on one split of a downstream dataset (module docstring).
 
@@ -260,7 +260,7 @@ def evaluate_classification(
     counter = BadImageCounter(max_bad_fraction, f"{ds.name} ({split})")
     hits, labels = [], []
     start = time.perf_counter()
-    bar = tqdm(total=num, unit="img", desc=f"evaluate {ds.name} {split}", disable=not progress)
+    bar = progress_bar(total=num, unit="img", desc=f"evaluate {ds.name} {split}", enabled=progress)
     for batch in image_batches(
         load,
         range(num),

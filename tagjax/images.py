@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import warnings
 
 import cv2
@@ -44,10 +45,16 @@ DEFAULT_MAX_FILE_BYTES = 50 * 2**20  # 50 MiB: far above any photo, far below a 
 _EXIF_ORIENTATION = 0x0112
 
 
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 class ImageSkip(Exception):
     """This image cannot or should not enter the dataset; ``reason`` is one of SKIP_REASONS."""
 
     def __init__(self, reason: str, detail: str = ""):
+        # PIL names its in-memory file in messages ("cannot identify image file <_io.BytesIO object
+        # at 0x7f...>"): an internal repr that tells the user nothing, dropped here.
+        detail = _OBJECT_REPR.sub("", detail).strip()
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail

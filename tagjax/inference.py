@@ -28,11 +28,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from tagjax import augment, checkpoint, downstream, models, records
 from tagjax.bad_records import too_many_bad
 from tagjax.errors import UserError
+from tagjax.progress import progress_bar
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = (
@@ -224,8 +224,15 @@ class BadImageCounter:
     """Counts skipped images and fails loudly past ``max_fraction`` (after ``min_reads`` reads): the
     rule of tagjax.bad_records, with the first errors kept for the message."""
 
-    def __init__(self, max_fraction: float, what: str, min_reads: int = 1000):
+    def __init__(
+        self,
+        max_fraction: float,
+        what: str,
+        min_reads: int = 1000,
+        fix: str = "repair the data or raise the threshold",
+    ):
         self.max_fraction, self.what, self.min_reads = float(max_fraction), what, int(min_reads)
+        self.fix = fix
         self.read = 0
         self.bad = 0
         self.examples: list[str] = []
@@ -242,7 +249,7 @@ class BadImageCounter:
         if too_many_bad(self.bad, self.read, self.max_fraction, self.min_reads, final):
             raise UserError(
                 f"{self.bad} of {self.read} images of {self.what} could not be read (more than "
-                f"{self.max_fraction:.2%}; e.g. {self.examples[0]}); repair the data or raise the threshold."
+                f"{self.max_fraction:.2%}; e.g. {self.examples[0]}); {self.fix}."
             )
 
 
@@ -253,6 +260,9 @@ class EmbedInput:
     description: str
     length: int
     load: Callable[[int], tuple[Any, dict]]
+    # The index entry of item i without reading its image (None: unknown until loaded); a row whose
+    # image cannot be read still names its file.
+    entry: Callable[[int], dict] | None = None
 
 
 def records_input(dataset_dir: str | Path, split: str) -> EmbedInput:
@@ -275,8 +285,8 @@ def records_input(dataset_dir: str | Path, split: str) -> EmbedInput:
     return EmbedInput(f"{root} ({split})", len(source), load)
 
 
-def folder_input(folder: str | Path) -> EmbedInput:
-    """Every image file under ``folder`` (recursively, sorted); index entries carry the relative path."""
+def image_files(folder: str | Path) -> list[Path]:
+    """Every image file under ``folder``, recursively, in sorted order (UserError when none)."""
 
     root = Path(folder).expanduser()
     files = sorted(
@@ -286,11 +296,22 @@ def folder_input(folder: str | Path) -> EmbedInput:
     )
     if not files:
         raise UserError(f"{root} holds no images ({', '.join(downstream.IMAGE_EXTENSIONS)}).")
+    return files
+
+
+def folder_input(folder: str | Path) -> EmbedInput:
+    """Every image file under ``folder`` (recursively, sorted); index entries carry the relative path."""
+
+    root = Path(folder).expanduser()
+    files = image_files(root)
+
+    def entry(i: int) -> dict:
+        return {"id": str(files[i].relative_to(root))}
 
     def load(i: int):
-        return downstream.read_image_file(files[i]), {"id": str(files[i].relative_to(root))}
+        return downstream.read_image_file(files[i]), entry(i)
 
-    return EmbedInput(str(root), len(files), load)
+    return EmbedInput(str(root), len(files), load, entry)
 
 
 def downstream_input(name: str, split: str, data_dir: str | None) -> EmbedInput:
@@ -327,15 +348,19 @@ def embed(
     batch_size: int = DEFAULT_BATCH_SIZE,
     l2_normalize: bool = False,
     dtype: str = "float32",
-    max_bad_fraction: float = 0.001,
+    max_bad_fraction: float = 0.01,
     num_threads: int = DEFAULT_THREADS,
-    progress: bool = True,
+    progress: bool | None = None,
+    threshold_name: str = "max_bad_fraction",
 ) -> dict:
     """Writes ``<output>.npy`` [N, D] and ``<output>.index.jsonl`` (row -> id, labels) for ``source``.
 
     Resumable: rows are written into a memory-mapped ``.npy`` and the number done is recorded in
     ``<output>.partial.json`` after each batch, so a rerun continues where an interrupted one stopped.
-    Rows of unreadable images are zeros and marked ``"valid": false`` in the index.
+    Rows of unreadable images are zeros and marked ``"valid": false`` in the index. A long run stops
+    (UserError naming ``threshold_name``) once more than ``max_bad_fraction`` of at least 1,000 images
+    could not be read, which catches a wrong input early; a shorter input is embedded whole, however
+    many are bad, unless none is readable, and the summary counts them (``bad_images``).
     """
 
     output = Path(output).expanduser()
@@ -372,9 +397,11 @@ def embed(
             if line and json.loads(line)["row"] < start
         ]
         index_path.write_text("".join(line + "\n" for line in kept))
-    counter = BadImageCounter(max_bad_fraction, source.description)
+    counter = BadImageCounter(
+        max_bad_fraction, source.description, fix=f"repair the data or raise {threshold_name}"
+    )
     t0 = time.perf_counter()
-    bar = tqdm(total=n, initial=start, unit="img", desc="embed", disable=not progress)
+    bar = progress_bar(total=n, initial=start, unit="img", desc="embed", enabled=progress)
     with index_path.open("a") as index_file:
         for batch in image_batches(
             lambda i: source.load(i),
@@ -390,6 +417,8 @@ def embed(
             feats[~batch.valid] = 0.0
             array[batch.indices[0] : batch.indices[-1] + 1] = feats.astype(array.dtype)
             for i, ok, extra, err in zip(batch.indices, batch.valid, batch.extras, batch.errors):
+                if extra is None and source.entry is not None:
+                    extra = source.entry(int(i))
                 entry = {"row": int(i), **(extra or {}), "valid": bool(ok)}
                 if not ok:
                     entry["error"] = err
@@ -397,9 +426,14 @@ def embed(
             array.flush()
             index_file.flush()
             partial.write_text(json.dumps({"identity": ident, "done": int(batch.indices[-1]) + 1}))
-            counter.add(batch, final=int(batch.indices[-1]) + 1 == n)
+            counter.add(batch)
             bar.update(len(batch.indices))
     bar.close()
+    if n and counter.read == n - start and counter.bad == counter.read:
+        raise UserError(
+            f"none of the {n:,} images of {source.description} could be read "
+            f"(e.g. {counter.examples[0]}); is it the right input?"
+        )
     del array
     partial.unlink(missing_ok=True)
     summary = {

@@ -46,6 +46,7 @@ import dataclasses
 import functools
 import json
 import math
+import multiprocessing
 import os
 import secrets
 import threading
@@ -58,8 +59,7 @@ import cv2
 import grain
 import numpy as np
 from absl import logging
-from grain._src.python.dataset.transformations import process_prefetch
-from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+from grain.multiprocessing import SharedMemoryArray
 
 from tagjax import augment, records, sampling
 from tagjax import vocab as vocab_lib
@@ -501,7 +501,8 @@ class ShuffledLabels:
 def _alloc(shape, dtype, fill=None) -> np.ndarray:
     """A batch array; in a grain worker it lives in shared memory, so handing it over copies nothing."""
 
-    if process_prefetch.is_in_worker_process():
+    # grain's workers are multiprocessing children of the training process (the public way to ask).
+    if multiprocessing.parent_process() is not None:
         arr = SharedMemoryArray(shape, np.dtype(dtype))
     else:
         arr = np.empty(shape, dtype)

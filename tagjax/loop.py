@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -37,9 +36,8 @@ from typing import Any
 
 import jax
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
-from tagjax import models, sharding
+from tagjax import models, progress, sharding
 from tagjax.checkpoint import CheckpointManager
 from tagjax.errors import UserError
 from tagjax.metrics_writer import MetricWriter
@@ -91,7 +89,7 @@ def peak_flops_per_device(device_kind: str) -> float | None:
 def say(line: str) -> None:
     """One line for the user on stderr, from process 0 only, without breaking the progress bar."""
     if jax.process_index() == 0:
-        tqdm.write(line, file=sys.stderr)
+        progress.say(line)
 
 
 def format_value(value) -> str:
@@ -472,7 +470,7 @@ class Loop:
     data_iterator: Any = None
     # state -> metrics of a held-out evaluation, logged every config.train.eval_every_images.
     evaluate: Callable[[Any], dict] | None = None
-    progress: bool = True  # the progress bar (process 0, when stderr is a terminal)
+    progress: bool | None = None  # the bar (process 0; None: when stderr is a terminal)
 
 
 @dataclasses.dataclass
@@ -511,14 +509,13 @@ def run(loop: Loop, state, stop_step: int | None = None) -> LoopResult:
     stop = num_steps if stop_step is None else min(int(stop_step), num_steps)
     guard = NonfiniteGuard.from_config(config.train)
     profiler = Profiler(config.train.get("profile_steps", ()), loop.workdir / "profile")
-    bar = tqdm(
+    bar = progress.progress_bar(
         total=num_steps * batch_size,
         initial=start * batch_size,
         unit="img",
         unit_scale=True,
         # None: off when stderr is not a terminal (log files)
-        disable=None if loop.progress and jax.process_index() == 0 else True,
-        dynamic_ncols=True,
+        enabled=loop.progress if jax.process_index() == 0 else False,
     )
     window = LogWindow(
         loop.writer,

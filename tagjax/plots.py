@@ -47,8 +47,9 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def _series(records: Sequence[Mapping], split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images seen, value) of ``key`` in the ``split`` rows: every figure's x axis is images seen."""
     rows = [
-        (r["step"], r[key])
+        (r["images_seen"], r[key])
         for r in records
         if r.get("split") == split and r.get(key) is not None and math.isfinite(r[key])
     ]
@@ -73,7 +74,7 @@ def loss_curves(
             if len(steps):
                 ax.plot(steps, loss, "o--", color=color, alpha=0.7, label=f"{label} held-out")
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel("images seen")
         ax.set_ylabel("cross-entropy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -101,14 +102,26 @@ def tag_frequency(
     rank = np.arange(1, len(order) + 1)
     fig, (ax,) = _figure(7.0, 4.2)
     ax.plot(rank, before[order], color="#7f7f7f", lw=1.5, label="natural (every image equally)")
+    seen = after[order] > 0
     ax.plot(
-        rank,
-        np.maximum(after[order], 1e-6),
+        rank[seen],
+        after[order][seen],
         ".",
         ms=3,
         color="#1f77b4",
         label=f"after {sampling} resampling (the training stream)",
     )
+    if not seen.all():
+        # Hashtags the stream never drew have no place on a log axis: marked on its floor, counted.
+        ax.plot(
+            rank[~seen],
+            np.full(int((~seen).sum()), 0.02),
+            "|",
+            ms=6,
+            color="#d62728",
+            transform=ax.get_xaxis_transform(),
+            label=f"never drawn in the stream ({int((~seen).sum())} hashtags, marked on the floor)",
+        )
     if drawn is not None:
         ax.plot(
             rank,
@@ -143,10 +156,13 @@ def per_label_ap(
     names: Sequence[str],
     path: str | Path,
     *,
+    chance: np.ndarray | None = None,
     bar_labels: int = 25,
 ) -> Path:
     """Held-out average precision per hashtag: against the hashtag's number of training images (left;
-    NaN = no held-out positive, left out), and for the most frequent hashtags by name (right)."""
+    NaN = no held-out positive, left out), and for the most frequent hashtags by name (right).
+    ``chance``: per hashtag, the AP of a random ranking (its share of the held-out images), drawn as
+    the chance level (its mean on the left, per bar on the right)."""
     ap = np.asarray(ap, np.float64)
     counts = np.asarray(train_counts, np.float64)
     valid = ~np.isnan(ap)
@@ -157,12 +173,21 @@ def per_label_ap(
     left.set_ylabel("held-out AP (%)")
     mean = 100 * float(np.mean(ap[valid])) if valid.any() else float("nan")
     left.axhline(mean, color="#d62728", lw=1, ls="--", label=f"mAP {mean:.1f}")
+    if chance is not None and valid.any():
+        chance = np.asarray(chance, np.float64)
+        level = 100 * float(np.mean(chance[valid]))
+        left.axhline(
+            level, color="black", lw=1, ls=":", label=f"chance (random ranking) {level:.1f}"
+        )
     left.set_title(f"Per-hashtag AP ({int(valid.sum())} hashtags with held-out positives)")
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
     order = [i for i in np.argsort(-counts, kind="stable") if valid[i]][:bar_labels]
     y = np.arange(len(order))
     right.barh(y, [100 * ap[i] for i in order], color="#1f77b4")
+    if chance is not None and order:
+        right.plot([100 * chance[i] for i in order], y, "k|", ms=9, label="chance (random ranking)")
+        right.legend(fontsize=7, loc="lower right")
     right.set_yticks(y, [f"#{names[i]} ({int(counts[i])})" for i in order], fontsize=7)
     right.invert_yaxis()
     right.set_xlim(0, 100)
@@ -172,9 +197,12 @@ def per_label_ap(
     return _save(fig, path)
 
 
-def probe_comparison(rows: Sequence[Mapping], path: str | Path, *, title: str = "") -> Path:
+def probe_comparison(
+    rows: Sequence[Mapping], path: str | Path, *, title: str = "", num_classes: int | None = None
+) -> Path:
     """Bars of mean linear-probe top-1 per trunk with the seeds' min-max as error bars and each seed as a
-    dot. ``rows``: [{"key", "label", "top1": [per-seed fractions]}]."""
+    dot. ``rows``: [{"key", "label", "top1": [per-seed fractions]}]; ``num_classes`` draws the chance
+    level, 1 / num_classes."""
     fig, (ax,) = _figure(6.0, 3.8)
     for i, row in enumerate(rows):
         values = 100 * np.asarray(row["top1"], np.float64)
@@ -202,6 +230,15 @@ def probe_comparison(rows: Sequence[Mapping], path: str | Path, *, title: str = 
     ax.set_ylim(0, top * 1.15)  # room for the value labels under the title
     ax.set_xticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
     ax.set_ylabel("linear probe test top-1 (%)")
+    if num_classes:
+        ax.axhline(
+            100 / num_classes,
+            color="black",
+            lw=1,
+            ls=":",
+            label=f"chance (1/{num_classes} = {100 / num_classes:.1f}%)",
+        )
+        ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title or "Downstream linear probe")
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)

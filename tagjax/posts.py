@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import bz2
 import dataclasses
+import gc
 import gzip
 import hashlib
 import io
@@ -793,10 +794,8 @@ class RasterCache:
     def path_for(self, svg: bytes, side: int) -> Path | None:
         if self.directory is None:
             return None
-        import cairosvg
-
         key = hashlib.blake2b(svg, digest_size=16, person=b"tagjax-svg").hexdigest()
-        return self.directory / key[:2] / f"{key}-s{side}-c{cairosvg.__version__}.png"
+        return self.directory / key[:2] / f"{key}-s{side}-{renderer_version()}.png"
 
     def get(self, svg: bytes, side: int) -> bytes | None:
         p = self.path_for(svg, side)
@@ -819,13 +818,38 @@ def default_raster_cache() -> Path:
     return Path(base) / "tagjax" / "raster"
 
 
+# Bumped whenever rasterize_svg draws differently, so raster caches never serve older pixels.
+# 2: text drawn from cairo's initial font state (see rasterize_svg).
+RASTER_VERSION = 2
+
+
+def renderer_version() -> str:
+    """What an SVG's pixels depend on besides its bytes and size: rasterize_svg's own version, cairosvg's
+    and the system cairo library's (part of every raster cache key)."""
+    import cairocffi
+    import cairosvg
+
+    return f"r{RASTER_VERSION}-c{cairosvg.__version__}-cairo{cairocffi.cairo_version_string()}"
+
+
 def rasterize_svg(svg: bytes, side: int) -> bytes:
     """SVG -> PNG on white with the shorter side ``side`` px (cairosvg in safe mode: no external files,
-    no XML entities)."""
+    no XML entities).
+
+    The pixels depend on the SVG alone, never on what the process drew before: cairo keeps fonts it has
+    used in process-wide caches, and a text drawn after another SVG's text can come out differently
+    (hinting and metrics of the cached font), so the corpus would change with the thread count and the
+    order in which workers meet the files. Before an SVG with text, cairo's static state is reset to
+    its state at startup (after a collection, so no cairo object from an earlier drawing is alive).
+    """
+    import cairocffi
     from cairosvg.helpers import node_format
     from cairosvg.parser import Tree
     from cairosvg.surface import PNGSurface
 
+    if b"<text" in svg or b":text" in svg:
+        gc.collect()
+        cairocffi.cairo.cairo_debug_reset_static_data()
     try:
         tree = Tree(bytestring=svg, unsafe=False)
         width, height, _ = node_format(None, tree)

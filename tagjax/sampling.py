@@ -43,10 +43,10 @@ from pathlib import Path
 
 import numpy as np
 from absl import logging
-from tqdm import tqdm
 
 from tagjax import records
 from tagjax.errors import UserError
+from tagjax.progress import progress_bar
 
 ALPHAS = {"natural": 1.0, "sqrt": 0.5, "uniform": 0.0}
 SAMPLING_MODES = (*ALPHAS, "images")
@@ -308,11 +308,11 @@ class InvertedIndex:
         num_slices = max(1, -(-total // buffer_pairs))
         bucket_dtype = np.dtype([("pos", np.uint32), ("rec", dtype)])
         buckets = [tmp.with_name(f"{tmp.name}.bucket{k}") for k in range(num_slices)]
-        bar = tqdm(
+        bar = progress_bar(
             total=2 * total if num_slices > 1 else total,
             unit="pair",
             desc="hashtag -> images index",
-            disable=total <= _INVERT_CHUNK_RECORDS,
+            enabled=None if total > _INVERT_CHUNK_RECORDS else False,
         )
         try:
             with open(tmp, "wb") as out:

@@ -28,7 +28,6 @@ import sys
 
 import jax
 import numpy as np
-from jax._src import distributed as _distributed  # the only way to ask "already initialized?"
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -81,7 +80,7 @@ def maybe_initialize_distributed() -> bool:
     Safe to call twice (the second call does nothing). Must run before the first JAX computation.
     """
 
-    if _distributed.global_state.client is not None:
+    if jax.distributed.is_initialized():
         return True
     source = _distributed_environment()
     if source is None:

@@ -277,7 +277,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch):
         loss, p1, new_stats, grads = gradients(state, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         lr = schedule(state.step)
         new_params = optim.apply_updates(state.params, updates, lr)
@@ -288,7 +288,7 @@ def make_train_step(
             "loss": loss,
             "precision@1": p1,
             "grad_norm": grad_norm,
-            "param_norm": optax.global_norm(new_state.params),
+            "param_norm": optax.tree.norm(new_state.params),
             "lr": lr,
             "nonfinite": nonfinite,
         }
@@ -315,9 +315,9 @@ def apply_if_finite(
     finite = (
         jnp.isfinite(loss)
         & jnp.isfinite(grad_norm)
-        & jnp.isfinite(optax.global_norm(params))
-        & jnp.isfinite(optax.global_norm(batch_stats))
-        & jnp.isfinite(optax.global_norm(_float_leaves(opt_state)))
+        & jnp.isfinite(optax.tree.norm(params))
+        & jnp.isfinite(optax.tree.norm(batch_stats))
+        & jnp.isfinite(optax.tree.norm(_float_leaves(opt_state)))
     )
 
     def keep(new, old):
@@ -501,7 +501,7 @@ def open_data(config) -> DataSource:
     )
 
 
-def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
+def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool | None = None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint) and returns the final metrics.
 
     Writes ``workdir/config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` and, with
@@ -560,6 +560,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
             workdir=workdir,
             data_iterator=data.train_iterator,
             evaluate=_hashtag_evaluation(config, model, mesh, state, data),
+            progress=progress,
         )
         result = loop.run(spec, state)
         last_eval = result.eval

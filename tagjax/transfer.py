@@ -39,7 +39,6 @@ import ml_collections
 import numpy as np
 import optax
 import optax.tree_utils as otu
-from tqdm import tqdm
 
 from tagjax import (
     augment,
@@ -57,6 +56,7 @@ from tagjax.errors import UserError
 from tagjax.inference import BadImageCounter, Inference, image_batches
 from tagjax.metrics import to_json, topk_accuracy
 from tagjax.metrics_writer import MetricWriter, as_path
+from tagjax.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def extract_features(
     chunk: int = 2048,
     num_threads: int = 4,
     max_bad_fraction: float = 0.001,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Features:
     """Pooled trunk features of every example of ``ds`` (a ``downstream.Downstream``), cached on disk.
 
@@ -164,7 +164,7 @@ def extract_features(
         augment.eval_image(image, out, inference.transform)
 
     parts, computed = [], 0
-    bar = tqdm(total=n, unit="img", desc=f"features {ds.name}:{ds.split}", disable=not progress)
+    bar = progress_bar(total=n, unit="img", desc=f"features {ds.name}:{ds.split}", enabled=progress)
     for c in range(num_chunks):
         path = cache_dir / f"chunk-{c:05d}.npz"
         lo, hi = c * chunk, min((c + 1) * chunk, n)
@@ -432,7 +432,12 @@ def linear_probe(
 
 
 def run_linear(
-    config, checkpoint_path: str | Path, workdir: str | Path, *, progress: bool = True, log_fn=print
+    config,
+    checkpoint_path: str | Path,
+    workdir: str | Path,
+    *,
+    progress: bool | None = None,
+    log_fn=print,
 ) -> dict:
     """Feature extraction (cached) + the linear probe; writes ``WORKDIR/results.json``."""
 
@@ -689,7 +694,7 @@ def make_finetune_step(config, model, tx, schedule):
         (loss, (batch_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new, nonfinite = train.apply_if_finite(
@@ -744,7 +749,7 @@ def evaluate_classifier(
 
     counter = BadImageCounter(max_bad_fraction, f"{ds.name} ({ds.split})")
     logits, labels = [], []
-    bar = tqdm(total=len(ds.source), unit="img", desc=f"test {ds.name}", disable=not progress)
+    bar = progress_bar(total=len(ds.source), unit="img", desc=f"test {ds.name}", enabled=progress)
     for batch in image_batches(
         load,
         range(len(ds.source)),
@@ -774,7 +779,7 @@ def run_finetune(
     checkpoint_path: str | Path,
     workdir: str | Path,
     *,
-    progress: bool = True,
+    progress: bool | None = None,
     log_fn=print,
     max_steps: int | None = None,
 ) -> dict:

@@ -64,11 +64,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
 import tagjax
 from tagjax import hashtags as H
 from tagjax.errors import UserError
+from tagjax.progress import progress_bar
 
 FORMAT = "tagjax-vocabulary"
 VERSION = 1
@@ -719,8 +719,8 @@ def build_vocabulary(
     groups: dict[tuple[int, ...], dict] = {}  # sorted synset indices -> {"synsets", "aliases"}
     items = sorted(forms.items())
 
-    show = progress if progress is not None else len(items) > 200_000
-    for form, n in tqdm(items, desc="canonicalizing hashtags", unit="tag", disable=not show):
+    show = progress if progress is not None else (None if len(items) > 200_000 else False)
+    for form, n in progress_bar(items, desc="canonicalizing hashtags", unit="tag", enabled=show):
         if n < min_count:
             drop("below_min_count", n)
             continue

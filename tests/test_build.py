@@ -271,7 +271,7 @@ def test_refuses_non_empty_output_and_overwrites_only_datasets(built, tmp_path):
         "--workers",
         "1",
     ]
-    assert cli_main(args) == 2
+    assert cli_main(args) == 3
     assert records.load_manifest(built["out"])  # untouched
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -139,7 +139,7 @@ def test_summary_aggregates_seeds_and_checks_the_target():
 
 
 def test_bad_seed_count_is_a_user_error(tmp_path, capsys):
-    assert cli.main(["demo", "--workdir", str(tmp_path), "--seeds", "0"]) == 2
+    assert cli.main(["demo", "--workdir", str(tmp_path), "--seeds", "0"]) == 3
     assert "--seeds must be at least 1" in capsys.readouterr().err
 
 
@@ -172,7 +172,11 @@ def test_demo_end_to_end_and_rerun_reuses_every_stage(tmp_path, capsys):
         f"--config.corpus.raster_cache={tmp_path / 'raster'}",
     ]
     assert cli.main(argv) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.err  # stage banners and progress lines go to stderr, the summary table to stdout
+    assert (
+        captured.out.startswith("corpus: 500 openclipart posts read") and "\r" not in captured.err
+    )
     for banner in (
         "[1/5] corpus",
         "[2/5] pretraining",
@@ -244,9 +248,12 @@ def test_demo_end_to_end_and_rerun_reuses_every_stage(tmp_path, capsys):
         w, hgt = _png_size(path)
         assert w > 300 and hgt > 200
 
-    # The same command again: every stage is reused, the numbers are the same.
-    assert cli.main(argv) == 0
-    out = capsys.readouterr().out
+    # The same command again (with --json): every stage is reused, the numbers are the same, and
+    # stdout is the summary as one JSON document.
+    assert cli.main([*argv, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["downstream"] == s["downstream"]
+    out = captured.err
     # corpus, pretrain, shuffled pretrain, random, random_bn, downstream-only, 5 probes
     assert out.count("reusing the finished stage") == 11
     again = json.loads((wd / "summary.json").read_text())

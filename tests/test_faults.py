@@ -181,7 +181,7 @@ def test_relative_paths_for_predict_export_import_and_the_python_api(tmp_path, m
 @pytest.mark.slow
 def test_a_failed_save_stops_the_run_and_the_restart_resumes_from_the_previous_one(tmp_path):
     rc, out = train_cli(tmp_path, 12, env={"FAIL_SAVE": "8"})
-    assert rc == 2, out[-3000:]
+    assert rc == 3, out[-3000:]
     errors = [line for line in out.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in out, out[-3000:]
     assert (
@@ -415,22 +415,22 @@ def test_a_state_with_nan_batch_norm_statistics_is_never_saved(tmp_path):
 def test_bad_numbers_are_one_line_errors_before_anything_runs(tmp_path, capsys, override, message):
     code = cli.main(["train", "--config", "tiny", "--workdir", str(tmp_path / "w"), override])
     err = capsys.readouterr().err
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert code == 3 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_unusable_workdirs_and_cache_dirs_are_one_line_errors(tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    assert cli.main(["train", "--config", "tiny", "--workdir", str(a_file)]) == 2
+    assert cli.main(["train", "--config", "tiny", "--workdir", str(a_file)]) == 3
     assert "is a file, not a directory" in capsys.readouterr().err
     cache = f"--config.train.compilation_cache_dir={a_file}/cache"
-    assert cli.main(["train", "--config", "tiny", "--workdir", str(tmp_path / "w"), cache]) == 2
+    assert cli.main(["train", "--config", "tiny", "--workdir", str(tmp_path / "w"), cache]) == 3
     err = capsys.readouterr().err
     assert "compilation_cache_dir" in err and "cannot be written" in err
     if os.geteuid() != 0:  # root writes anywhere
         read_only = tmp_path / "ro"
         read_only.mkdir(mode=0o555)
-        assert cli.main(["train", "--config", "tiny", "--workdir", str(read_only / "w")]) == 2
+        assert cli.main(["train", "--config", "tiny", "--workdir", str(read_only / "w")]) == 3
         assert "is not writable" in capsys.readouterr().err
 
 

@@ -314,7 +314,7 @@ def test_all_habit_single_user_build_fails_with_its_reasons(tmp_path, capsys):
     before = tree(tmp_path)
     argv = ["build", f"jsonl:{manifest}", "-o", str(out), "--no-progress", "--workers", "1"]
     argv += ["--assume-public", "--max-side", "32", "--raster-cache", "", "--vocab-min-count", "1"]
-    assert cli_main([*argv, "--habit-min-users", "1"]) == 2
+    assert cli_main([*argv, "--habit-min-users", "1"]) == 3
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "kept no training records" in err and "habitual_hashtags_only 24" in err
@@ -354,12 +354,12 @@ def test_wrong_input_kind_is_one_line_and_leaves_nothing(tmp_path, capsys):
     folder = tmp_path / "a_folder"
     folder.mkdir()
     out = tmp_path / "out"
-    assert cli_main(["build", f"jsonl:{folder}", "-o", str(out), "--no-progress"]) == 2
+    assert cli_main(["build", f"jsonl:{folder}", "-o", str(out), "--no-progress"]) == 3
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is a folder" in err and "JSONL manifest" in err
     assert not out.exists()
     os.mkfifo(tmp_path / "pipe.jsonl")
-    assert cli_main(["build", f"jsonl:{tmp_path / 'pipe.jsonl'}", "-o", str(out)]) == 2
+    assert cli_main(["build", f"jsonl:{tmp_path / 'pipe.jsonl'}", "-o", str(out)]) == 3
     assert "not a regular file" in capsys.readouterr().err
     assert not out.exists()
 

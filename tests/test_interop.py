@@ -244,7 +244,7 @@ def test_cli_import_predicts_like_reference_and_export_round_trips(tmp_path, cap
     src = tmp_path / "tiny.safetensors"
     save_file(sd, str(src))
     ckpt = tmp_path / "imported"
-    assert cli.main(["import-weights", str(src), "--arch", "tiny_resnext", "--out", str(ckpt)]) == 0
+    assert cli.main(["import-weights", str(src), "--arch", "tiny_resnext", "-o", str(ckpt)]) == 0
     assert "1000-way head (ImageNet-1k classes)" in capsys.readouterr().out
 
     variables, meta = checkpoint.load_for_inference(ckpt)
@@ -264,7 +264,7 @@ def test_cli_import_predicts_like_reference_and_export_round_trips(tmp_path, cap
     assert_parity("tiny_resnext via import-weights", got, ref.forward(sd, x))
 
     out = tmp_path / "export.safetensors"
-    assert cli.main(["export-weights", str(ckpt), "--out", str(out)]) == 0
+    assert cli.main(["export-weights", "--checkpoint", str(ckpt), "-o", str(out)]) == 0
     assert "1000-way head" in capsys.readouterr().out
     exported = load_file(str(out))
     # safetensors stores keys sorted; every tensor comes back bit for bit, plus PyTorch's BN counters.
@@ -276,25 +276,23 @@ def test_cli_import_predicts_like_reference_and_export_round_trips(tmp_path, cap
         np.testing.assert_array_equal(exported[k], v)
 
     again = tmp_path / "reimported"
-    assert (
-        cli.main(["import-weights", str(out), "--arch", "tiny_resnext", "--out", str(again)]) == 0
-    )
+    assert cli.main(["import-weights", str(out), "--arch", "tiny_resnext", "-o", str(again)]) == 0
     variables2, _ = checkpoint.load_for_inference(again)
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(variables2)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     # Trunk-only export; existing outputs and wrong architectures are refused in one line.
     trunk = tmp_path / "trunk.safetensors"
+    # (the old spellings, a positional checkpoint and --out, still work and warn)
     assert cli.main(["export-weights", str(ckpt), "--out", str(trunk), "--no-head"]) == 0
+    err = capsys.readouterr().err
+    assert "--out is now --output" in err and "is now --checkpoint" in err
     assert not any(k.startswith("fc.") for k in load_file(str(trunk)))
-    capsys.readouterr()
-    assert cli.main(["export-weights", str(ckpt), "--out", str(trunk)]) == 2
+    assert cli.main(["export-weights", "--checkpoint", str(ckpt), "-o", str(trunk)]) == 3
     assert "already exists" in capsys.readouterr().err
     assert (
-        cli.main(
-            ["import-weights", str(src), "--arch", "tiny_resnet", "--out", str(tmp_path / "x")]
-        )
-        == 2
+        cli.main(["import-weights", str(src), "--arch", "tiny_resnet", "-o", str(tmp_path / "x")])
+        == 3
     )
     err = capsys.readouterr().err
     assert "pass --arch tiny_resnext" in err and len(err.strip().splitlines()) == 1

@@ -150,7 +150,7 @@ def test_predict_refuses_a_vocabulary_of_another_run(workdir, vocab, images, tmp
                 str(images[0]),
             ]
         )
-        == 2
+        == 3
     )
     assert "not the vocabulary this checkpoint was trained on" in capsys.readouterr().err
 

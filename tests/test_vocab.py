@@ -289,7 +289,7 @@ def test_cli_build_show_lookup(tmp_path, capsys):
     assert cli.main(["vocab", "lookup", "--json", "tbt"]) == 0  # built-in in1k vocabulary
     e = json.loads(capsys.readouterr().out.splitlines()[0])
     assert e == {"tag": "tbt", "form": "tbt", "dropped": "meta_hashtag", "meanings": []}
-    assert cli.main(["vocab", "lookup", "--vocab", str(tmp_path / "none.json"), "dog"]) == 2
+    assert cli.main(["vocab", "lookup", "--vocab", str(tmp_path / "none.json"), "dog"]) == 3
     assert "does not exist" in capsys.readouterr().err
 
 

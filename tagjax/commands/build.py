@@ -15,12 +15,14 @@ from tagjax import build_steps, dedup
 from tagjax import images as images_lib
 from tagjax import posts as posts_lib
 from tagjax import vocab as vocab_lib
-from tagjax.commands import paths
+from tagjax.commands import _args, paths
 from tagjax.errors import UserError
+
+# Old flag spellings, still accepted with a warning (tagjax.cli).
+ALIASES = {"--tfds-data-dir": "--data-dir"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.epilog = (
         "Inputs are KIND:PATH with KIND one of "
         + ", ".join(posts_lib.SOURCE_KINDS)
@@ -30,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = build_steps.BuildConfig(inputs=(), output="")
     io_ = parser.add_argument_group("inputs and output")
     io_.add_argument("inputs", nargs="*", help="post sources, KIND:PATH")
-    io_.add_argument("--output", "-o", type=paths.path, help="dataset directory to create")
+    _args.add_output(io_, "dataset directory to create")
     io_.add_argument(
         "--overwrite", action="store_true", help="replace a previous build in --output"
     )
@@ -72,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="cache of rasterized SVGs (default ~/.cache/tagjax/raster; '' = off)",
     )
-    io_.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _args.add_progress(io_)
+    _args.add_json(io_, "print the build summary (stats.json) as one JSON document on stdout")
     io_.add_argument(
         "--beam",
         action="store_true",
@@ -106,6 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     pv.add_argument(
         "--apply-optout",
+        type=paths.path,
         metavar="DATASET",
         default=None,
         help="instead of building: remove the opted-out posts/users from DATASET",
@@ -123,16 +127,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="vocab.json to label with, or 'in1k' (default: build one from the corpus)",
     )
-    lb.add_argument("--vocab-mode", default=d.vocab_mode, choices=vocab_lib.MODES)
-    lb.add_argument("--vocab-top-k", type=int, default=d.vocab_top_k)
-    lb.add_argument("--vocab-min-count", type=int, default=d.vocab_min_count)
+    lb.add_argument(
+        "--vocab-mode",
+        default=d.vocab_mode,
+        choices=vocab_lib.MODES,
+        help="which hashtags become labels when the vocabulary is built from the corpus",
+    )
+    lb.add_argument(
+        "--vocab-top-k",
+        type=int,
+        default=d.vocab_top_k,
+        help="keep the K most frequent canonical hashtags as labels (0 = all)",
+    )
+    lb.add_argument(
+        "--vocab-min-count",
+        type=int,
+        default=d.vocab_min_count,
+        help="drop canonical hashtags seen on fewer posts",
+    )
     lb.add_argument(
         "--drop-ancestors",
         action="store_true",
         help="keep #goldenretriever, drop #dog when both are on a post",
     )
-    lb.add_argument("--habit-fraction", type=float, default=d.habit_fraction)
-    lb.add_argument("--habit-min-posts", type=int, default=d.habit_min_posts)
+    lb.add_argument(
+        "--habit-fraction",
+        type=float,
+        default=d.habit_fraction,
+        help="a hashtag on more than this fraction of one uploader's posts is a habit, not content",
+    )
+    lb.add_argument(
+        "--habit-min-posts",
+        type=int,
+        default=d.habit_min_posts,
+        help="uploaders with fewer posts are not checked for habits",
+    )
     lb.add_argument(
         "--habit-min-users",
         type=int,
@@ -145,8 +174,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.max_hashtags_per_post,
         help="posts with more distinct hashtags are dropped as spam (too_many_hashtags)",
     )
-    lb.add_argument("--habit-action", default=d.habit_action, choices=("drop", "keep"))
-    lb.add_argument("--max-posts-per-user", type=int, default=d.max_posts_per_user)
+    lb.add_argument(
+        "--habit-action",
+        default=d.habit_action,
+        choices=("drop", "keep"),
+        help="drop habitual hashtags from those posts, or only report them",
+    )
+    lb.add_argument(
+        "--max-posts-per-user",
+        type=int,
+        default=d.max_posts_per_user,
+        help="keep at most N posts of one uploader (0 = no cap)",
+    )
     im = parser.add_argument_group("images")
     o = d.images
     im.add_argument("--max-side", type=int, default=o.max_side, help="shorter side at most, px")
@@ -154,9 +193,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-side", type=int, default=o.min_side, help="smaller sources are skipped, px"
     )
     im.add_argument("--max-pixels", type=int, default=o.max_pixels, help="decompression-bomb limit")
-    im.add_argument("--max-aspect", type=float, default=o.max_aspect)
-    im.add_argument("--jpeg-quality", type=int, default=o.jpeg_quality)
-    im.add_argument("--max-failure-fraction", type=float, default=d.max_failure_fraction)
+    im.add_argument(
+        "--max-aspect",
+        type=float,
+        default=o.max_aspect,
+        help="images more elongated than this long/short side ratio are skipped",
+    )
+    im.add_argument(
+        "--jpeg-quality", type=int, default=o.jpeg_quality, help="JPEG quality of stored images"
+    )
+    im.add_argument(
+        "--max-failure-fraction",
+        type=float,
+        default=d.max_failure_fraction,
+        help="stop the build when more than this fraction of images cannot be read",
+    )
     dd = parser.add_argument_group("deduplication and split")
     dd.add_argument(
         "--near-dup-threshold",
@@ -164,17 +215,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.dedup.near_threshold,
         help="Hamming distance of 64-bit perceptual hashes; -1 = off",
     )
-    dd.add_argument("--no-exact-dedup", action="store_true")
+    dd.add_argument(
+        "--no-exact-dedup",
+        action="store_true",
+        help="keep pixel-identical copies (exact deduplication off)",
+    )
     dd.add_argument(
         "--eval-set",
         action="append",
         default=[],
         help="folder or tfds:NAME/SPLIT whose near duplicates are removed (repeatable)",
     )
-    dd.add_argument("--eval-threshold", type=int, default=d.dedup.eval_threshold)
-    dd.add_argument("--tfds-data-dir", type=paths.path, default=None)
-    dd.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
-    dd.add_argument("--split-seed", default=d.split_seed)
+    dd.add_argument(
+        "--eval-threshold",
+        type=int,
+        default=d.dedup.eval_threshold,
+        help="Hamming distance to an --eval-set image at or below which a post is removed",
+    )
+    _args.add_data_dir(dd)
+    dd.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=d.heldout_fraction,
+        help="share of near-duplicate groups (by hashed post id) in the held-out split",
+    )
+    dd.add_argument(
+        "--split-seed", default=d.split_seed, help="salt of the post-id hash that assigns splits"
+    )
     dd.add_argument("--shard-size", type=int, default=d.shard_size, help="records per shard")
 
 
@@ -209,7 +276,7 @@ def config_from_args(args) -> build_steps.BuildConfig:
             eval_threshold=args.eval_threshold,
         ),
         eval_sets=tuple(args.eval_set),
-        tfds_data_dir=args.tfds_data_dir,
+        tfds_data_dir=args.data_dir,
         assume_public=args.assume_public,
         optout_posts=args.optout_posts,
         optout_users=args.optout_users,
@@ -231,7 +298,7 @@ def config_from_args(args) -> build_steps.BuildConfig:
         raster_cache=args.raster_cache,
         overwrite=args.overwrite,
         yfcc_images=args.yfcc_images,
-        progress=not args.no_progress,
+        progress=args.progress,
     )
 
 
@@ -247,8 +314,11 @@ def run(args) -> int:
         if not optout.posts and not optout.users:
             raise UserError("--apply-optout needs --optout-posts and/or --optout-users.")
         result = local_build.apply_optout(
-            args.apply_optout, optout, args.inputs, args.yfcc_images, progress=not args.no_progress
+            args.apply_optout, optout, args.inputs, args.yfcc_images, progress=args.progress
         )
+        if args.json:
+            _args.print_json(args, {"dataset": args.apply_optout, **result})
+            return 0
         print(
             f"removed {result['removed']} records ({result['per_split']}) from {args.apply_optout}"
         )
@@ -274,9 +344,12 @@ def run(args) -> int:
         summary = build_beam.build(cfg, shlex.split(args.beam_options))
     else:
         summary = local_build.build(cfg)
-    print(build_steps.render_report(summary))
     explanation = summary.get("habits", {}).get("explanation")
     if explanation:
         print(f"tagjax build: note: {explanation}", file=sys.stderr)
+    if args.json:
+        _args.print_json(args, {"dataset": cfg.output, **summary})
+        return 0
+    print(build_steps.render_report(summary))
     print(f"dataset written to {cfg.output}")
     return 0

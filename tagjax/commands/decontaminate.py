@@ -3,19 +3,18 @@ writes the exclude list of training images near an evaluation image (the work is
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from tagjax.commands import paths
+from tagjax.commands import _args, paths
 from tagjax.errors import UserError
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        type=paths.path,
-        required=True,
-        help="the trunk whose features define similarity (a trained "
-        "or imported checkpoint; the better the features, the better the matches)",
+    _args.add_checkpoint(
+        parser,
+        "the trunk whose features define similarity (a trained or imported checkpoint; the better "
+        "the features, the better the matches)",
     )
     parser.add_argument(
         "--train",
@@ -38,12 +37,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--eval-split", default="test", help="split of each downstream dataset (default test)"
     )
-    parser.add_argument(
-        "--data-dir",
-        type=paths.path,
-        default=None,
-        help="TFDS data directory for downstream datasets",
-    )
+    _args.add_data_dir(parser)
     parser.add_argument(
         "--threshold",
         type=float,
@@ -54,9 +48,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--neighbours", type=int, default=5, help="neighbours examined per evaluation image"
     )
-    parser.add_argument(
-        "--output",
-        type=paths.path,
+    _args.add_output(
+        parser,
         required=True,
         help="the exclude list (one post id per line) for "
         "`tagjax build`; PATH.pairs.jsonl lists every match for inspection",
@@ -68,6 +61,10 @@ def add_arguments(parser) -> None:
         help="where embeddings are cached (default: beside --output); an interrupted run resumes",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    _args.add_json(
+        parser, "print the result (counts, similarity quantiles, files) as one JSON document"
+    )
+    _args.add_progress(parser)
 
 
 def run(args) -> int:
@@ -89,9 +86,12 @@ def run(args) -> int:
     inference = inference_lib.Inference(args.checkpoint, head=False)
 
     def embed(spec: str, split: str | None, prefix: Path):
+        _args.check_path_or_name(spec, "--train" if prefix.name == "train" else "--eval")
         source = inference_lib.resolve_input(spec, split, args.data_dir)
-        print(f"embedding {source.description}: {source.length:,} images")
-        inference_lib.embed(inference, source, prefix, batch_size=args.batch_size)
+        print(f"embedding {source.description}: {source.length:,} images", file=sys.stderr)
+        inference_lib.embed(
+            inference, source, prefix, batch_size=args.batch_size, progress=args.progress
+        )
         rows = inference_lib.read_index(f"{prefix}.index.jsonl")
         emb = np.load(f"{prefix}.npy", mmap_mode="r")
         keep = np.asarray([r["valid"] for r in rows], bool)
@@ -118,6 +118,20 @@ def run(args) -> int:
         if len(result.nearest)
         else [float("nan")] * 4
     )
+    if args.json:
+        _args.print_json(
+            args,
+            {
+                "excluded": len(result.train_ids),
+                "num_train": result.num_train,
+                "num_eval": result.num_eval,
+                "threshold": args.threshold,
+                "nearest_similarity": dict(zip(("median", "p90", "p99", "max"), q)),
+                "output": str(output),
+                "pairs": f"{output}.pairs.jsonl",
+            },
+        )
+        return 0
     print(
         f"nearest training image per evaluation image, cosine similarity: median {q[0]:.3f}, p90 {q[1]:.3f}, "
         f"p99 {q[2]:.3f}, max {q[3]:.3f}"

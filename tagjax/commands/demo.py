@@ -4,12 +4,12 @@ tagjax.demo.run_all)."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from tagjax import config as config_lib
-from tagjax.commands import paths
+from tagjax import progress
+from tagjax.commands import _args, paths
 
 DEFAULT_WORKDIR = "runs/demo"
 DEFAULT_CONFIG = "demo"
@@ -43,18 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="recompute every stage (the rasterized-SVG cache is still used)",
     )
-    parser.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="no progress bars (they are off anyway when stderr is not a terminal)",
-    )
+    _args.add_json(parser, "print the summary (summary.json) as one JSON document on stdout")
+    _args.add_progress(parser)
 
 
 def run(args) -> int:
-    from tagjax.demo import run_all
+    from tagjax.demo import render_table, run_all
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = config_lib.load(args.config, args.config_overrides)
     if args.seeds is not None:
         with cfg.unlocked():
@@ -65,6 +60,17 @@ def run(args) -> int:
         else f"tagjax demo --workdir {args.workdir}"
         + (f" --seeds {args.seeds}" if args.seeds else "")
     )
-    progress = not args.no_progress and sys.stderr.isatty()
-    run_all(cfg, args.workdir, fresh=args.fresh, progress=progress, command=command)
+    # Stage banners, progress lines and the training lines all go to stderr; the result to stdout.
+    summary = run_all(
+        cfg,
+        args.workdir,
+        fresh=args.fresh,
+        progress=args.progress,
+        log=progress.say,
+        command=command,
+    )
+    if args.json:
+        _args.print_json(args, summary)
+    else:
+        print(render_table(summary))
     return 0

@@ -4,18 +4,14 @@ tagjax.inference.embed)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
-from tagjax.commands import paths
-from tagjax.errors import UserError
+from tagjax.commands import _args
+from tagjax.errors import EXIT_SOME_INPUTS_FAILED, UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        type=paths.path,
-        required=True,
-        help="a training workdir, checkpoints/ folder or checkpoint",
-    )
+    _args.add_checkpoint(parser, "a training workdir, checkpoints/ folder or checkpoint")
     parser.add_argument(
         "--input",
         required=True,
@@ -27,17 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="split of a built dataset (default train) or of a downstream dataset (default test)",
     )
-    parser.add_argument(
-        "--data-dir",
-        type=paths.path,
-        default=None,
-        help="TFDS data directory for downstream datasets",
-    )
-    parser.add_argument(
-        "--output",
-        type=paths.path,
-        required=True,
-        help="output prefix: writes PREFIX.npy and PREFIX.index.jsonl",
+    _args.add_data_dir(parser)
+    _args.add_output(
+        parser, "output prefix: writes PREFIX.npy and PREFIX.index.jsonl", required=True
     )
     parser.add_argument(
         "--batch-size",
@@ -60,6 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="image decoding threads (default: tagjax.inference.DEFAULT_THREADS)",
     )
+    parser.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.01,
+        help="stop once more than this fraction of at least 1,000 images could not be read "
+        '(default 0.01); unreadable images are zero rows marked "valid": false in the index',
+    )
+    _args.add_json(parser, "print the summary (rows, dim, bad images, files) as one JSON document")
+    _args.add_progress(parser)
 
 
 def run(args) -> int:
@@ -75,13 +72,11 @@ def run(args) -> int:
     threads = DEFAULT_THREADS if args.threads is None else args.threads
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
+    if not 0.0 <= args.max_bad_fraction <= 1.0:
+        raise UserError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}.")
+    _args.check_path_or_name(args.input, "--input")
     inference = Inference(args.checkpoint, head=False, image_size=args.image_size)
     source = resolve_input(args.input, args.split, args.data_dir)
-    max_bad = float(
-        ((inference.meta.get("config") or {}).get("data") or {}).get(
-            "max_bad_record_fraction", 0.001
-        )
-    )
     summary = embed(
         inference,
         source,
@@ -89,11 +84,23 @@ def run(args) -> int:
         batch_size=batch_size,
         l2_normalize=args.l2_normalize,
         dtype=args.dtype,
-        max_bad_fraction=max_bad,
+        max_bad_fraction=args.max_bad_fraction,
         num_threads=threads,
+        progress=args.progress,
+        threshold_name="--max-bad-fraction",
     )
-    print(
-        f"embedded {summary['rows']:,} images ({summary['dim']}-d, {summary['bad_images']} unreadable) in "
-        f"{summary['seconds']:.1f} s -> {summary['embeddings']}, {summary['index']}"
-    )
+    if args.json:
+        _args.print_json(args, summary)
+    else:
+        print(
+            f"embedded {summary['rows']:,} images ({summary['dim']}-d, {summary['bad_images']} unreadable) in "
+            f"{summary['seconds']:.1f} s -> {summary['embeddings']}, {summary['index']}"
+        )
+    if summary["bad_images"]:
+        print(
+            f"tagjax embed: {summary['bad_images']} of {summary['rows']} images could not be read; "
+            f'their rows are zeros, marked "valid": false in {summary["index"]}',
+            file=sys.stderr,
+        )
+        return EXIT_SOME_INPUTS_FAILED
     return 0

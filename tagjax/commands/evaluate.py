@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tagjax.commands import paths
+from tagjax.commands import _args
 from tagjax.errors import UserError
 
 
@@ -41,6 +41,7 @@ def run_classification(args) -> int:
         batch_size=args.batch_size,
         image_size=args.image_size,
         resize=args.resize,
+        progress=args.progress,
     )
     step = int(metrics.get("step") or 0)
     out = (
@@ -57,18 +58,19 @@ def run_classification(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(to_json(metrics), indent=1) + "\n")
     out.with_suffix(".txt").write_text(table + "\n")
+    if args.json:
+        _args.print_json(args, {"output": str(out), **to_json(metrics)})
+        return 0
     print(table)
     print(f"wrote {out} and {out.with_suffix('.txt')}")
     return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        type=paths.path,
-        required=True,
-        help="a training workdir (newest checkpoint), its "
-        "checkpoints/ folder, or one checkpoint directory",
+    _args.add_checkpoint(
+        parser,
+        "a training workdir (newest checkpoint), its checkpoints/ folder, or one checkpoint "
+        "directory",
     )
     parser.add_argument(
         "--dataset",
@@ -84,13 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="split to evaluate (default heldout for built datasets; "
         "test for downstream ones, where validation and val name the same split)",
     )
-    parser.add_argument(
-        "--data-dir",
-        type=paths.path,
-        default=None,
-        help="TFDS data directory of a downstream dataset "
-        "(default $TFDS_DATA_DIR or ~/tensorflow_datasets)",
-    )
+    _args.add_data_dir(parser)
     parser.add_argument(
         "--max-images", type=int, default=0, help="evaluate the first N images (0 = all)"
     )
@@ -108,14 +104,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="shorter side before the crop (default: the "
         "checkpoint's data.eval_resize, scaled with --image-size)",
     )
-    parser.add_argument(
-        "--output",
-        type=paths.path,
-        default=None,
-        help="JSON file to write (default: WORKDIR/eval/"
+    _args.add_output(
+        parser,
+        "JSON file to write (default: WORKDIR/eval/"
         "<dataset>-<split>-step<N>.json, or eval/<checkpoint>-<dataset>-<split>.json beside a "
         "standalone checkpoint directory); the table is written beside it as .txt",
     )
+    _args.add_json(parser, "print the metrics (the JSON file's contents) on stdout, not the table")
+    _args.add_progress(parser)
 
 
 def run(args) -> int:
@@ -124,6 +120,7 @@ def run(args) -> int:
 
     if args.batch_size < 1 or args.max_images < 0:
         raise UserError("--batch-size must be at least 1 and --max-images at least 0.")
+    _args.check_path_or_name(args.dataset, "--dataset")
     if not is_hashtag_dataset(args.dataset):
         return run_classification(args)
     split = args.split or "heldout"
@@ -135,6 +132,7 @@ def run(args) -> int:
         batch_size=args.batch_size,
         image_size=args.image_size,
         resize=args.resize,
+        progress=args.progress,
     )
     step = int(metrics.get("step") or 0)
     out = (
@@ -148,6 +146,9 @@ def run(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(to_json(metrics), indent=1) + "\n")
     out.with_suffix(".txt").write_text(table + "\n")
+    if args.json:
+        _args.print_json(args, {"output": str(out), **to_json(metrics)})
+        return 0
     print(table)
     print(f"wrote {out} and {out.with_suffix('.txt')}")
     return 0

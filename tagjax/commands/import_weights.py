@@ -8,8 +8,11 @@ import time
 from pathlib import Path
 
 from tagjax import config as config_lib
-from tagjax.commands import paths
+from tagjax.commands import _args, paths
 from tagjax.errors import UserError
+
+# Old flag spellings, still accepted with a warning (tagjax.cli).
+ALIASES = {"--out": "--output"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,9 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ARCH",
         help="architecture of the weights, a name in tagjax.models.ARCHS (a wrong name lists them)",
     )
-    parser.add_argument(
-        "--out", type=paths.path, required=True, help="new checkpoint directory to write"
-    )
+    _args.add_output(parser, "new checkpoint directory to write", required=True)
     parser.add_argument(
         "--no-head", action="store_true", help="import the trunk only (drop or allow no 'fc')"
     )
@@ -44,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="default",
         help="tagjax config stored with the weights (preprocessing, model options); default: default, tagjax/configs/default.py",
     )
+    _args.add_json(parser, "print what was written (path, parameters, head) as one JSON document")
+    _args.add_progress(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,8 +68,16 @@ def run(args: argparse.Namespace) -> int:
             line.strip() for line in classes_path.read_text().splitlines() if line.strip()
         ]
     path, meta = import_weights(
-        args.file, args.arch, args.out, head=not args.no_head, config=cfg, class_names=class_names
+        args.file,
+        args.arch,
+        args.output,
+        head=not args.no_head,
+        config=cfg,
+        class_names=class_names,
     )
+    if args.json:
+        _args.print_json(args, {"output": str(path), "arch": args.arch, **meta})
+        return 0
     if args.no_head:
         head = "no head"
     else:

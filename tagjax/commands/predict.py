@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from pathlib import Path
 
-from tagjax.commands import paths
-from tagjax.errors import UserError
+from tagjax.commands import _args, paths
+from tagjax.errors import EXIT_SOME_INPUTS_FAILED, UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,14 +16,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=paths.path,
         nargs="+",
         metavar="IMAGE",
-        help="image files (JPEG, PNG, GIF, WebP, SVG, ...)",
+        help="image files (JPEG, PNG, GIF, WebP, SVG, ...) or folders of them (read recursively, "
+        "in sorted order, as `tagjax embed` reads a folder)",
     )
-    parser.add_argument(
-        "--checkpoint",
-        type=paths.path,
-        required=True,
-        help="a training workdir, its checkpoints/ folder, or one "
-        "checkpoint directory (trained or imported)",
+    _args.add_checkpoint(
+        parser,
+        "a training workdir, its checkpoints/ folder, or one checkpoint directory (trained or "
+        "imported)",
     )
     parser.add_argument(
         "--vocab",
@@ -42,22 +41,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="center-crop side (default: the checkpoint's data.eval_image_size)",
     )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _args.add_json(
+        parser, "print one JSON document (a list, one entry per image) instead of a table"
+    )
+    _args.add_progress(parser)
 
 
 def run(args) -> int:
     import numpy as np
 
     from tagjax import augment
-    from tagjax.inference import Inference
+    from tagjax.inference import Inference, image_files
     from tagjax.predict import ClassNames, find_vocabulary, read_user_image, top_hashtags
 
     if args.top_k < 1:
         raise UserError("--top-k must be at least 1.")
+    paths = []  # folders expand to their image files, in embed's order
+    for given in args.images:
+        if Path(given).expanduser().is_dir():
+            paths.extend(str(f) for f in image_files(given))
+        else:
+            paths.append(given)
     inference = Inference(args.checkpoint, head=True, image_size=args.image_size)
     vocab = find_vocabulary(inference.meta, args.vocab, inference.path)
     loaded, failed = [], {}
-    for path in args.images:
+    for path in paths:
         try:
             loaded.append((path, inference.preprocess(read_user_image(path))))
         except (UserError, augment.BadImage) as e:
@@ -72,11 +80,11 @@ def run(args) -> int:
             {"image": p, "hashtags": results[p]}
             if p in results
             else {"image": p, "error": failed[p]}
-            for p in args.images
+            for p in paths
         ]
-        print(json.dumps(payload, indent=1))
+        _args.print_json(args, payload)
     else:
-        for path in args.images:
+        for path in paths:
             print(path)
             if path in failed:
                 print(f"  error: {failed[path]}")
@@ -88,8 +96,8 @@ def run(args) -> int:
                 print(f"  {rank:2d}. {tag:<25s} {e['probability']:7.2%}  {synsets:<40s} {aliases}")
     if failed:
         print(
-            f"tagjax predict: {len(failed)} of {len(args.images)} images could not be read",
+            f"tagjax predict: {len(failed)} of {len(paths)} images could not be read",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_SOME_INPUTS_FAILED
     return 0

@@ -4,11 +4,12 @@ tagjax.study.run_study)."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from tagjax import config as config_lib
+from tagjax import progress
+from tagjax.commands import _args, paths
 
 DEFAULT_WORKDIR = "runs/study"
 DEFAULT_CONFIG = "study"
@@ -22,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workdir",
+        type=paths.path,
         default=DEFAULT_WORKDIR,
         help=f"output directory (default {DEFAULT_WORKDIR}); rerun to reuse finished runs",
     )
@@ -47,18 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="recompute every run (the rasterized-SVG cache is still used)",
     )
-    parser.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="no progress bars (they are off anyway when stderr is not a terminal)",
-    )
+    _args.add_json(parser, "print study.json's content as one JSON document on stdout")
+    _args.add_progress(parser)
 
 
 def run(args) -> int:
     from tagjax.study import run_study
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = config_lib.load(args.config, args.config_overrides)
     command = (
         "tagjax " + " ".join(sys.argv[1:])
@@ -67,15 +64,17 @@ def run(args) -> int:
         + (f" --arms {args.arms}" if args.arms else "")
         + (f" --seeds {args.seeds}" if args.seeds else "")
     )
-    progress = not args.no_progress and sys.stderr.isatty()
-    run_study(
+    summary = run_study(
         cfg,
         args.workdir,
         arms=args.arms,
         seeds=args.seeds,
         fresh=args.fresh,
-        progress=progress,
-        log=lambda s: print(s, flush=True),
+        progress=progress.wanted(args.progress),
+        # stage lines and the final table on stdout (on stderr under --json, where stdout is the JSON)
+        log=lambda line: print(line, flush=True),
         command=command,
     )
+    if args.json:
+        _args.print_json(args, summary)
     return 0

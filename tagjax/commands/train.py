@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from tagjax.commands import paths
+from tagjax.commands import _args, paths
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,22 +20,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workdir",
-        required=True,
         type=paths.path,
+        required=True,
         help="run directory: checkpoints, metrics.jsonl, TensorBoard events; rerun to resume",
     )
+    _args.add_json(parser, "print the final metrics as one JSON document on stdout")
+    _args.add_progress(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from tagjax import config as config_lib
     from tagjax import train
 
-    if not logging.getLogger().handlers:
-        # Libraries speak at WARNING and above; tagjax's own progress (restores, saves) at INFO.
-        logging.basicConfig(
-            level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+    # Libraries speak at WARNING and above (tagjax.cli); tagjax's own progress (restores, saves) at INFO.
     logging.getLogger("tagjax").setLevel(logging.INFO)
     cfg = config_lib.load(args.config, args.config_overrides)
-    train.train_and_evaluate(cfg, args.workdir)
+    result = train.train_and_evaluate(cfg, args.workdir, progress=args.progress)
+    if args.json:
+        _args.print_json(args, result)
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from tagjax.commands import paths
+from tagjax.commands import _args, paths
 from tagjax.errors import UserError
 
 MODES = ("linear", "finetune")
@@ -22,12 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="linear: frozen trunk + logistic regression; "
         "finetune: the whole network with a new head",
     )
-    parser.add_argument(
-        "--checkpoint",
-        type=paths.path,
-        required=True,
-        help="the pretrained checkpoint: a training workdir, its "
-        "checkpoints/ folder, one checkpoint directory, or an imported one",
+    _args.add_checkpoint(
+        parser,
+        "the pretrained checkpoint: a training workdir, its checkpoints/ folder, one checkpoint "
+        "directory, or an imported one",
     )
     parser.add_argument(
         "--workdir",
@@ -42,18 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "cifar10, caltech_birds2011, oxford_iiit_pet, places365_small, imagenet2012, "
         "emoji_subgroups, another prepared TFDS name, or a class-per-folder directory",
     )
-    parser.add_argument(
-        "--data-dir",
-        type=paths.path,
-        default=None,
-        help="TFDS data directory (default $TFDS_DATA_DIR or ~/tensorflow_datasets)",
-    )
+    _args.add_data_dir(parser)
     parser.add_argument(
         "--config",
         default=None,
         help="config file (default configs/transfer_MODE.py); override "
         "fields with --config.key=value",
     )
+    _args.add_json(parser, "print the results (results.json) as one JSON document on stdout")
+    _args.add_progress(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"{name} has no `transfer` section; start from configs/transfer_{args.mode}.py."
         )
+    if args.dataset:
+        _args.check_path_or_name(args.dataset, "--dataset")
     with cfg.unlocked():
         if args.dataset:
             cfg.transfer.dataset = args.dataset
@@ -76,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(
                 f"{name} has no `linear` section; start from configs/transfer_linear.py."
             )
-        transfer.run_linear(cfg, args.checkpoint, args.workdir)
+        result = transfer.run_linear(cfg, args.checkpoint, args.workdir, progress=args.progress)
     else:
-        transfer.run_finetune(cfg, args.checkpoint, args.workdir)
+        result = transfer.run_finetune(cfg, args.checkpoint, args.workdir, progress=args.progress)
+    if args.json:
+        _args.print_json(args, result)
     return 0

@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterator
 
 from tagjax import hashtags as H
-from tagjax.commands import paths
+from tagjax.commands import _args, paths
 from tagjax.errors import UserError
 from tagjax.vocab import MODES, Canonicalizer, Vocabulary, build_vocabulary, read_tag_counts
+
+# Old flag spellings, still accepted with a warning (tagjax.cli).
+ALIASES = {"--out": "--output", "--out-dir": "--output"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,14 +22,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "build",
         help="hashtag counts -> vocab.json",
         description="Build a vocabulary from hashtag counts (or WordNet alone).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_args.HelpFormatter,
         epilog=read_tag_counts.__doc__.split("\n", 1)[1].replace("``", ""),
     )
     b.add_argument(
         "--counts",
         help="hashtag counts (.tsv/.json/.jsonl, optionally .gz); omit to build from WordNet alone",
     )
-    b.add_argument("--mode", choices=MODES, default="nouns")
+    b.add_argument(
+        "--mode",
+        choices=MODES,
+        default="nouns",
+        help="which hashtags become labels (see docs/vocabulary.md)",
+    )
     b.add_argument(
         "--top-k", type=int, default=None, help="keep this many labels (17000, 8500, ...)"
     )
@@ -41,7 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'first' collapses each hashtag to WordNet's first sense (see README caveats)",
     )
     b.add_argument("--no-visual-filter", action="store_true", help="keep every noun")
-    b.add_argument("--visual-threshold", type=float, default=H.VisualRule.threshold)
+    b.add_argument(
+        "--visual-threshold",
+        type=float,
+        default=H.VisualRule.threshold,
+        help="share of a noun's senses under physical entity needed to keep it",
+    )
     b.add_argument(
         "--meta-hashtags",
         default="default",
@@ -52,15 +64,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="split unknown forms into known nouns (#sunsetbeach -> sunset + beach)",
     )
-    b.add_argument(
-        "--out", type=paths.path, required=True, help="output vocabulary file (.json, or .json.gz)"
+    _args.add_output(b, "output vocabulary file (.json, or .json.gz)", required=True)
+    _args.add_json(b, "print the vocabulary's summary (settings, statistics) as one JSON document")
+    _args.add_progress(b)
+    s = sub.add_parser(
+        "show",
+        help="summarize a vocabulary and list its labels",
+        formatter_class=_args.HelpFormatter,
     )
-    s = sub.add_parser("show", help="summarize a vocabulary and list its labels")
     s.add_argument("vocab", help="vocab.json, a dataset directory, or a built-in name (in1k)")
     s.add_argument("--limit", type=int, default=25, help="labels to list (0 = all)")
-    s.add_argument("--json", action="store_true", help="print label entries as JSON lines")
+    _args.add_json(s, "print the listed label entries as JSON Lines (the summary goes to stderr)")
+    _args.add_progress(s, draws_bars=False)
     lk = sub.add_parser(
         "lookup",
+        formatter_class=_args.HelpFormatter,
         help="explain what happens to hashtags",
         description="For each hashtag: its label (id, name, synsets) or why it is dropped.",
     )
@@ -75,15 +93,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also show the labels kept for all tags as one post under the specificity option",
     )
-    lk.add_argument("--split-compounds", action="store_true")
-    lk.add_argument("--json", action="store_true", help="one JSON object per hashtag")
-    r = sub.add_parser("rebuild-data", help="rebuild tagjax's package data from WordNet 3.0")
-    r.add_argument(
-        "--out-dir",
-        type=paths.path,
-        default=None,
-        help="default: the installed package's data directory",
+    lk.add_argument(
+        "--split-compounds",
+        action="store_true",
+        help="split unknown forms into known nouns (#sunsetbeach -> sunset + beach)",
     )
+    _args.add_json(
+        lk,
+        "one JSON object per hashtag (JSON Lines); the 'as one post' line goes to stderr",
+    )
+    _args.add_progress(lk, draws_bars=False)
+    r = sub.add_parser(
+        "rebuild-data",
+        help="rebuild tagjax's package data from WordNet 3.0",
+        formatter_class=_args.HelpFormatter,
+    )
+    r.add_argument(
+        "--output",
+        "-o",
+        type=paths.path,
+        dest="out_dir",
+        default=None,
+        metavar="DIR",
+        help="data directory to write (default: the installed package's data directory)",
+    )
+    _args.add_json(r, "print what was written as one JSON document")
+    _args.add_progress(r, draws_bars=False)
 
 
 def run(args) -> int:
@@ -108,12 +143,24 @@ def _run_build(args) -> int:
         meta_hashtags=args.meta_hashtags,
         split_compounds=args.split_compounds,
         source=str(args.counts or "wordnet"),
-        progress=True,
+        progress=args.progress,
     )
-    v.save(args.out)
+    v.save(args.output)
+    if args.json:
+        _args.print_json(args, {"output": str(args.output), **_summary(v)})
+        return 0
     _print_summary(v)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.output}")
     return 0
+
+
+def _summary(v: Vocabulary) -> dict:
+    return {
+        "num_labels": v.num_labels,
+        "fingerprint": v.fingerprint(),
+        "settings": v.settings,
+        "stats": v.stats,
+    }
 
 
 def _print_summary(v: Vocabulary) -> None:
@@ -139,11 +186,10 @@ def _run_show(args) -> int:
     v = Vocabulary.load(args.vocab)
     _print_summary(v)
     n = v.num_labels if args.limit == 0 else min(args.limit, v.num_labels)
-    entries = v.to_json()["labels"][:n] if args.json else None
+    if args.json:  # the summary above went to stderr (tagjax.cli redirects prints under --json)
+        _args.print_json_lines(args, v.to_json()["labels"][:n])
+        return 0
     for i in range(n):
-        if args.json:
-            print(json.dumps(entries[i], ensure_ascii=False))
-            continue
         aliases = ", ".join(f"{a}:{c}" for a, c in list(v.aliases_of(i).items())[:6])
         print(
             f"{i:>6}  {v.name_of(i):24s} {v.count_of(i):>10}  {' '.join(v.synsets_of(i))}  [{aliases}]"
@@ -172,28 +218,30 @@ def _run_lookup(args) -> int:
         raise UserError(
             "give hashtags to look up, e.g. `tagjax vocab lookup dogs tbt sunset` ('-' = stdin)."
         )
-    for tag in tags:
-        e = canon.explain(tag)
-        if args.json:
-            print(json.dumps(e, ensure_ascii=False))
-            continue
-        if "labels" in e:
-            for lab in e["labels"]:
-                print(
-                    f"{tag}\t-> label {lab['id']} #{lab['name']}\tsynsets: {', '.join(lab['synsets'])}"
+    if args.json:
+        _args.print_json_lines(args, (canon.explain(tag) for tag in tags))
+    else:
+        for tag in tags:
+            e = canon.explain(tag)
+            if "labels" in e:
+                for lab in e["labels"]:
+                    print(
+                        f"{tag}\t-> label {lab['id']} #{lab['name']}\tsynsets: {', '.join(lab['synsets'])}"
+                    )
+            else:
+                senses = "; ".join(
+                    f"{', '.join(m['synsets'][:4])}{' ...' if len(m['synsets']) > 4 else ''}"
+                    f" (visual share {m['visual_share']})"
+                    for m in e["meanings"]
                 )
-        else:
-            senses = "; ".join(
-                f"{', '.join(m['synsets'][:4])}{' ...' if len(m['synsets']) > 4 else ''}"
-                f" (visual share {m['visual_share']})"
-                for m in e["meanings"]
-            )
-            print(f"{tag}\t-> dropped: {e['dropped']}" + (f"\t{senses}" if senses else ""))
+                print(f"{tag}\t-> dropped: {e['dropped']}" + (f"\t{senses}" if senses else ""))
     result = canon(tags)
     names = [f"#{v.name_of(i)}" for i in result.label_ids]
     drops = ", ".join(f"{r}={n}" for r, n in sorted(result.dropped.items()))
     print(
-        f"as one post: {' '.join(names) or '(no labels)'}" + (f"; dropped {drops}" if drops else "")
+        f"as one post: {' '.join(names) or '(no labels)'}"
+        + (f"; dropped {drops}" if drops else ""),
+        file=sys.stderr if args.json else sys.stdout,
     )
     return 0
 
@@ -202,6 +250,9 @@ def _run_rebuild(args) -> int:
     from tagjax import wordnet  # nltk: only this action reads WordNet itself
 
     info = wordnet.rebuild_package_data(args.out_dir)
+    if args.json:
+        _args.print_json(args, info)
+        return 0
     print(
         f"WordNet 3.0: {info['synsets']} noun synsets, {info['forms']} hashtag forms; "
         f"in1k vocabulary: {info['in1k_labels']} labels"

@@ -29,8 +29,8 @@ unpickler, so a torch older than :data:`MIN_SAFE_TORCH` (published bypasses) is 
 
 Commands::
 
-    tagjax import-weights ig_resnext101_32x8d.safetensors --arch resnext101_32x8d --out ckpt/ig32x8d
-    tagjax export-weights /path/to/workdir --out trunk.safetensors [--no-head]
+    tagjax import-weights ig_resnext101_32x8d.safetensors --arch resnext101_32x8d --output ckpt/ig32x8d
+    tagjax export-weights --checkpoint /path/to/workdir --output trunk.safetensors [--no-head]
 
 An imported checkpoint is an inference checkpoint (tagjax.checkpoint.save_inference_checkpoint): read it
 with ``tagjax.checkpoint.load_for_inference(path)``, and use it with ``tagjax predict``, ``embed``,
@@ -52,12 +52,12 @@ import jax
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
-from tqdm import tqdm
 
 from tagjax import __version__, checkpoint, models
 from tagjax import config as config_lib
 from tagjax.errors import UserError
 from tagjax.metrics_writer import as_path
+from tagjax.progress import progress_bar
 from tagjax.vocab import IMAGENET1K_CLASSES_FILE
 
 TORCH_CPU_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
@@ -385,7 +385,7 @@ def write_safetensors(
 
     p = as_path(path)
     if p.exists():
-        raise UserError(f"{str(p)!r} already exists; choose another --out or delete it first.")
+        raise UserError(f"{str(p)!r} already exists; choose another --output or delete it first.")
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     save_file(dict(sd), str(tmp), metadata={k: str(v) for k, v in metadata.items()})
@@ -400,12 +400,12 @@ def sha256_of(path: Path) -> str:
     size = path.stat().st_size
     with (
         open(path, "rb") as f,
-        tqdm(
+        progress_bar(
             total=size,
             unit="B",
             unit_scale=True,
             desc="sha256",
-            disable=size < (256 << 20),
+            enabled=None if size >= (256 << 20) else False,
             leave=False,
         ) as bar,
     ):
@@ -459,7 +459,7 @@ def import_weights(
     out = as_path(out)
     if out.exists():
         raise UserError(
-            f"{str(out)!r} already exists; choose a new --out directory or delete it first."
+            f"{str(out)!r} already exists; choose a new --output directory or delete it first."
         )
     sd = read_state_dict(file)
     variables = from_state_dict(sd, arch, head=head, source=file.name)
@@ -505,10 +505,10 @@ def export_weights(
     out = as_path(out)
     if not out.name.lower().endswith(".safetensors"):
         raise UserError(
-            f"--out {str(out)!r}: the export is a .safetensors file; name it NAME.safetensors."
+            f"--output {str(out)!r}: the export is a .safetensors file; name it NAME.safetensors."
         )
     if out.exists():
-        raise UserError(f"{str(out)!r} already exists; choose another --out or delete it first.")
+        raise UserError(f"{str(out)!r} already exists; choose another --output or delete it first.")
     loader = checkpoint.load_for_inference if head else checkpoint.load_backbone
     variables, meta = loader(checkpoint_path)
     arch = ((meta.get("config") or {}).get("model") or {}).get("name")
