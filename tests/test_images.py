@@ -54,7 +54,8 @@ def test_large_jpeg_decodes_downscaled_to_the_target():
 def test_every_mode_becomes_rgb(mode):
     src = Image.fromarray(smooth(32, 32))
     if mode == "I;16":
-        src = Image.fromarray((np.asarray(src.convert("L"), np.uint16) * 257), "I;16")
+        src = Image.fromarray(np.asarray(src.convert("L"), np.uint16) * 257)
+        assert src.mode == "I;16"
     else:
         src = src.convert(mode)
     fmt = "JPEG" if mode == "CMYK" else "PNG"
