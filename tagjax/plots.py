@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,7 +19,13 @@ import numpy as np
 
 DPI = 110
 # One color per trunk in the comparison, the same in every figure.
-TRUNK_COLORS = {"pretrained": "#1f77b4", "random": "#7f7f7f", "downstream": "#ff7f0e"}
+TRUNK_COLORS = {
+    "pretrained": "#1f77b4",
+    "shuffled": "#9ecae1",  # the hashtag trunk's colour, paler: same training, labels shuffled
+    "random_bn": "#bdbdbd",
+    "random": "#7f7f7f",
+    "downstream": "#ff7f0e",
+}
 
 
 def _figure(width: float, height: float, ncols: int = 1):
@@ -228,7 +235,9 @@ def probe_comparison(
         )  # above the error bar
     top = max((100 * float(np.max(r["top1"])) for r in rows), default=1.0)
     ax.set_ylim(0, top * 1.15)  # room for the value labels under the title
-    ax.set_xticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
+    # Labels wrapped to two lines so five trunks fit under their bars without overlapping.
+    labels = [textwrap.fill(str(r["label"]), 16) for r in rows]
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
     ax.set_ylabel("linear probe test top-1 (%)")
     if num_classes:
         ax.axhline(

@@ -5,15 +5,14 @@ Run it (the README's first command; launch/demo.sh installs everything first)::
     tagjax demo                      # workdir runs/demo; one seed
     tagjax demo --seeds 3            # the acceptance measurement: mean ± std over seeds 0, 1, 2
 
-Time on the 2-core development VM (AMD EPYC) beside other jobs, measured: 15m54s of compute for
-``--seeds 3`` from an empty raster cache (per seed: ~1.5 minutes of pretraining, ~1.5 of training the
-downstream-only trunk, ~0.8 of linear probes; the corpus build 4m00s while it rasterizes the ~3k labelled
-SVGs into ~/.cache/tagjax/raster, ~25 s once they are cached; the emoji ~10 s). Everything is
+Time on the 2-core development VM (AMD EPYC) beside other jobs, measured: 11m12s of compute for
+``--seeds 3`` with a warm raster cache (per seed: ~1.1 minutes of pretraining, ~0.7 of training the
+downstream-only trunk, ~0.7 of linear probes, ~1 of the two controls of ``demo.controls``: a
+shuffled-hashtag pretraining and a batch-norm re-estimation; the corpus build ~15 s once the ~3k labelled
+SVGs are cached in ~/.cache/tagjax/raster, ~4 minutes before; the emoji ~10 s). Everything is
 reproducible from this file: the corpus depends only on the Debian packages (not on thread counts or the
 cache; its content hash is in summary.json), the split is keyed on post ids (``corpus.split_seed``), the
-training stream, crops and initializations on ``seed``; a rerun gives the same numbers to the last digit. Those times predate the two controls of
-``demo.controls`` (a shuffled-hashtag pretraining and a batch-norm re-estimation), which add ~2.5
-minutes per seed (estimated).
+training stream, crops and initializations on ``seed``; a rerun gives the same numbers to the last digit.
 
 Sections: the top level (data / model / loss / optim / train / ...) is the pretraining config, exactly as
 ``tagjax train`` reads it; ``corpus`` the build of the dataset (``tagjax build`` flags of the same names);
