@@ -59,7 +59,8 @@ FAILURE_REASONS = frozenset(
 )
 STAGING = ".staging"
 DROPS_FILE = "drops.jsonl"  # one line per dropped post: {"id", "reason"}
-# The files every build writes besides its shards (dataset.json lists them all under build.files).
+# The files a build writes besides its shards (dataset.json lists them under build.files), plus the
+# `*.labels.npz` of builds made before the memory-mapped label store, so --overwrite removes those too.
 OUTPUT_FILES = (
     "vocab.json",
     "stats.json",

@@ -154,6 +154,25 @@ def rewrite_aliases(argv: list[str], aliases: dict[str, str], command: str) -> l
     return out
 
 
+def _without_closed_loop_noise(hook):
+    """``sys.unraisablehook`` minus one message: after a failed asynchronous checkpoint save, Orbax's
+    background thread may still schedule a callback on the asyncio loop the failure already closed, and
+    Python prints "RuntimeError: Event loop is closed" as a traceback after tagjax's one-line error. The
+    callback has nothing left to do (the save is reported and the run stopped), so only that message is
+    dropped; every other unraisable exception still reaches ``hook``."""
+
+    def hook_without_noise(unraisable) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        hook(unraisable)
+
+    hook_without_noise.wraps_tagjax_hook = (
+        True  # installed once per process, however often main runs
+    )
+    return hook_without_noise
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parses ``argv`` and runs the command -> the exit status (tagjax.errors: 0 ok, 1 some inputs
     failed, 2 usage, 3 UserError, 130 interrupted)."""
@@ -178,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_USAGE
     config_lib.ensure_absl_flags_parsed()
+    if not getattr(sys.unraisablehook, "wraps_tagjax_hook", False):
+        sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
     if not logging.getLogger().handlers:
         # Log lines go to stderr; set up before the bars, so they are printed above them.
         logging.basicConfig(

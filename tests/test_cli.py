@@ -54,3 +54,17 @@ def test_bad_override_is_a_one_line_error(override, message):
 def test_missing_config_file_is_a_user_error():
     with pytest.raises(UserError, match="does not exist"):
         config.load("configs/no_such_config.py")
+
+
+def test_only_the_closed_event_loop_noise_of_a_failed_save_is_silenced():
+    import types
+
+    from tagjax import cli
+
+    seen = []
+    hook = cli._without_closed_loop_noise(seen.append)
+    noise = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    hook(noise)
+    hook(other)
+    assert seen == [other]
