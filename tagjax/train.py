@@ -510,16 +510,18 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool | N
     """
     run_start = time.perf_counter()
     loop.validate_config(config)
+    # Refuse what no run can use (a run shorter than one batch, an unknown NaN policy, a warm-up longer
+    # than the run) before anything is written to the workdir or any data is opened.
+    num_steps = loop.Cadence.from_config(config.train).num_steps
+    loop.NonfiniteGuard.from_config(config.train)
+    batch_size = int(config.train.batch_size)
+    optim.make_schedule(config.optim, batch_size, int(config.train.total_images))
     workdir = as_path(workdir)  # absolute; or gs://... (etils.epath) on Cloud TPU
     setup_runtime(config)
     is_main = jax.process_index() == 0
     if is_main:
         loop.prepare_workdir(workdir)
         (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
-    # Refuse a run shorter than one batch or an unknown NaN policy before any data is opened.
-    num_steps = loop.Cadence.from_config(config.train).num_steps
-    loop.NonfiniteGuard.from_config(config.train)
-    batch_size = int(config.train.batch_size)
     mesh = sharding.create_mesh(config.mesh)
     validate_batch_layout(config, mesh)
 

@@ -388,3 +388,13 @@ def test_other_configs_load_and_validate(name):
     cfg = config_lib.load(name)
     train.validate_batch_layout(cfg, sharding.create_mesh(cfg.mesh))
     assert models.get_spec(cfg.model.name)
+
+
+def test_a_config_no_run_can_use_is_refused_before_the_workdir_is_touched(tmp_path):
+    workdir = tmp_path / "run"
+    cfg = _config(**{"optim.warmup_images": 3200, "train.total_images": 1600})
+    with pytest.raises(UserError, match="warmup_images=3200 must lie between 0"):
+        train.train_and_evaluate(cfg, workdir)
+    assert (
+        not workdir.exists()
+    )  # no config.json, metrics or TensorBoard of a run that never started
