@@ -113,3 +113,11 @@ def check_path_or_name(spec: str, flag: str) -> None:
     "unknown dataset", when a path is mistyped. Bare names (cifar10, emoji_subgroups/32px) pass."""
     if spec.startswith(("/", "~", "./", "../")) and not Path(spec).expanduser().exists():
         raise UserError(f"{flag} {spec}: no such path.")
+
+
+def invocation(fallback: str) -> str:
+    """The command line as the user typed it, recorded in demo/study summaries; ``fallback`` when tagjax
+    runs from Python (a notebook, a test) rather than from the ``tagjax`` script."""
+    if sys.argv and "tagjax" in Path(sys.argv[0]).name:
+        return "tagjax " + " ".join(sys.argv[1:])
+    return fallback

@@ -4,8 +4,6 @@ tagjax.demo.run_all)."""
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 from tagjax import config as config_lib
 from tagjax import progress
@@ -54,11 +52,8 @@ def run(args) -> int:
     if args.seeds is not None:
         with cfg.unlocked():
             cfg.demo.seeds = int(args.seeds)
-    command = (
-        "tagjax " + " ".join(sys.argv[1:])
-        if sys.argv and "tagjax" in Path(sys.argv[0]).name
-        else f"tagjax demo --workdir {args.workdir}"
-        + (f" --seeds {args.seeds}" if args.seeds else "")
+    command = _args.invocation(
+        f"tagjax demo --workdir {args.workdir}" + (f" --seeds {args.seeds}" if args.seeds else "")
     )
     # Stage banners, progress lines and the training lines all go to stderr; the result to stdout.
     summary = run_all(

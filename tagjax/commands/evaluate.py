@@ -27,10 +27,25 @@ def _classification_output(step_dir: Path, dataset: str, split: str, step: int) 
     return step_dir.parent / "eval" / f"{step_dir.name}-{name}-{split}.json"
 
 
+def _write_and_report(args, out: Path, metrics: dict, table: str) -> int:
+    """Both evaluations end alike: metrics as JSON at ``out``, the table beside it (.txt), and on stdout
+    either the table or, with --json, the metrics and where they were written."""
+    from tagjax.metrics import to_json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(to_json(metrics), indent=1) + "\n")
+    out.with_suffix(".txt").write_text(table + "\n")
+    if args.json:
+        _args.print_json(args, {"output": str(out), **to_json(metrics)})
+        return 0
+    print(table)
+    print(f"wrote {out} and {out.with_suffix('.txt')}")
+    return 0
+
+
 def run_classification(args) -> int:
     """``tagjax evaluate`` on a downstream dataset: writes the JSON and the table, prints the table."""
     from tagjax.evaluate import evaluate_classification, format_classification_table
-    from tagjax.metrics import to_json
 
     metrics = evaluate_classification(
         args.checkpoint,
@@ -55,15 +70,7 @@ def run_classification(args) -> int:
         metrics,
         title=f"{metrics['checkpoint']} on {metrics['dataset']} ({metrics['split']}), step {step:,}",
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(to_json(metrics), indent=1) + "\n")
-    out.with_suffix(".txt").write_text(table + "\n")
-    if args.json:
-        _args.print_json(args, {"output": str(out), **to_json(metrics)})
-        return 0
-    print(table)
-    print(f"wrote {out} and {out.with_suffix('.txt')}")
-    return 0
+    return _write_and_report(args, out, metrics, table)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from tagjax.evaluate import evaluate_checkpoint, is_hashtag_dataset
-    from tagjax.metrics import format_table, to_json
+    from tagjax.metrics import format_table
 
     if args.batch_size < 1 or args.max_images < 0:
         raise UserError("--batch-size must be at least 1 and --max-images at least 0.")
@@ -143,12 +150,4 @@ def run(args) -> int:
     table = format_table(
         metrics, title=f"{metrics['checkpoint']} on {args.dataset} ({split}), step {step:,}"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(to_json(metrics), indent=1) + "\n")
-    out.with_suffix(".txt").write_text(table + "\n")
-    if args.json:
-        _args.print_json(args, {"output": str(out), **to_json(metrics)})
-        return 0
-    print(table)
-    print(f"wrote {out} and {out.with_suffix('.txt')}")
-    return 0
+    return _write_and_report(args, out, metrics, table)

@@ -4,8 +4,6 @@ tagjax.study.run_study)."""
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 from tagjax import config as config_lib
 from tagjax import progress
@@ -57,10 +55,8 @@ def run(args) -> int:
     from tagjax.study import run_study
 
     cfg = config_lib.load(args.config, args.config_overrides)
-    command = (
-        "tagjax " + " ".join(sys.argv[1:])
-        if sys.argv and "tagjax" in Path(sys.argv[0]).name
-        else f"tagjax study --workdir {args.workdir}"
+    command = _args.invocation(
+        f"tagjax study --workdir {args.workdir}"
         + (f" --arms {args.arms}" if args.arms else "")
         + (f" --seeds {args.seeds}" if args.seeds else "")
     )
