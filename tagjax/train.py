@@ -515,7 +515,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool | N
     num_steps = loop.Cadence.from_config(config.train).num_steps
     loop.NonfiniteGuard.from_config(config.train)
     batch_size = int(config.train.batch_size)
-    optim.make_schedule(config.optim, batch_size, int(config.train.total_images))
+    schedule = optim.make_schedule(config.optim, batch_size, int(config.train.total_images))
     workdir = as_path(workdir)  # absolute; or gs://... (etils.epath) on Cloud TPU
     setup_runtime(config)
     is_main = jax.process_index() == 0
@@ -552,7 +552,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool | N
     try:
         spec = loop.Loop(
             config,
-            step_fn=jit_train_step(config, model, mesh, state),
+            step_fn=jit_train_step(config, model, mesh, state, schedule=schedule),
             batches=data.train_iterator,
             batch_keys=TRAIN_BATCH_KEYS,
             mesh=mesh,
