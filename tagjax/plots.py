@@ -261,14 +261,14 @@ def study_finding(
     reference_lines: Mapping[str, float],
     log_x: bool = False,
 ) -> Path:
-    """One finding of ``tagjax study``: linear-probe top-1 (left), its paired difference to the baseline
-    (middle) and held-out hashtag mAP (right) per arm, each a mean with its 95% t-interval as error bars
+    """One finding of ``tagjax study``: linear-probe top-1 (left), its paired difference to the arm it is
+    compared with (the baseline unless the label says otherwise; middle) and held-out hashtag mAP (right) per arm, each a mean with its 95% t-interval as error bars
     and each seed as a dot; ``reference_lines`` (label -> top-1 fraction: chance, the controls) are drawn
     across the probe panel. With ``log_x`` the arms sit at their ``fraction`` of the data on a log axis
     (the data-size finding); otherwise one slot per arm.
 
     ``arms``: [{"label", "fraction", "top1": [per seed], "top1_ci": {mean, lo, hi}, "diff": [per-seed
-    difference to the baseline; [] for the baseline], "diff_ci": {...}, "mAP": [per seed or None],
+    difference to the arm it is compared with; [] for the baseline], "diff_ci": {...}, "mAP": [per seed or None],
     "mAP_ci": {...}}].
     """
     fig, axes = _figure(15.0, 4.2, ncols=3)
@@ -279,7 +279,7 @@ def study_finding(
     )
     for ax, key, ylabel in (
         (axes[0], "top1", "linear probe test top-1 (%)"),
-        (axes[1], "diff", "top-1 minus baseline, paired by seed (points)"),
+        (axes[1], "diff", "top-1 difference, paired by seed (points)"),
         (axes[2], "mAP", "held-out hashtag mAP (%)"),
     ):
         for i, arm in enumerate(arms):
@@ -315,7 +315,79 @@ def study_finding(
         )
     axes[1].axhline(0.0, color="black", lw=0.8)
     axes[0].set_title("linear probe (95% intervals over seeds)", fontsize=9)
-    axes[1].set_title("difference to the baseline (95% paired intervals)", fontsize=9)
+    axes[1].set_title("difference to the baseline or the named arm (95% paired)", fontsize=9)
     axes[2].set_title("hashtag prediction, held-out posts", fontsize=9)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def study_share(
+    points: Sequence[Mapping],
+    fit: Mapping,
+    path: str | Path,
+    *,
+    title: str,
+    chance: float,
+) -> Path:
+    """The hashtags' own share against the data size (``tagjax study``): left, the probe top-1 of the
+    real- and the shuffled-hashtag arms at each fraction of the training split; right, their paired
+    difference (real minus shuffled) with its 95% interval, each seed a dot, and the fitted line
+    ``a + b log2(fraction)`` when there is one.
+
+    ``points``: [{"fraction", "real": {"per_seed", "mean", "lo", "hi"}, "shuffled": {...},
+    "share": {"per_seed", "mean", "lo", "hi"}}]; ``fit``: tagjax.study.share_slope's result.
+    """
+    fig, axes = _figure(11.0, 4.2, ncols=2)
+    x = np.asarray([p["fraction"] for p in points], np.float64)
+
+    def draw(ax, stats, xs, color, label, offset=1.0):
+        for i, st in enumerate(stats):
+            if st["mean"] is None:
+                continue
+            mean = 100 * st["mean"]
+            yerr = None
+            if st["lo"] is not None:
+                yerr = [[mean - 100 * st["lo"]], [100 * st["hi"] - mean]]
+            ax.errorbar(
+                xs[i] * offset,
+                mean,
+                yerr=yerr,
+                fmt="o",
+                color=color,
+                capsize=5,
+                ms=7,
+                label=label if i == 0 else None,
+            )
+            values = [100 * v for v in st["per_seed"] if v is not None]
+            ax.plot(
+                np.full(len(values), xs[i] * offset), values, ".", color="black", ms=4, alpha=0.6
+            )
+
+    draw(axes[0], [p["real"] for p in points], x, "C0", "real hashtags", 0.97)
+    draw(axes[0], [p["shuffled"] for p in points], x, "C3", "shuffled hashtags", 1.03)
+    axes[0].axhline(100 * chance, ls=":", color="gray")
+    axes[0].set_ylabel("linear probe test top-1 (%)")
+    axes[0].legend(fontsize=8, loc="lower right")
+    draw(axes[1], [p["share"] for p in points], x, "C2", "real minus shuffled")
+    if fit.get("slope") is not None:
+        xs = np.geomspace(x.min(), x.max(), 50)
+        axes[1].plot(
+            xs,
+            100 * (fit["intercept"] + fit["slope"] * np.log2(xs)),
+            "--",
+            color="C2",
+            label=f"fit: {100 * fit['slope']:+.1f} points per doubling "
+            f"[{100 * fit['lo']:+.1f}, {100 * fit['hi']:+.1f}]",
+        )
+    axes[1].axhline(0.0, color="black", lw=0.8)
+    axes[1].set_ylabel("hashtags' share of top-1, paired by seed (points)")
+    axes[1].legend(fontsize=8, loc="upper left")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [f"{f:g}" for f in x])
+        ax.set_xlabel("share of the training split (schedule grows with the data)")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_title("real and shuffled hashtags (95% intervals over seeds)", fontsize=9)
+    axes[1].set_title("the hashtags' own share (95% paired intervals)", fontsize=9)
     fig.suptitle(title)
     return _save(fig, path)

@@ -55,6 +55,8 @@ FINDING_TITLES = {
     "sampling": "(b) Hashtag resampling",
     "noise": "(c) Label noise (a fixed corrupted dataset)",
     "data_size": "(d) Pretraining data size",
+    "hashtag_share": "The hashtags' own share (real minus shuffled hashtags) against the data size",
+    "length": "Pretraining length: the baseline and its shuffled control with 4x the images",
 }
 # Two-sided 95% quantiles t(0.975, df) of Student's t for df = 1..30; larger df use the Cornish-Fisher
 # expansion below (error < 1e-4 past 30). Tabulated, because scipy is not a tagjax dependency.
@@ -137,6 +139,40 @@ def paired_difference(arm: Mapping[int, float], baseline: Mapping[int, float]) -
     else:
         verdict = "not resolved"
     return {**stats, "seeds": seeds, "per_seed": diffs, "verdict": verdict}
+
+
+def share_slope(points: Sequence[tuple[float, float]], target: float, train_records: int) -> dict:
+    """Least-squares line ``share = a + b * log2(fraction)`` through per-seed (fraction, share) points:
+    ``b`` is the change of the hashtags' share per doubling of the data, with its 95% t-interval
+    (df = n - 2). When the whole interval is above zero, the line is extrapolated to the training-set
+    size at which the share would reach ``target`` (central slope, and the range the interval allows);
+    beyond the measured range this is a guide to the scale a finding needs, not a measurement."""
+    x = np.log2(np.asarray([p[0] for p in points], np.float64))
+    y = np.asarray([p[1] for p in points], np.float64)
+    n = len(x)
+    out = {"n": n, "target": target, "slope": None, "lo": None, "hi": None, "intercept": None}
+    if n < 3 or np.ptp(x) == 0:
+        return out
+    xm, ym = x.mean(), y.mean()
+    sxx = float(((x - xm) ** 2).sum())
+    b = float(((x - xm) * (y - ym)).sum() / sxx)
+    a = float(ym - b * xm)
+    residual = y - (a + b * x)
+    se = math.sqrt(float((residual**2).sum()) / (n - 2) / sxx)
+    half = t_quantile_975(n - 2) * se
+    out.update({"slope": b, "lo": b - half, "hi": b + half, "intercept": a})
+    if b - half > 0:
+
+        def records_at(slope: float) -> int | None:
+            doublings = (target - a) / slope  # None past 2^40 x the split: no size worth printing
+            return round(train_records * 2**doublings) if doublings < 40 else None
+
+        out["records_for_target"] = {
+            "central": records_at(b),
+            "fewest": records_at(b + half),
+            "most": records_at(b - half),
+        }
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -387,8 +423,26 @@ _NO_INTERVAL = {"mean": None, "lo": None, "hi": None}
 HELDOUT_KEYS = ("mAP", *(f"{b}_mAP" for b in metrics_lib.BUCKETS))
 
 
-def summarize(cfg, rows: Sequence[Mapping], arm_names: Sequence[str], seeds: Sequence[int]) -> dict:
-    """study.json's numbers from the result rows (one per arm and seed)."""
+def reference_of(cfg, name: str) -> str:
+    """The arm ``name`` is compared with, seed by seed: its ``reference``, else the study's baseline."""
+    return str(cfg.study.arms[name].get("reference", "") or cfg.study.baseline)
+
+
+def is_share_arm(arm: Mapping) -> bool:
+    """A shuffled-hashtag arm that changes nothing else: with its reference it measures the hashtags'
+    own share at its data fraction (the ``hashtag_share`` figure)."""
+    return [tuple(kv) for kv in arm["set"]] == [("data.shuffle_labels", True)]
+
+
+def summarize(
+    cfg,
+    rows: Sequence[Mapping],
+    arm_names: Sequence[str],
+    seeds: Sequence[int],
+    train_records: int = 0,
+) -> dict:
+    """study.json's numbers from the result rows (one per arm and seed); ``train_records`` (the whole
+    training split) scales the hashtag-share extrapolation."""
     base = str(cfg.study.baseline)
     by_arm = {a: {r["seed"]: r for r in rows if r["arm"] == a} for a in arm_names}
 
@@ -418,6 +472,13 @@ def summarize(cfg, rows: Sequence[Mapping], arm_names: Sequence[str], seeds: Seq
                 key: paired_difference(metric(a, key), metric(base, key))
                 for key in ("probe_top1", "probe_top5", *HELDOUT_KEYS)
             }
+        ref = reference_of(cfg, a)
+        entry["reference"] = ref
+        if ref not in (a, base):
+            entry["vs_reference"] = {
+                key: paired_difference(metric(a, key), metric(ref, key))
+                for key in ("probe_top1", "probe_top5", *HELDOUT_KEYS)
+            }
         arms[a] = entry
     digests = {
         str(s): {a: by_arm[a][s]["init_digest"] for a in arm_names if s in by_arm[a]} for s in seeds
@@ -426,8 +487,42 @@ def summarize(cfg, rows: Sequence[Mapping], arm_names: Sequence[str], seeds: Seq
         "baseline": base,
         "seeds": list(seeds),
         "arms": arms,
+        "hashtag_share": hashtag_share(cfg, arms, train_records),
         "initial_trunk_digests": digests,
         "paired_initialization": all(len(set(d.values())) == 1 for d in digests.values()),
+    }
+
+
+def hashtag_share(cfg, arms: Mapping[str, Mapping], train_records: int) -> dict:
+    """The hashtags' own share of the probe top-1 (reference minus shuffled arm, paired by seed) at each
+    data fraction that has a shuffled arm, and its slope per doubling of the data (:func:`share_slope`)."""
+    points, pairs = [], []
+    for name, a in arms.items():
+        if not is_share_arm(a) or a["reference"] == name:
+            continue
+        comparison = a.get("vs_reference") or a.get("vs_baseline")
+        if not comparison:
+            continue
+        d = comparison["probe_top1"]
+        share = {k: (None if d[k] is None else -d[k]) for k in ("mean", "lo", "hi")}
+        share["lo"], share["hi"] = share["hi"], share["lo"]
+        per_seed = [-x for x in d["per_seed"]]
+        pairs.append(
+            {
+                "fraction": a["fraction"],
+                "arm": name,
+                "reference": a["reference"],
+                "seeds": d["seeds"],
+                "per_seed": per_seed,
+                **share,
+                "n": d["n"],
+            }
+        )
+        points += [(a["fraction"], v) for v in per_seed]
+    pairs.sort(key=lambda p: p["fraction"])
+    return {
+        "points": pairs,
+        "slope_per_doubling": share_slope(points, float(cfg.study.share_target), train_records),
     }
 
 
@@ -449,16 +544,72 @@ def render_table(s: Mapping) -> str:
     difference to the baseline."""
     lines = [
         "| arm | finding | probe top-1 (%) | probe top-5 (%) | held-out mAP (%) | head / torso / tail mAP |"
-        " top-1 minus baseline (points) | top-1 verdict |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        " compared with | top-1 difference (points) | top-1 verdict |",
+        "|---|---|---:|---:|---:|---:|---|---:|---|",
     ]
     for name, a in s["arms"].items():
         buckets = " / ".join(_pct(a[f"{b}_mAP"]["mean"]) for b in metrics_lib.BUCKETS)
-        diff = a.get("vs_baseline", {}).get("probe_top1")
+        ref, diff = comparison(s, name)
         lines.append(
             f"| {a['label']} (`{name}`) | {a['finding']} | {_ci(a['probe_top1'])} | "
             f"{_ci(a['probe_top5'])} | {_ci(a['mAP'])} | {buckets if a['mAP']['n'] else '-'} | "
-            + (f"{_ci(diff, signed=True)} | {diff['verdict']} |" if diff else "(baseline) | |")
+            + (
+                f"`{ref}` | {_ci(diff, signed=True)} | {diff['verdict']} |"
+                if diff
+                else "(baseline) | | |"
+            )
+        )
+    return "\n".join(lines)
+
+
+def comparison(s: Mapping, name: str) -> tuple[str, dict | None]:
+    """The arm an arm is compared with in the table and figures, and the paired top-1 difference."""
+    a = s["arms"][name]
+    if "vs_reference" in a:
+        return a["reference"], a["vs_reference"]["probe_top1"]
+    return s["baseline"], a.get("vs_baseline", {}).get("probe_top1")
+
+
+def render_share(s: Mapping) -> str:
+    """The hashtags' own share per data fraction and its slope per doubling (Markdown)."""
+    h = s.get("hashtag_share") or {}
+    if len(h.get("points", [])) < 2:
+        return ""
+    lines = [
+        "| share of the training split | real-hashtag arm | shuffled arm | top-1 share per seed (points) "
+        "| mean [95% interval] |",
+        "|---:|---|---|---|---:|",
+    ]
+    for p in h["points"]:
+        seeds = ", ".join(_pct(v, signed=True) for v in p["per_seed"])
+        lines.append(
+            f"| {p['fraction']:g} | `{p['reference']}` | `{p['arm']}` | {seeds} | "
+            f"{_ci(p, signed=True)} |"
+        )
+    fit = h["slope_per_doubling"]
+    if fit["slope"] is None:
+        return "\n".join(lines)
+    lines.append(
+        f"\nFit over the {fit['n']} per-seed points, share = a + b log2(fraction): b = "
+        f"{_pct(fit['slope'], True)} points per doubling of the data [95%: {_pct(fit['lo'], True)}, "
+        f"{_pct(fit['hi'], True)}], a (the whole split) = {_pct(fit['intercept'], True)} points."
+    )
+    extra = fit.get("records_for_target")
+    if extra:
+
+        def size(n: int | None) -> str:
+            return "more than 2^40 times the split" if n is None else f"{n:,}"
+
+        lines.append(
+            f"Extrapolated, the share would reach {_pct(fit['target'], True)} points at "
+            f"~{size(extra['central'])} training images ({size(extra['fewest'])} to "
+            f"{size(extra['most'])} within the slope's interval): a guide beyond the measured range, "
+            "not a measurement."
+        )
+    else:
+        lines.append(
+            "The slope's interval includes zero: no size at which the share reaches "
+            f"{_pct(fit['target'], True)} points can be read from these runs."
         )
     return "\n".join(lines)
 
@@ -498,27 +649,46 @@ def make_plots(s: Mapping, out: Path) -> dict[str, str]:
         if c in s["arms"]
     }
     files = {}
+    share = s.get("hashtag_share") or {}
+    if len(share.get("points", [])) >= 2:
+        files["hashtag_share"] = str(
+            plots.study_share(
+                [
+                    {
+                        "fraction": p["fraction"],
+                        "real": _per_seed_top1(s, p["reference"]),
+                        "shuffled": _per_seed_top1(s, p["arm"]),
+                        "share": p,
+                    }
+                    for p in share["points"]
+                ],
+                share["slope_per_doubling"],
+                out / "hashtag_share.png",
+                title=FINDING_TITLES["hashtag_share"],
+                chance=chance,
+            )
+        )
     for finding in dict.fromkeys(a["finding"] for a in s["arms"].values()):
-        if finding == "baseline":
+        if finding in ("baseline", "hashtag_share"):
             continue
         names = [base] + [n for n, a in s["arms"].items() if a["finding"] == finding]
-        arms = [
-            {
-                "label": s["arms"][n]["label"],
-                "fraction": s["arms"][n]["fraction"],
-                "top1": [r["probe_top1"] for r in s["arms"][n]["per_seed"].values()],
-                "top1_ci": s["arms"][n]["probe_top1"],
-                "diff": s["arms"][n]
-                .get("vs_baseline", {})
-                .get("probe_top1", {})
-                .get("per_seed", []),
-                "diff_ci": s["arms"][n].get("vs_baseline", {}).get("probe_top1", _NO_INTERVAL),
-                "mAP": [(r["heldout"] or {}).get("mAP") for r in s["arms"][n]["per_seed"].values()],
-                "mAP_ci": s["arms"][n]["mAP"],
-            }
-            for n in names
-            if n in s["arms"]
-        ]
+        arms = []
+        for n in names:
+            a = s["arms"][n]
+            ref, diff = comparison(s, n)
+            label = a["label"] if n == base or ref == base else f"{a['label']}\n(vs {ref})"
+            arms.append(
+                {
+                    "label": label,
+                    "fraction": a["fraction"],
+                    "top1": [r["probe_top1"] for r in a["per_seed"].values()],
+                    "top1_ci": a["probe_top1"],
+                    "diff": (diff or {}).get("per_seed", []),
+                    "diff_ci": diff or _NO_INTERVAL,
+                    "mAP": [(r["heldout"] or {}).get("mAP") for r in a["per_seed"].values()],
+                    "mAP_ci": a["mAP"],
+                }
+            )
         lines = {"chance": chance} | (
             {k: v for k, v in refs.items() if v is not None} if finding != "controls" else {}
         )
@@ -532,6 +702,11 @@ def make_plots(s: Mapping, out: Path) -> dict[str, str]:
             )
         )
     return files
+
+
+def _per_seed_top1(s: Mapping, name: str) -> dict:
+    a = s["arms"][name]
+    return {"per_seed": [r["probe_top1"] for r in a["per_seed"].values()], **a["probe_top1"]}
 
 
 def render_markdown(s: Mapping, workdir: Path) -> str:
@@ -556,6 +731,9 @@ def render_markdown(s: Mapping, workdir: Path) -> str:
         render_table(s),
         "",
     ]
+    share = render_share(s)
+    if share:
+        lines += ["## The hashtags' own share against the data size", "", share, ""]
     sweep = render_sweep(s)
     if sweep:
         lines += ["## Sigmoid learning-rate sweep", "", sweep, ""]
@@ -590,6 +768,11 @@ def check_config(cfg) -> None:
             )
         if not 0.0 < float(arm.fraction) <= 1.0:
             raise UserError(f"config.study.arms.{name}.fraction must be in (0, 1].")
+        ref = str(arm.get("reference", "") or "")
+        if ref and ref not in cfg.study.arms:
+            raise UserError(
+                f"config.study.arms.{name}.reference={ref!r} is not one of config.study.arms."
+            )
 
 
 def run_study(
@@ -611,6 +794,11 @@ def run_study(
     if str(st.baseline) not in arm_names:
         log(f"adding the baseline arm {st.baseline!r}: every comparison is with it")
         arm_names.insert(0, str(st.baseline))
+    for name in list(arm_names):
+        ref = reference_of(cfg, name)
+        if ref not in arm_names:
+            log(f"adding arm {ref!r}: arm {name!r} is compared with it")
+            arm_names.insert(arm_names.index(name), ref)
     seed_list = select(seeds, [int(x) for x in st.seeds], "seeds", convert=int)
     config_lib.ensure_absl_flags_parsed()
     if not progress:
@@ -643,7 +831,7 @@ def run_study(
             )
 
     stages.banner("summary, tables and figures")
-    summary = summarize(cfg, rows, arm_names, seed_list)
+    summary = summarize(cfg, rows, arm_names, seed_list, study.train_records)
     probe = rows[0]["probe"]
     stats = corpus["stats"]
     summary.update(

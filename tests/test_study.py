@@ -409,3 +409,88 @@ def test_summary_table_and_one_figure_per_finding_from_result_rows(tmp_path):
     assert s["arms"]["frac1_2"]["vs_baseline"]["probe_top1"]["verdict"] == "higher"
     sweep = study.render_sweep(s)  # lowest held-out sigmoid loss first: sigmoid_lr0_1 (arm 4)
     assert sweep.index("`sigmoid_lr0_1`") < sweep.index("`sigmoid`")
+
+
+def test_hashtag_share_pairs_each_shuffled_arm_with_its_reference_and_fits_the_slope(tmp_path):
+    """The shuffled arm at each data fraction is compared with the real-hashtag arm at that fraction (its
+    ``reference``), not the baseline; the share's slope per doubling is the least-squares line with its
+    t-interval, and the extrapolated size is where that line reaches study.share_target."""
+    cfg = study_config.get_config()
+    arms = ["baseline", "shuffled", "frac1_8", "shuffled_frac1_8", "frac1_4", "shuffled_frac1_4"]
+    fraction = {"baseline": 1.0, "frac1_8": 1 / 8, "frac1_4": 1 / 4}
+    rng = np.random.default_rng(1)
+    rows, by = [], {}
+    for seed in (0, 1, 2):
+        for real in fraction:
+            f = fraction[real]
+            top1 = 0.45 + 0.02 * math.log2(f) + 0.01 * rng.random()
+            share = 0.04 + 0.015 * math.log2(f) + 0.01 * rng.standard_normal()
+            shuffled = "shuffled" if real == "baseline" else f"shuffled_{real}"
+            by[real, seed], by[shuffled, seed] = top1, top1 - share
+    for (arm, seed), top1 in by.items():
+        rows.append(
+            {
+                "arm": arm,
+                "seed": seed,
+                "init_digest": f"init{seed}",
+                "images_seen": 640,
+                "probe_top1": top1,
+                "probe_top5": 0.7,
+                "heldout": {k: 0.1 for k in study.HELDOUT_KEYS},
+                "heldout_loss": 0.05,
+                "train_seconds": 1.0,
+                "probe_seconds": 1.0,
+            }
+        )
+    s = study.summarize(cfg, rows, arms, [0, 1, 2], train_records=2400)
+    a = s["arms"]["shuffled_frac1_8"]
+    assert a["reference"] == "frac1_8"
+    assert a["vs_reference"]["probe_top1"]["per_seed"] == pytest.approx(
+        [by["shuffled_frac1_8", k] - by["frac1_8", k] for k in (0, 1, 2)]
+    )
+    assert "vs_reference" not in s["arms"]["shuffled"]  # its reference is the baseline
+
+    share = s["hashtag_share"]
+    assert [p["fraction"] for p in share["points"]] == [1 / 8, 1 / 4, 1.0]
+    x, y = [], []
+    for p in share["points"]:
+        real = {1 / 8: "frac1_8", 1 / 4: "frac1_4", 1.0: "baseline"}[p["fraction"]]
+        assert p["reference"] == real
+        want = [by[real, k] - by[p["arm"], k] for k in (0, 1, 2)]
+        assert p["per_seed"] == pytest.approx(want) and p["mean"] == pytest.approx(np.mean(want))
+        assert p["lo"] < p["mean"] < p["hi"]
+        x += [math.log2(p["fraction"])] * 3
+        y += want
+    # By hand: ordinary least squares and its slope's standard error, t(0.975, 9 - 2 = 7) = 2.3646.
+    x, y = np.asarray(x), np.asarray(y)
+    b, a0 = np.polyfit(x, y, 1)
+    se = math.sqrt(((y - (a0 + b * x)) ** 2).sum() / 7 / ((x - x.mean()) ** 2).sum())
+    fit = share["slope_per_doubling"]
+    assert (fit["slope"], fit["intercept"]) == (pytest.approx(b), pytest.approx(a0))
+    assert (fit["lo"], fit["hi"]) == (
+        pytest.approx(b - 2.3646 * se),
+        pytest.approx(b + 2.3646 * se),
+    )
+    assert fit["lo"] > 0  # the share grows with the data here
+    extra = fit["records_for_target"]
+    assert extra["central"] == round(2400 * 2 ** ((0.10 - a0) / b))
+    assert extra["fewest"] < extra["central"] < extra["most"]
+
+    md = study.render_share(s)
+    assert "points per doubling" in md and f"~{extra['central']:,} training images" in md
+    table = study.render_table(s)
+    assert "| `frac1_8` |" in table  # the shuffled arm at 1/8 is compared with frac1_8
+    s["downstream"] = {"num_classes": 89}
+    files = study.make_plots(s, tmp_path)
+    assert {"hashtag_share", "controls", "data_size"} <= set(files)
+    assert Path(files["hashtag_share"]).stat().st_size > 10_000
+
+
+def test_an_arm_s_reference_must_be_an_arm_and_defaults_to_the_baseline():
+    cfg = study_config.get_config()
+    with cfg.unlocked():
+        cfg.study.arms.shuffled_frac1_8.reference = "nonexistent"
+    with pytest.raises(UserError, match="reference='nonexistent'"):
+        study.check_config(cfg)
+    assert study.reference_of(study_config.get_config(), "shuffled_frac1_2") == "frac1_2"
+    assert study.reference_of(study_config.get_config(), "natural") == "baseline"

@@ -32,13 +32,14 @@ import ml_collections
 from tagjax.configs import demo
 
 
-def _arm(kind, finding, label, *changes, fraction=1.0):
+def _arm(kind, finding, label, *changes, fraction=1.0, reference=""):
     a = ml_collections.ConfigDict()
     a.kind = kind
     a.finding = finding
     a.label = label
     a.set = tuple(changes)
     a.fraction = float(fraction)
+    a.reference = reference  # the arm it is compared with, seed by seed ("" = study.baseline)
     return a
 
 
@@ -53,6 +54,9 @@ def get_config(arg=None):
     # split gets the baseline's schedule (~17 passes), the smallest fraction this many passes.
     s.smallest_fraction = 1 / 8
     s.passes_at_smallest_fraction = 40.0
+    # The hashtags' own share (probe top-1, real minus shuffled hashtags) is fitted against log2 of the data
+    # fraction; study.md says at what training-set size the line would reach this share (a fraction).
+    s.share_target = 0.10
     s.default_arms = (
         "baseline",
         "shuffled",
@@ -65,6 +69,9 @@ def get_config(arg=None):
         "frac1_8",
         "frac1_4",
         "frac1_2",
+        "shuffled_frac1_8",
+        "shuffled_frac1_4",
+        "shuffled_frac1_2",
     )
 
     a = s.arms = ml_collections.ConfigDict()
@@ -110,6 +117,29 @@ def get_config(arg=None):
         ("frac1_2", 1 / 2, "1/2 of the data"),
     ):
         a[name] = _arm("pretrain", "data_size", label, fraction=f)
+        # The shuffled-hashtag control at the same fraction and schedule, compared with the real-hashtag
+        # arm above: the hashtags' own share as a function of the data size (the figure
+        # `hashtag_share`, with its slope per doubling of the data).
+        a[f"shuffled_{name}"] = _arm(
+            "pretrain",
+            "hashtag_share",
+            f"shuffled hashtags, {label}",
+            ("data.shuffle_labels", True),
+            fraction=f,
+            reference=name,
+        )
+    # --- pretraining length: the baseline and its shuffled control with 4x the images (not in the default
+    # run: `tagjax study --arms long4,shuffled_long4`): does the hashtags' share grow with longer training?
+    long_images = 4 * c.train.total_images
+    a.long4 = _arm("pretrain", "length", "4x the images", ("train.total_images", long_images))
+    a.shuffled_long4 = _arm(
+        "pretrain",
+        "length",
+        "shuffled hashtags, 4x the images",
+        ("data.shuffle_labels", True),
+        ("train.total_images", long_images),
+        reference="long4",
+    )
 
     if arg == "tiny":  # tests/test_study.py: the demo's tiny corpus and model, two seeds
         s.seeds = (0, 1)
