@@ -11,14 +11,17 @@ number of worker processes. Two corpora:
 * otherwise synthetic photo-like JPEGs (smooth colour fields plus noise) of ``--size``.
 
 ``--baseline REV`` measures the tagjax of git revision REV (extracted with ``git archive``) and the
-working tree side by side, in alternating rounds of child processes, so both see the same machine load.
-Each child reports the wall time of a whole build and, because this benchmark usually shares its CPUs,
-the CPU seconds it used (a one-worker build runs everything in one process, so its CPU time is the cost
-per post whatever the load), plus the image stage alone as milliseconds of one core per image.
+working tree side by side, in alternating rounds, so both see the same machine load. Each round runs,
+for each tree, the whole ``tagjax build`` command as a user does (a fresh process: start-up, imports,
+vocabulary, images, deduplication, shards; ``--workers 1`` keeps everything in that process) and
+reports its wall time and, because this benchmark usually shares its CPUs, the CPU seconds of the
+process and its children (the cost per post whatever the load), a digest of the dataset it wrote (the
+same for every round of a tree), and the image stage alone as milliseconds of one core per image.
+``--bytecode`` compiles every module beforehand (see ``compile_bytecode``).
 
     .venv/bin/python benchmarks/build_throughput.py --posts 2000 --size 640x480 --max-side 256 --workers 1 2
     .venv/bin/python benchmarks/build_throughput.py --openclipart --max-side 96 --workers 2
-    .venv/bin/python benchmarks/build_throughput.py --photos --posts 400 --baseline d09f989 --rounds 3
+    .venv/bin/python benchmarks/build_throughput.py --photos --posts 1500 --baseline d09f989 --rounds 3 --workers 1
 
 With --openclipart the real corpus is built instead (rasterized SVGs come from the cache after the first
 run; pass --raster-cache '' to measure cold rasterization).
@@ -37,6 +40,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -184,7 +188,26 @@ def image_stage_ms(files: list[Path], max_side: int) -> float:
 _CLI = "import sys; from tagjax.cli import main; sys.argv[0] = 'tagjax'; sys.exit(main())"
 
 
-def command_build(tree: str, corpus: Path, output: Path, workers: int, max_side: int) -> dict:
+def compile_bytecode(cache: Path, trees: list[str]) -> dict:
+    """Compiles the standard library, the environment's packages and ``trees`` into ``cache``
+    (PYTHONPYCACHEPREFIX) and returns the environment that makes child processes read it: what a
+    ``pip install`` gives a user. Where PYTHONDONTWRITEBYTECODE is set and the packages carry no
+    .pyc files (these machines), every process otherwise compiles all it imports again."""
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(cache))
+    paths = sysconfig.get_paths()
+    folders = sorted({paths["stdlib"], paths["purelib"], paths["platlib"], *trees})
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "-j", "1", *folders],
+        env=env,
+        check=False,  # a few test files in site-packages do not compile; they are never imported
+        capture_output=True,
+    )
+    return env
+
+
+def command_build(
+    tree: str, corpus: Path, output: Path, workers: int, max_side: int, env: dict
+) -> dict:
     """Runs the whole ``tagjax build`` command of the tagjax in ``tree`` (process start, imports,
     vocabulary, images, dedup, shards) in a fresh process: its wall time and the CPU seconds of the
     process and its children (getrusage of waited-for children), and a digest of what it wrote."""
@@ -206,7 +229,7 @@ def command_build(tree: str, corpus: Path, output: Path, workers: int, max_side:
     t0 = time.time()
     subprocess.run(  # not from the repository: `python -c` puts the current folder on sys.path
         cmd,
-        env=dict(os.environ, PYTHONPATH=tree),
+        env=dict(env, PYTHONPATH=tree),
         cwd=output.parent,
         check=True,
         capture_output=True,
@@ -252,10 +275,13 @@ def side_by_side(args, corpus: Path) -> None:
         trees = {f"baseline {args.baseline}": str(baseline), "working tree": str(here)}
         results: dict[str, list[dict]] = {name: [] for name in trees}
         output = Path(tmp) / "out"  # one path for both: the manifest records it
+        env = dict(os.environ)
+        if args.bytecode:
+            env = compile_bytecode(Path(tmp) / "pycache", list(trees.values()))
         for r in range(args.rounds):
             for name, path in trees.items() if r % 2 == 0 else reversed(trees.items()):
                 shutil.rmtree(output, ignore_errors=True)
-                row = command_build(path, corpus, output, args.workers[0], args.max_side)
+                row = command_build(path, corpus, output, args.workers[0], args.max_side, env)
                 out = subprocess.run(
                     [
                         sys.executable,
@@ -268,7 +294,7 @@ def side_by_side(args, corpus: Path) -> None:
                         "--stage-images",
                         str(args.stage_images),
                     ],
-                    env=dict(os.environ, PYTHONPATH=path),
+                    env=dict(env, PYTHONPATH=path),
                     check=True,
                     capture_output=True,
                     text=True,
@@ -284,9 +310,10 @@ def side_by_side(args, corpus: Path) -> None:
                 )
     # With worker processes, the CPU column counts the command's process and its workers (all waited
     # for), so it is the whole build's cost per post either way.
+    bytecode = "compiled bytecode" if args.bytecode else "bytecode as the environment has it"
     print(
         f"\n`tagjax build`, end to end (process start to exit), {args.workers[0]} worker(s), {posts} "
-        f"posts, medians of {args.rounds} rounds:"
+        f"posts, {bytecode}, medians of {args.rounds} rounds:"
         "\n| code | posts/s (wall) | posts per CPU-second | CPU ms per post "
         "| image stage, ms of one core per image | output digest |"
         "\n|---|---|---|---|---|---|"
@@ -321,6 +348,12 @@ def main():
     ap.add_argument("--corpus-dir", default=None, help="keep the generated corpus here for re-runs")
     ap.add_argument("--baseline", default=None, help="git revision to measure side by side")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--bytecode",
+        action="store_true",
+        help="with --baseline: compile every module first and let the builds read it (as after a "
+        "pip install), instead of compiling what they import in every process",
+    )
     ap.add_argument("--stage-images", type=int, default=200)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", default=None, help=argparse.SUPPRESS)
