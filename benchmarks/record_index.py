@@ -12,12 +12,13 @@ For each (records per shard, shards read, index option) it writes one shard of s
 image, a label, a post id: ~110 B on disk) with tagjax.records.write_shard unless cached under --root,
 then in a fresh process opens it through ``grain.sources.ArrayRecordDataSource`` as
 tagjax.input_pipeline.RecordSource does (the same file listed k times stands for k shards: one reader,
-index and file descriptor each), or through ``ReopeningSource`` (no reader kept open: the cost of
-closing idle readers when reads are random), and measures:
+index and file descriptor each), or through tagjax.records.BoundedShardReader (at most K readers
+open, the least recently used closed: ``config.data.max_open_shards``), and measures:
 
-* anonymous memory (RssAnon: what the process owns, not the page cache) before opening, after one
-  read per shard (every reader open, its index loaded), after ``malloc_trim(0)`` (heap the allocator
-  kept but no longer uses), and after N random reads in batches of 256 (``__getitems__``, as
+* anonymous memory (RssAnon: what the process owns, not the page cache) once the source is built
+  (it opened every shard once to count its records) and ``malloc_trim(0)`` returned the heap the
+  allocator kept but no longer uses, then after one read per shard (every reader open, its index
+  loaded), trimmed again, and after N random reads in batches of 256 (``__getitems__``, as
   RecordSource.load reads a batch), and the file descriptors held per shard;
 * random reads/s over those batches, and one at a time (``source[i]``).
 
@@ -67,36 +68,6 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-class ReopeningSource:
-    """No reader kept: each read opens its shard (as grain's reader does: ``readahead_buffer_size:0``,
-    32 kB file buffer), reads, and closes it. What "closing idle readers" costs when reads fall at
-    random over more shards than stay open."""
-
-    def __init__(self, paths: list[str]):
-        from array_record.python.array_record_module import ArrayRecordReader
-
-        self._open = lambda path: ArrayRecordReader(
-            path, "readahead_buffer_size:0", file_reader_buffer_size=32768
-        )
-        self._paths = paths
-        reader = self._open(paths[0])
-        self._per_shard = reader.num_records()  # every path is the same file here
-        reader.close()
-
-    def __len__(self) -> int:
-        return self._per_shard * len(self._paths)
-
-    def __getitem__(self, key: int) -> bytes:
-        reader = self._open(self._paths[key // self._per_shard])
-        try:
-            return reader.read([key % self._per_shard])[0]
-        finally:
-            reader.close()
-
-    def __getitems__(self, keys) -> list[bytes]:
-        return [self[k] for k in keys]
-
-
 def child(path: str, copies: int, options: dict, reads: int, max_seconds: float) -> dict:
     import grain
     from absl import flags
@@ -106,12 +77,16 @@ def child(path: str, copies: int, options: dict, reads: int, max_seconds: float)
     out = {"before": anon_mb()}
     # ``copies`` > 1: the same file as that many shards (one reader, index and descriptor each), so
     # the cost of a host reading from many shards is measured without writing them all.
-    if options == REOPEN:
-        source = ReopeningSource([path] * copies)
+    if "max_open_shards" in options:
+        source = records.BoundedShardReader([path] * copies, int(options["max_open_shards"]))
     else:
         source = grain.sources.ArrayRecordDataSource([path] * copies, options or None)
     n = len(source)
     out["built"] = anon_mb()
+    # Counting the records opened every shard once, in threads: what those left on the heap is not
+    # what the open readers hold.
+    trim(0)
+    out["built_trimmed"] = anon_mb()
     rng = np.random.default_rng(0)
     fds = open_fds()
     for shard in range(copies):  # one read per shard: every reader open, its index loaded
@@ -163,17 +138,21 @@ def measure(root: Path, n: int, copies: int, options: dict, reads: int, max_s: f
 
 def render(rows: list[dict]) -> str:
     lines = [
-        "| records per shard x shards | index | RssAnon MB: +open (one read per shard) "
+        "| records per shard x shards | index | RssAnon MB: +open (one read per shard, from the "
+        "source built and trimmed) "
         "| +open after malloc_trim | B/record resident (trimmed) | +after N random reads (trimmed) "
         "| random reads/s, batches of 256 | one at a time |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        opened = r["first_read"] - r["before"]
-        trimmed = r["trimmed"] - r["before"]
+        opened = r["first_read"] - r["built_trimmed"]
+        trimmed = r["trimmed"] - r["built_trimmed"]
         reads = r["after_reads_trimmed"] - r["trimmed"]
         index = r["options"].get("index_storage_option", "in_memory")
-        index = "none (reopen per read)" if r["options"] == REOPEN else index
+        if "max_open_shards" in r["options"]:
+            index = (
+                f"in_memory, at most {r['options']['max_open_shards']} open (BoundedShardReader)"
+            )
         total = r["records"] * r["shards"]
         lines.append(
             f"| {r['records']:.0e} x {r['shards']} | {index} | {opened:+.1f} "
@@ -193,8 +172,6 @@ OFFLOADED = {
     "max_parallelism": "0",
 }
 
-REOPEN = {"reopen": "every read"}  # ReopeningSource
-
 CASES = [  # (records per shard, shards read, reader options)
     (1_000_000, 1, {}),
     (1_000_000, 1, OFFLOADED),
@@ -206,8 +183,9 @@ CASES = [  # (records per shard, shards read, reader options)
     (10_000, 300, OFFLOADED),
     (1_000, 1000, {}),
     (1_000, 1000, OFFLOADED),
-    (10_000, 300, REOPEN),
-    (100_000, 30, REOPEN),
+    (10_000, 300, {"max_open_shards": "1"}),  # every read reopens its shard
+    (10_000, 300, {"max_open_shards": "100"}),
+    (100_000, 30, {"max_open_shards": "1"}),
 ]
 
 
