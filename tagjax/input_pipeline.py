@@ -36,7 +36,9 @@ They are counted (``bad_records`` / ``records_read``); past ``config.data.max_ba
 (checked once ``config.data.bad_record_min_reads`` records were read) the iterator raises a ``UserError``.
 
 Memory per image: see tagjax.sampling (hashtag modes ~12 bytes per image at 3 hashtags, memory-mapped and
-shared by all workers of a host; ``images`` mode none).
+shared by all workers of a host; ``images`` mode none), plus, in every reading process, 8 bytes per record
+of each record shard it keeps open: all it has read from, or at most ``config.data.max_open_shards``
+(tagjax.records.BoundedShardReader; docs/scaling.md).
 """
 
 from __future__ import annotations
