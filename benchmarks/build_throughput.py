@@ -11,14 +11,17 @@ number of worker processes. Two corpora:
 * otherwise synthetic photo-like JPEGs (smooth colour fields plus noise) of ``--size``.
 
 ``--baseline REV`` measures the tagjax of git revision REV (extracted with ``git archive``) and the
-working tree side by side, in alternating rounds of child processes, so both see the same machine load.
-Each child reports the wall time of a whole build and, because this benchmark usually shares its CPUs,
-the CPU seconds it used (a one-worker build runs everything in one process, so its CPU time is the cost
-per post whatever the load), plus the image stage alone as milliseconds of one core per image.
+working tree side by side, in alternating rounds, so both see the same machine load. Each round runs,
+for each tree, the whole ``tagjax build`` command as a user does (a fresh process: start-up, imports,
+vocabulary, images, deduplication, shards; ``--workers 1`` keeps everything in that process) and
+reports its wall time and, because this benchmark usually shares its CPUs, the CPU seconds of the
+process and its children (the cost per post whatever the load), a digest of the dataset it wrote (the
+same for every round of a tree), and the image stage alone as milliseconds of one core per image.
+``--bytecode`` compiles every module beforehand (see ``compile_bytecode``).
 
     .venv/bin/python benchmarks/build_throughput.py --posts 2000 --size 640x480 --max-side 256 --workers 1 2
     .venv/bin/python benchmarks/build_throughput.py --openclipart --max-side 96 --workers 2
-    .venv/bin/python benchmarks/build_throughput.py --photos --posts 400 --baseline d09f989 --rounds 3
+    .venv/bin/python benchmarks/build_throughput.py --photos --posts 1500 --baseline d09f989 --rounds 3 --workers 1
 
 With --openclipart the real corpus is built instead (rasterized SVGs come from the cache after the first
 run; pass --raster-cache '' to measure cold rasterization).
@@ -28,13 +31,16 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import io
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -178,27 +184,85 @@ def image_stage_ms(files: list[Path], max_side: int) -> float:
     return 1000 * best / len(items)
 
 
+# `tagjax build` as a user runs it: the console script's body, in a fresh interpreter.
+_CLI = "import sys; from tagjax.cli import main; sys.argv[0] = 'tagjax'; sys.exit(main())"
+
+
+def compile_bytecode(cache: Path, trees: list[str]) -> dict:
+    """Compiles the standard library, the environment's packages and ``trees`` into ``cache``
+    (PYTHONPYCACHEPREFIX) and returns the environment that makes child processes read it: what a
+    ``pip install`` gives a user. Where PYTHONDONTWRITEBYTECODE is set and the packages carry no
+    .pyc files (these machines), every process otherwise compiles all it imports again."""
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(cache))
+    paths = sysconfig.get_paths()
+    folders = sorted({paths["stdlib"], paths["purelib"], paths["platlib"], *trees})
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "-j", "1", *folders],
+        env=env,
+        check=False,  # a few test files in site-packages do not compile; they are never imported
+        capture_output=True,
+    )
+    return env
+
+
+def command_build(
+    tree: str, corpus: Path, output: Path, workers: int, max_side: int, env: dict
+) -> dict:
+    """Runs the whole ``tagjax build`` command of the tagjax in ``tree`` (process start, imports,
+    vocabulary, images, dedup, shards) in a fresh process: its wall time and the CPU seconds of the
+    process and its children (getrusage of waited-for children), and a digest of what it wrote."""
+    cmd = [
+        sys.executable,
+        "-c",
+        _CLI,
+        "build",
+        f"jsonl:{corpus / 'posts.jsonl'}",
+        "--output",
+        str(output),
+        "--workers",
+        str(workers),
+        "--max-side",
+        str(max_side),
+        "--no-progress",
+    ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.time()
+    subprocess.run(  # not from the repository: `python -c` puts the current folder on sys.path
+        cmd,
+        env=dict(env, PYTHONPATH=tree),
+        cwd=output.parent,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    wall = time.time() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"wall_s": wall, "cpu_s": cpu, "digest": output_digest(output)}
+
+
+def output_digest(output: Path) -> str:
+    """sha256 over the dataset's files except the run's statistics (which hold timings)."""
+    digest = hashlib.sha256()
+    for path in sorted(output.iterdir()):
+        if path.name not in ("stats.json", "report.txt"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def child(args) -> None:
-    """One measurement in this process (the tagjax on sys.path: the working tree or a baseline)."""
+    """The image stage alone, in this process (the tagjax on sys.path: the working tree or a baseline)."""
     import tagjax
 
-    corpus = Path(args.corpus)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = run_build(
-            [f"jsonl:{corpus / 'posts.jsonl'}"],
-            Path(tmp) / "out",
-            args.workers[0],
-            args.max_side,
-            None,
-        )
-    files = sorted((corpus / "img").glob("*.jpg"))[: args.stage_images]
-    result["image_ms"] = image_stage_ms(files, args.max_side)
+    files = sorted((Path(args.corpus) / "img").glob("*.jpg"))[: args.stage_images]
+    result = {"image_ms": image_stage_ms(files, args.max_side)}
     result["tagjax"] = str(Path(tagjax.__file__).parent)
     print(json.dumps(result))
 
 
 def side_by_side(args, corpus: Path) -> None:
     here = Path(__file__).resolve().parent.parent
+    posts = sum(1 for line in (corpus / "posts.jsonl").open() if line.strip())
     with tempfile.TemporaryDirectory() as tmp:
         baseline = Path(tmp) / "baseline"
         baseline.mkdir()
@@ -210,9 +274,14 @@ def side_by_side(args, corpus: Path) -> None:
         subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
         trees = {f"baseline {args.baseline}": str(baseline), "working tree": str(here)}
         results: dict[str, list[dict]] = {name: [] for name in trees}
+        output = Path(tmp) / "out"  # one path for both: the manifest records it
+        env = dict(os.environ)
+        if args.bytecode:
+            env = compile_bytecode(Path(tmp) / "pycache", list(trees.values()))
         for r in range(args.rounds):
             for name, path in trees.items() if r % 2 == 0 else reversed(trees.items()):
-                env = dict(os.environ, PYTHONPATH=path)
+                shutil.rmtree(output, ignore_errors=True)
+                row = command_build(path, corpus, output, args.workers[0], args.max_side, env)
                 out = subprocess.run(
                     [
                         sys.executable,
@@ -220,48 +289,50 @@ def side_by_side(args, corpus: Path) -> None:
                         "--child",
                         "--corpus",
                         str(corpus),
-                        "--workers",
-                        str(args.workers[0]),
                         "--max-side",
                         str(args.max_side),
                         "--stage-images",
                         str(args.stage_images),
                     ],
-                    env=env,
+                    env=dict(env, PYTHONPATH=path),
                     check=True,
                     capture_output=True,
                     text=True,
                 ).stdout
-                row = json.loads(out.strip().splitlines()[-1])
-                assert row["tagjax"].startswith(path), (row["tagjax"], path)
+                stage = json.loads(out.strip().splitlines()[-1])
+                assert stage["tagjax"].startswith(path), (stage["tagjax"], path)
+                row["image_ms"] = stage["image_ms"]
                 results[name].append(row)
                 print(
                     f"round {r} {name:24s} wall {row['wall_s']:.2f}s cpu {row['cpu_s']:.2f}s "
-                    f"image stage {row['image_ms']:.2f} ms/img",
+                    f"image stage {row['image_ms']:.2f} ms/img output {row['digest']}",
                     flush=True,
                 )
-    # With worker processes, getrusage sees the main process only (the pool's workers are the forkserver's
-    # children), so the CPU column is then the main process's cost per post.
-    cpu_column = (
-        "posts per CPU-second" if args.workers[0] == 1 else "posts per main-process CPU-second"
-    )
+    # With worker processes, the CPU column counts the command's process and its workers (all waited
+    # for), so it is the whole build's cost per post either way.
+    bytecode = "compiled bytecode" if args.bytecode else "bytecode as the environment has it"
     print(
-        f"\n{args.workers[0]} worker(s), {row['posts']} posts, medians of {args.rounds} rounds:"
-        f"\n| code | posts/s (wall) | {cpu_column} | image stage, ms of one core per image |"
-        "\n|---|---|---|---|"
+        f"\n`tagjax build`, end to end (process start to exit), {args.workers[0]} worker(s), {posts} "
+        f"posts, {bytecode}, medians of {args.rounds} rounds:"
+        "\n| code | posts/s (wall) | posts per CPU-second | CPU ms per post "
+        "| image stage, ms of one core per image | output digest |"
+        "\n|---|---|---|---|---|---|"
     )
     summary = {}
     for name, rows in results.items():
-        posts = rows[0]["posts"]
         wall = statistics.median(posts / x["wall_s"] for x in rows)
         per_cpu = statistics.median(posts / x["cpu_s"] for x in rows)
         ms = statistics.median(x["image_ms"] for x in rows)
+        digests = sorted({x["digest"] for x in rows})
         summary[name] = (wall, per_cpu, ms)
-        print(f"| {name} | {wall:.0f} | {per_cpu:.0f} | {ms:.2f} |")
+        print(
+            f"| {name} | {wall:.0f} | {per_cpu:.0f} | {1000 / per_cpu:.2f} | {ms:.2f} "
+            f"| {', '.join(digests)} |"
+        )
     (b_wall, b_cpu, b_ms), (n_wall, n_cpu, n_ms) = summary.values()
     print(
-        f"speed-up: {n_wall / b_wall:.2f}x posts/s, {n_cpu / b_cpu:.2f}x {cpu_column}, "
-        f"{b_ms / n_ms:.2f}x image stage"
+        f"speed-up: {n_wall / b_wall:.2f}x posts/s (wall), {n_cpu / b_cpu:.2f}x posts per "
+        f"CPU-second, {b_ms / n_ms:.2f}x image stage"
     )
 
 
@@ -277,6 +348,12 @@ def main():
     ap.add_argument("--corpus-dir", default=None, help="keep the generated corpus here for re-runs")
     ap.add_argument("--baseline", default=None, help="git revision to measure side by side")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--bytecode",
+        action="store_true",
+        help="with --baseline: compile every module first and let the builds read it (as after a "
+        "pip install), instead of compiling what they import in every process",
+    )
     ap.add_argument("--stage-images", type=int, default=200)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", default=None, help=argparse.SUPPRESS)

@@ -36,7 +36,9 @@ They are counted (``bad_records`` / ``records_read``); past ``config.data.max_ba
 (checked once ``config.data.bad_record_min_reads`` records were read) the iterator raises a ``UserError``.
 
 Memory per image: see tagjax.sampling (hashtag modes ~12 bytes per image at 3 hashtags, memory-mapped and
-shared by all workers of a host; ``images`` mode none).
+shared by all workers of a host; ``images`` mode none), plus, in every reading process, 8 bytes per record
+of each record shard it keeps open: all it has read from, or at most ``config.data.max_open_shards``
+(tagjax.records.BoundedShardReader; docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -81,9 +83,12 @@ class BadRecord(ValueError):
 
 
 class RecordSource:
-    """The records of one split of a built dataset (tagjax.records), read through grain's ArrayRecord source."""
+    """The records of one split of a built dataset (tagjax.records), read through grain's ArrayRecord
+    source, which keeps a reader open for every shard it has read from; or, with ``max_open_shards``
+    > 0 (config.data.max_open_shards), through records.BoundedShardReader, which keeps at most that
+    many open (docs/scaling.md, "The record reader's chunk index")."""
 
-    def __init__(self, dataset_dir: Path, split: str, num_labels: int):
+    def __init__(self, dataset_dir: Path, split: str, num_labels: int, max_open_shards: int = 0):
         dataset_dir = Path(dataset_dir)
         manifest = records.load_manifest(dataset_dir)
         try:
@@ -102,6 +107,7 @@ class RecordSource:
         self.split = split
         self.num_records = manifest.num_records(split)
         self.num_labels = int(num_labels)
+        self.max_open_shards = int(max_open_shards)
         self._identity = {
             "kind": "records",
             "split": split,
@@ -118,7 +124,10 @@ class RecordSource:
 
     def _grain_source(self):
         if self._source is None:
-            self._source = grain.sources.ArrayRecordDataSource(self.paths)
+            if self.max_open_shards > 0:
+                self._source = records.BoundedShardReader(self.paths, self.max_open_shards)
+            else:
+                self._source = grain.sources.ArrayRecordDataSource(self.paths)
         return self._source
 
     def __getstate__(self):
@@ -987,6 +996,11 @@ def _validate(config) -> None:
         raise UserError(
             "config.data.eval_image_size must not exceed config.data.eval_resize (center crop)."
         )
+    if d.get("max_open_shards", 0) < 0:
+        raise UserError(
+            f"config.data.max_open_shards={d.max_open_shards}: use 0 (every shard read stays open) "
+            "or a positive number of shards."
+        )
     if d.num_workers < 0 or d.prefetch_buffer < 1:
         raise UserError(
             "config.data.num_workers must be >= 0 and config.data.prefetch_buffer >= 1."
@@ -1016,7 +1030,9 @@ def make_train_iterator(
         vocab = load_vocabulary(
             config, dataset_dir if isinstance(dataset_dir, SourceInfo) else dataset_root
         )
-        source = RecordSource(dataset_root, d.train_split, vocab.num_labels)
+        source = RecordSource(
+            dataset_root, d.train_split, vocab.num_labels, d.get("max_open_shards", 0)
+        )
         store = records.open_label_store(dataset_root, d.train_split, source.num_labels)
         if store.num_records != source.num_records:
             raise UserError(
@@ -1109,7 +1125,7 @@ def make_eval_iterator(
         vocab = load_vocabulary(
             config, dataset_dir if isinstance(dataset_dir, SourceInfo) else dataset_root
         )
-        source = RecordSource(dataset_root, split, vocab.num_labels)
+        source = RecordSource(dataset_root, split, vocab.num_labels, d.get("max_open_shards", 0))
     limit = config.train.eval_max_images if max_images is None else max_images
     n = source.num_records if not limit else min(int(limit), source.num_records)
     label_opts = LabelOptions(

@@ -50,6 +50,26 @@ def test_large_jpeg_decodes_downscaled_to_the_target():
     assert p.pixels.shape == (32, 43, 3)
 
 
+def test_jpegs_decode_at_a_power_of_two_scale_that_covers_the_target():
+    """DCT scaling only by 1/2, 1/4, 1/8 (SIMD in libjpeg-turbo; 3/8 or 5/8 are slower and blurrier),
+    never below the stored size; the stored pixels stay close to an area-averaged full decode."""
+    assert images._dct_scale(1024, 768, 341, 256) == 2  # 3/8 would still cover 256
+    assert images._dct_scale(4000, 3000, 341, 256) == 8
+    assert images._dct_scale(2048, 1536, 341, 256) == 4
+    assert images._dct_scale(640, 480, 341, 256) == 1  # 1/2 gives 240 < 256
+    assert images._dct_scale(320, 240, 320, 240) == 1
+    rng = np.random.default_rng(0)
+    source = np.clip(
+        smooth(768, 1024, seed=5).astype(int) + rng.integers(-20, 21, (768, 1024, 3)), 0, 255
+    ).astype(np.uint8)
+    data = encode(Image.fromarray(source), "JPEG", quality=95)
+    stored = images.process(data, images.ImageOptions(max_side=256)).pixels
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    area = cv2.resize(full, (341, 256), interpolation=cv2.INTER_AREA)
+    assert stored.shape == area.shape == (256, 341, 3)
+    assert np.abs(stored.astype(float) - area).mean() < 2.5
+
+
 @pytest.mark.parametrize("mode", ["L", "CMYK", "P", "1", "I;16"])
 def test_every_mode_becomes_rgb(mode):
     src = Image.fromarray(smooth(32, 32))
@@ -81,13 +101,22 @@ def test_transparency_is_composited_onto_white():
     assert images.process(encode(la, "PNG"), OPTS).pixels[0, 0].tolist() == [255, 255, 255]
 
 
-def test_exif_orientation_is_applied():
+@pytest.mark.parametrize("where", ["exif", "xmp", "none"])
+def test_exif_orientation_is_applied(where):
+    """EXIF or XMP orientation 6 (rotate 90 degrees clockwise to display) turns the picture upright; a
+    JPEG with neither (no APP1 segment, which skips PIL's header parsing) stays as it is."""
     src = Image.fromarray(smooth(24, 48))
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    p = images.process(encode(src, "JPEG", exif=exif.tobytes()), OPTS)
-    assert (p.source_width, p.source_height) == (24, 48)
-    assert (p.width, p.height) == (24, 48)
+    exif[0x0112] = 6
+    kw = {
+        "exif": {"exif": exif.tobytes()},
+        "xmp": {"xmp": b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'},
+        "none": {},
+    }[where]
+    p = images.process(encode(src, "JPEG", **kw), OPTS)
+    upright = (48, 24) if where == "none" else (24, 48)
+    assert (p.source_width, p.source_height) == upright
+    assert (p.width, p.height) == upright
 
 
 def test_corrupt_truncated_and_garbage_are_reasons_not_crashes():

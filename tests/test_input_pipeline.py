@@ -6,6 +6,7 @@ gray JPEG of value ``4 i + 2``, so any crop of it still tells which record a bat
 
 import dataclasses
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -383,13 +384,71 @@ def test_inverted_index_is_cached_next_to_the_dataset(dataset):
 
 
 def test_bad_config_values_are_user_errors(dataset):
-    for kw in ({"sampling": "zipf"}, {"label_noise": 1.5}, {"batch_size": 9}):
+    for kw in (
+        {"sampling": "zipf"},
+        {"label_noise": 1.5},
+        {"batch_size": 9},
+        {"max_open_shards": -1},
+    ):
         with pytest.raises(UserError):
             input_pipeline.make_train_iterator(
                 _config(dataset, **kw), process_index=0, process_count=2
             )
     with pytest.raises(UserError, match="no dataset"):
         input_pipeline.make_train_iterator(_config(""), process_index=0, process_count=1)
+
+
+def _open_shard_files() -> int:
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if fd.resolve().suffix == ".array_record")
+
+
+def test_bounded_shard_reader_reads_every_record_with_at_most_n_shards_open(tmp_path):
+    """records.BoundedShardReader (config.data.max_open_shards) returns what the shards hold, in the
+    order asked, and never keeps more than its bound of shards (readers, files) open."""
+    names = _write_split(tmp_path, "train", 50, 5)["shards"]
+    paths = [tmp_path / n for n in names]
+    everything = [r for path in paths for r in records.read_shard(path)]
+    before = _open_shard_files()
+    reader = records.BoundedShardReader(paths, max_open=2)
+    assert len(reader) == 50
+    ids = np.random.default_rng(0).integers(0, 50, 200)
+    for batch in np.split(ids, 25):
+        assert reader.__getitems__(batch.tolist()) == [everything[i] for i in batch]
+        assert reader.open_shards <= 2
+        assert _open_shard_files() - before <= 2
+    assert reader[49] == everything[49]
+    copy = pickle.loads(pickle.dumps(reader))  # as grain workers receive it: no reader open yet
+    assert copy.open_shards == 0 and copy.__getitems__([3, 47, 3]) == [
+        everything[i] for i in (3, 47, 3)
+    ]
+    with pytest.raises(IndexError):
+        reader.__getitems__([50])
+    reader.close()
+    copy.close()
+    assert _open_shard_files() == before
+
+
+def test_max_open_shards_gives_the_same_batches(dataset, monkeypatch):
+    """Bounding the open shards changes how records are read, never which records a batch holds."""
+    reads = []
+
+    class Spy(records.BoundedShardReader):
+        def __getitems__(self, ids):
+            out = super().__getitems__(ids)
+            reads.append((self.max_open, self.open_shards))
+            return out
+
+    monkeypatch.setattr(records, "BoundedShardReader", Spy)
+    batches = {}
+    for bound in (0, 1):
+        cfg = _config(dataset, sampling="sqrt", max_open_shards=bound)
+        train = input_pipeline.make_train_iterator(cfg, process_index=0, process_count=1)
+        evaluation = input_pipeline.make_eval_iterator(cfg, process_index=0, process_count=1)
+        batches[bound] = _take(train, 4) + list(evaluation)
+    assert len(batches[1]) == 4 + 3  # 20 held-out images in batches of 8
+    assert _same(batches[0], batches[1])
+    assert reads and all(bound == 1 and open_now <= 1 for bound, open_now in reads)
 
 
 def test_synthetic_task_is_deterministic_and_learnable():

@@ -65,6 +65,12 @@ def get_config(arg=None):
     # the training records keyed on the seed); the same label stream, images, steps and schedule.
     c.data.shuffle_labels = False
     c.data.drop_ancestors = False  # drop a label when a WordNet descendant is on the same image
+    # Record shards each reading process keeps open. An open shard holds its chunk index, 8 bytes per
+    # record (80 kB per 10^4-record shard), and a file: 0 keeps every shard read from open (28 GB and
+    # 350,000 files per process that reads all of 3.5B images); N > 0 closes the least recently used
+    # beyond N, and a read from a closed shard reopens it (~0.3 ms of one core at 10^4 records per
+    # shard). docs/scaling.md, "The record reader's chunk index".
+    c.data.max_open_shards = 0
     c.data.num_workers = 0  # grain worker processes per host (0 = in the main process)
     c.data.prefetch_buffer = 2  # batches
     c.data.max_bad_record_fraction = 0.001  # skip and count bad records; fail loudly above this
