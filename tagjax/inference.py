@@ -274,9 +274,9 @@ def records_input(dataset_dir: str | Path, split: str) -> EmbedInput:
         raise UserError(
             f"{root} has no split {split!r} (it has {', '.join(sorted(manifest.splits))})."
         )
-    source = grain.sources.ArrayRecordDataSource(
-        [str(p) for p in manifest.shard_paths(root, split)]
-    )
+    # Read in order, so one shard is open at a time (plus the next, for the threads reading across a
+    # boundary): a split of any size costs a few shards' chunk indexes (records.BoundedShardReader).
+    source = records.BoundedShardReader(manifest.shard_paths(root, split), max_open=2)
 
     def load(i: int):
         rec = records.decode(source[i])

@@ -230,11 +230,22 @@ def test_embed_built_dataset_records_post_ids(workdir, images, tmp_path):
         encoded.append(
             records.encode(records.Record(f"post{i}", images_lib.encode_jpeg(pixels, 90), (i,)))
         )
-    name = records.shard_name("train", 0, 1)
-    records.write_shard(root / name, encoded)
-    records.Manifest(records.SCHEMA_VERSION, {"train": {"shards": [name], "num_records": 3}}).save(
+    # One record per shard: the ids come back in manifest order across shards, and reading the whole
+    # split keeps at most two shard readers open (their chunk indexes are what memory grows with).
+    names = [records.shard_name("train", i, 3) for i in range(3)]
+    for name, rec in zip(names, encoded):
+        records.write_shard(root / name, [rec])
+    records.Manifest(records.SCHEMA_VERSION, {"train": {"shards": names, "num_records": 3}}).save(
         root
     )
+    source = inference_lib.records_input(root, "train")
+    assert [source.load(i)[1]["id"] for i in range(3)] == ["post0", "post1", "post2"]
+    reader = next(
+        c.cell_contents
+        for c in source.load.__closure__
+        if isinstance(c.cell_contents, records.BoundedShardReader)
+    )
+    assert reader.open_shards == 2
     prefix = tmp_path / "shards"
     assert (
         cli.main(
