@@ -15,7 +15,8 @@ working tree side by side, in alternating rounds, so both see the same machine l
 for each tree, the whole ``tagjax build`` command as a user does (a fresh process: start-up, imports,
 vocabulary, images, deduplication, shards; ``--workers 1`` keeps everything in that process) and
 reports its wall time and, because this benchmark usually shares its CPUs, the CPU seconds of the
-process and its children (the cost per post whatever the load), a digest of the dataset it wrote (the
+process and its children (the cost per post whatever the load; one worker only: a multi-worker build's
+workers are forkserver children that getrusage does not count), a digest of the dataset it wrote (the
 same for every round of a tree), and the image stage alone as milliseconds of one core per image.
 ``--bytecode`` compiles every module beforehand (see ``compile_bytecode``).
 
@@ -308,8 +309,9 @@ def side_by_side(args, corpus: Path) -> None:
                     f"image stage {row['image_ms']:.2f} ms/img output {row['digest']}",
                     flush=True,
                 )
-    # With worker processes, the CPU column counts the command's process and its workers (all waited
-    # for), so it is the whole build's cost per post either way.
+    # The CPU column is the command's own process: with --workers > 1 the image workers are children of
+    # a forkserver nothing waits for, so getrusage does not see them and posts per CPU-second are
+    # overstated; compare CPU columns at one worker only (the recorded tables do).
     bytecode = "compiled bytecode" if args.bytecode else "bytecode as the environment has it"
     print(
         f"\n`tagjax build`, end to end (process start to exit), {args.workers[0]} worker(s), {posts} "

@@ -82,6 +82,9 @@ CONTROLS = ("shuffled", "random_bn")
 # Config sections the pretraining reads; the stage key is made of these (the demo's own sections, e.g.
 # probe settings, do not invalidate a finished pretraining).
 PRETRAIN_SECTIONS = ("data", "model", "loss", "optim", "train", "mesh", "checkpoint")
+# Fields of a config's data section that decide how records are read, not what a run computes: left out
+# of stage keys (stage_key), so that a new reader option does not redo the stages already finished.
+READER_FIELDS = ("max_open_shards",)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -107,6 +110,23 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, str | int | bool) or x is None:
         return x
     return str(x)
+
+
+def stage_key(key: Any) -> Any:
+    """``key`` as plain JSON, without READER_FIELDS in any ``data`` section it holds."""
+
+    def strip(x: Any, parent: str = "") -> Any:
+        if isinstance(x, dict):
+            return {
+                k: strip(v, k)
+                for k, v in x.items()
+                if not (parent == "data" and k in READER_FIELDS)
+            }
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    return strip(_jsonable(key))
 
 
 class Stages:
@@ -135,7 +155,7 @@ class Stages:
         return self.workdir / STAGES_DIR / f"{name.replace('/', '__')}.json"
 
     def begin(self, name: str, directory: Path, key: Mapping) -> Any:
-        key = _jsonable(key)
+        key = stage_key(key)
         marker = self._marker(name)
         if marker.is_file() and not self.fresh:
             stored = json.loads(marker.read_text())
@@ -156,7 +176,7 @@ class Stages:
 
     def finish(self, name: str, key: Mapping, result: Any) -> Any:
         result = _jsonable(result)
-        payload = {"key": _jsonable(key), "result": result}
+        payload = {"key": stage_key(key), "result": result}
         marker = self._marker(name)
         tmp = marker.with_name(marker.name + ".tmp")
         tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")

@@ -195,8 +195,10 @@ class BoundedShardReader:
             raise IndexError(f"record ids must be in [0, {len(self)})")
         shards = np.searchsorted(self._ends, ids, side="right")
         out: list[bytes] = [b""] * len(ids)
-        with self._lock:
-            for shard in np.unique(shards):
+        with self._lock:  # reads are serialized: one batch at a time, whatever the thread
+            # Open shards first, so a batch that spans more shards than max_open evicts only after
+            # using what is open (in ascending order, a cyclic pattern would miss on every shard).
+            for shard in sorted(np.unique(shards).tolist(), key=lambda s: s not in self._readers):
                 rows = np.flatnonzero(shards == shard)
                 positions = (ids[rows] - self._starts[shard]).tolist()
                 for row, data in zip(rows, self._reader(int(shard)).read(positions)):

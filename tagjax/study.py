@@ -161,16 +161,19 @@ def share_slope(points: Sequence[tuple[float, float]], target: float, train_reco
     se = math.sqrt(float((residual**2).sum()) / (n - 2) / sxx)
     half = t_quantile_975(n - 2) * se
     out.update({"slope": b, "lo": b - half, "hi": b + half, "intercept": a})
-    if b - half > 0:
+    if a >= target:
+        out["target_reached"] = True  # already at the whole split: nothing to extrapolate
+    elif b - half > 0:
 
         def records_at(slope: float) -> int | None:
             doublings = (target - a) / slope  # None past 2^40 x the split: no size worth printing
             return round(train_records * 2**doublings) if doublings < 40 else None
 
+        most = records_at(b - half)  # the shallowest slope in the interval needs the most data
         out["records_for_target"] = {
             "central": records_at(b),
             "fewest": records_at(b + half),
-            "most": records_at(b - half),
+            "most": most,
         }
     return out
 
@@ -245,6 +248,10 @@ def arm_config(cfg, arm: Mapping, train_records: int):
         if fraction < 1.0:
             acfg.data.train_fraction = fraction
             acfg.train.total_images = size_schedule_images(cfg, fraction, train_records)
+        length = float(arm.get("length", 1.0))
+        if length != 1.0:  # a multiple of the (possibly overridden) schedule, in whole batches
+            bs = int(acfg.train.batch_size)
+            acfg.train.total_images = bs * max(1, round(length * acfg.train.total_images / bs))
     return acfg
 
 
@@ -429,9 +436,11 @@ def reference_of(cfg, name: str) -> str:
 
 
 def is_share_arm(arm: Mapping) -> bool:
-    """A shuffled-hashtag arm that changes nothing else: with its reference it measures the hashtags'
-    own share at its data fraction (the ``hashtag_share`` figure)."""
-    return [tuple(kv) for kv in arm["set"]] == [("data.shuffle_labels", True)]
+    """A shuffled-hashtag arm that changes nothing else (not the schedule's length either): with its
+    reference it measures the hashtags' own share at its data fraction (the ``hashtag_share`` figure)."""
+    return [tuple(kv) for kv in arm["set"]] == [("data.shuffle_labels", True)] and float(
+        arm.get("length", 1.0)
+    ) == 1.0
 
 
 def summarize(
@@ -461,6 +470,7 @@ def summarize(
             "kind": str(spec.kind),
             "finding": str(spec.finding),
             "fraction": float(spec.fraction),
+            "length": float(spec.get("length", 1.0)),
             "set": [[str(k), v] for k, v in spec.set],
             "images_seen": max((r["images_seen"] for r in by_arm[a].values()), default=0),
             "per_seed": {str(s): dict(r) for s, r in sorted(by_arm[a].items())},
@@ -522,7 +532,9 @@ def hashtag_share(cfg, arms: Mapping[str, Mapping], train_records: int) -> dict:
     pairs.sort(key=lambda p: p["fraction"])
     return {
         "points": pairs,
-        "slope_per_doubling": share_slope(points, float(cfg.study.share_target), train_records),
+        "slope_per_doubling": share_slope(
+            points, float(cfg.study.get("share_target", 0.10)), train_records
+        ),
     }
 
 
@@ -595,7 +607,11 @@ def render_share(s: Mapping) -> str:
         f"{_pct(fit['hi'], True)}], a (the whole split) = {_pct(fit['intercept'], True)} points."
     )
     extra = fit.get("records_for_target")
-    if extra:
+    if fit.get("target_reached"):
+        lines.append(
+            f"The line is at or above {_pct(fit['target'], True)} points at the whole split already."
+        )
+    elif extra:
 
         def size(n: int | None) -> str:
             return "more than 2^40 times the split" if n is None else f"{n:,}"
@@ -773,6 +789,13 @@ def check_config(cfg) -> None:
             raise UserError(
                 f"config.study.arms.{name}.reference={ref!r} is not one of config.study.arms."
             )
+        if ref == name or (ref and str(cfg.study.arms[ref].get("reference", "") or "")):
+            raise UserError(
+                f"config.study.arms.{name}.reference={ref!r}: an arm is compared with an arm that "
+                "is itself compared with the baseline (not with itself, not through a chain)."
+            )
+        if float(arm.get("length", 1.0)) <= 0:
+            raise UserError(f"config.study.arms.{name}.length must be positive.")
 
 
 def run_study(

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from tagjax import cli, input_pipeline, models, posts, records, sampling, study
+from tagjax import cli, demo, input_pipeline, models, posts, records, sampling, study
 from tagjax import vocab as vocab_lib
 from tagjax.configs import default, tiny
 from tagjax.configs import study as study_config
@@ -494,3 +494,39 @@ def test_an_arm_s_reference_must_be_an_arm_and_defaults_to_the_baseline():
         study.check_config(cfg)
     assert study.reference_of(study_config.get_config(), "shuffled_frac1_2") == "frac1_2"
     assert study.reference_of(study_config.get_config(), "natural") == "baseline"
+    cfg = study_config.get_config()
+    with cfg.unlocked():
+        cfg.study.arms.frac1_8.reference = "frac1_4"  # shuffled_frac1_8 -> frac1_8 -> frac1_4
+    with pytest.raises(UserError, match="through a chain"):
+        study.check_config(cfg)
+
+
+def test_length_arms_scale_the_schedule_they_are_given_and_are_not_share_points():
+    cfg = study_config.get_config()
+    with cfg.unlocked():
+        cfg.train.total_images = 64 * 300  # as `--config.train.total_images=19200` does
+    for name in ("long4", "shuffled_long4"):
+        assert study.arm_config(cfg, cfg.study.arms[name], 2391).train.total_images == 4 * 64 * 300
+    entry = {"set": [["data.shuffle_labels", True]], "length": 4.0}
+    assert not study.is_share_arm(entry) and study.is_share_arm({**entry, "length": 1.0})
+
+
+def test_share_already_above_the_target_is_not_extrapolated():
+    points = [(f, 0.15 + 0.01 * math.log2(f) + e) for f in (1 / 8, 1 / 4, 1) for e in (0, 0.002)]
+    fit = study.share_slope(points, target=0.10, train_records=2400)
+    assert fit["target_reached"] and "records_for_target" not in fit
+
+
+def test_a_reader_option_added_to_the_config_does_not_redo_finished_stages(tmp_path):
+    """Stage keys leave out the data fields that only decide how records are read: a workdir finished
+    before such a field existed (or with another value of it) is reused, anything else is redone."""
+    cfg = default.get_config()
+    stages = demo.Stages(tmp_path, fresh=False, log=lambda line: None)
+    old = cfg.data.to_dict()
+    old.pop("max_open_shards")
+    assert stages.begin("run", tmp_path / "run", {"data": old}) is None
+    stages.finish("run", {"data": old}, {"top1": 0.5})
+    cfg.data.max_open_shards = 64
+    assert stages.begin("run", tmp_path / "run", {"data": cfg.data}) == {"top1": 0.5}
+    cfg.data.sampling = "natural"
+    assert stages.begin("run", tmp_path / "run", {"data": cfg.data}) is None

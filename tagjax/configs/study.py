@@ -32,7 +32,7 @@ import ml_collections
 from tagjax.configs import demo
 
 
-def _arm(kind, finding, label, *changes, fraction=1.0, reference=""):
+def _arm(kind, finding, label, *changes, fraction=1.0, reference="", length=1.0):
     a = ml_collections.ConfigDict()
     a.kind = kind
     a.finding = finding
@@ -40,6 +40,7 @@ def _arm(kind, finding, label, *changes, fraction=1.0, reference=""):
     a.set = tuple(changes)
     a.fraction = float(fraction)
     a.reference = reference  # the arm it is compared with, seed by seed ("" = study.baseline)
+    a.length = float(length)  # images processed, as a multiple of the schedule (train.total_images)
     return a
 
 
@@ -130,15 +131,14 @@ def get_config(arg=None):
         )
     # --- pretraining length: the baseline and its shuffled control with 4x the images (not in the default
     # run: `tagjax study --arms long4,shuffled_long4`): does the hashtags' share grow with longer training?
-    long_images = 4 * c.train.total_images
-    a.long4 = _arm("pretrain", "length", "4x the images", ("train.total_images", long_images))
+    a.long4 = _arm("pretrain", "length", "4x the images", length=4)
     a.shuffled_long4 = _arm(
         "pretrain",
         "length",
         "shuffled hashtags, 4x the images",
         ("data.shuffle_labels", True),
-        ("train.total_images", long_images),
         reference="long4",
+        length=4,
     )
 
     if arg == "tiny":  # tests/test_study.py: the demo's tiny corpus and model, two seeds
