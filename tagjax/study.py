@@ -52,6 +52,7 @@ FINDING_TITLES = {
     "controls": "Controls: what the hashtags add beyond training on any labels",
     "loss": "(a) Loss: softmax over 1/k vs per-hashtag sigmoid",
     "sigmoid_lr_sweep": "Sigmoid learning-rate sweep",
+    "softmax_lr_sweep": "Softmax learning-rate sweep",
     "sampling": "(b) Hashtag resampling",
     "noise": "(c) Label noise (a fixed corrupted dataset)",
     "data_size": "(d) Pretraining data size",
@@ -631,28 +632,39 @@ def render_share(s: Mapping) -> str:
 
 
 def render_sweep(s: Mapping) -> str:
-    """The sigmoid learning-rate sweep: held-out hashtag (sigmoid) loss per rate, lowest first."""
-    rows = [
-        (a["heldout_loss"]["mean"], name, a)
-        for name, a in s["arms"].items()
-        if a["set"] and any(k == "loss" and v == "sigmoid" for k, v in a["set"])
-    ]
-    if len(rows) < 2:
-        return ""
-    rows.sort(key=lambda r: math.inf if r[0] is None else r[0])
-    lines = [
-        "| sigmoid arm | base_lr | held-out sigmoid loss | probe top-1 (%) |",
-        "|---|---:|---:|---:|",
-    ]
-    for loss, name, a in rows:
-        lr = next(v for k, v in a["set"] if k == "optim.base_lr")
-        lines.append(
-            f"| `{name}` | {lr} | {'-' if loss is None else f'{loss:.4f}'} | {_ci(a['probe_top1'])} |"
-        )
-    lines.append(
-        f"\nThe rate with the lowest held-out loss is `{rows[0][1]}`'s; the `sigmoid` arm should use it."
-    )
-    return "\n".join(lines)
+    """The learning-rate sweeps: for each loss, the arms that change only the loss, the head's start and
+    ``optim.base_lr`` (and the baseline, for its own loss), by held-out hashtag loss, lowest first."""
+    pre = s.get("pretraining", {})
+    groups: dict[str, list] = {}
+    for name, a in s["arms"].items():
+        changes = {str(k): v for k, v in a["set"]}
+        if name != s["baseline"] and (
+            "optim.base_lr" not in changes
+            or not set(changes) <= {"loss", "model.head_bias", "optim.base_lr"}
+        ):
+            continue
+        lr = changes.get("optim.base_lr", pre.get("base_lr"))
+        if lr is None:
+            continue
+        loss = str(changes.get("loss", pre.get("loss", "softmax")))
+        groups.setdefault(loss, []).append((a["heldout_loss"]["mean"], name, lr, a))
+    tables = []
+    for loss, rows in groups.items():
+        if len(rows) < 2:
+            continue
+        rows.sort(key=lambda r: math.inf if r[0] is None else r[0])
+        lines = [
+            f"| {loss} arm | base_lr | held-out {loss} loss | held-out mAP (%) | probe top-1 (%) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for value, name, lr, a in rows:
+            lines.append(
+                f"| `{name}` | {lr} | {'-' if value is None else f'{value:.4f}'} | "
+                f"{_ci(a['mAP'])} | {_ci(a['probe_top1'])} |"
+            )
+        lines.append(f"\nThe {loss} rate with the lowest held-out loss is `{rows[0][1]}`'s.")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def make_plots(s: Mapping, out: Path) -> dict[str, str]:
@@ -752,7 +764,7 @@ def render_markdown(s: Mapping, workdir: Path) -> str:
         lines += ["## The hashtags' own share against the data size", "", share, ""]
     sweep = render_sweep(s)
     if sweep:
-        lines += ["## Sigmoid learning-rate sweep", "", sweep, ""]
+        lines += ["## Learning-rate sweeps", "", sweep, ""]
     if s["plots"]:
         lines += ["## Figures", ""]
         for finding, path in s["plots"].items():
@@ -871,6 +883,8 @@ def run_study(
                 **probe,
             },
             "pretraining": {
+                "loss": str(cfg.loss),
+                "base_lr": float(cfg.optim.base_lr),
                 "model": str(cfg.model.name),
                 "image_size": int(cfg.data.image_size),
                 "batch_size": int(cfg.train.batch_size),

@@ -104,6 +104,9 @@ def get_config(arg=None):
             ("model.head_bias", "prior"),
             ("optim.base_lr", lr),
         )
+    # The softmax baseline's rate swept the same way, so that (a) compares two tuned losses.
+    for lr, name in ((0.1, "softmax_lr0_1"), (1.6, "softmax_lr1_6")):
+        a[name] = _arm("pretrain", "softmax_lr_sweep", f"softmax (lr {lr})", ("optim.base_lr", lr))
     # --- (b) resampling ---------------------------------------------------------------------------------
     a.natural = _arm("pretrain", "sampling", "natural", ("data.sampling", "natural"))
     a.images = _arm("pretrain", "sampling", "images (no resampling)", ("data.sampling", "images"))
