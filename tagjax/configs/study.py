@@ -4,27 +4,27 @@ Run it (after ``tagjax demo`` has installed the corpus' packages; launch/demo.sh
 
     tagjax study                                   # the default arms and seeds, workdir runs/study
     tagjax study --arms baseline,shuffled --seeds 0,1
-    tagjax study --arms sigmoid_lr0_1,sigmoid,sigmoid_lr1_6 --seeds 0,1   # the sigmoid learning-rate sweep
+    tagjax study --arms sigmoid_lr0_1,sigmoid,sigmoid_lr1_6,softmax_lr0_1,softmax_lr1_6 --seeds 0,1  # rates
 
 Every arm is the demo's pretraining (configs/demo.py: the same corpus, model, schedule and linear probe on
 the emoji subgroups) with a few fields changed. Arms run with the same seeds are paired: the same initial
 weights, the same training-stream positions and the same probe split, so the per-seed difference to the
 baseline removes most of the seed-to-seed variance (tagjax/study.py).
 
-Cost on the 2-core development VM, from the preliminary study's measured runs (docs/study.md: a
-full-length pretraining arm with its held-out evaluation and probe ~2m50s wall beside other jobs, the
-random-init probe ~15 s, the batch-norm re-estimation with its probe ~35 s): per seed ~14 minutes for
-the five full-length pretraining arms, ~4 for the three data-size arms (shorter schedules), ~2 for the
-downstream-only trunk and ~1 for the random-init controls, so ~21 minutes per seed and ~85 minutes for
-the default four seeds (+~3 minutes per seed for each further arm, e.g. ``images``); ``--arms`` /
-``--seeds`` run any subset, and a rerun reuses every finished run.
+Cost on the 2-core development VM beside other jobs, measured in the recorded study (docs/study.md): a
+full-length pretraining arm with its held-out evaluation and probe 61-77 s per seed, a data-size arm
+26-43 s, the downstream-only trunk 54 s, the batch-norm re-estimation 18 s, the random-init probe 9 s: the
+14 default arms cost ~10.5 minutes per seed, ~42 minutes of runs for the default four seeds (~70 s per
+seed for each further full-length arm, e.g. ``images``; ~3.5 minutes each for ``long4`` and
+``shuffled_long4``); ``--arms`` / ``--seeds`` run any subset, and a rerun reuses every finished run.
 
 Arms (``study.arms``): ``kind`` is ``pretrain`` (train with the listed config changes), ``random`` (the
 seed's initial weights), ``random_bn`` (the same, with batch-norm statistics re-estimated on as many
 pretraining images as a pretraining run sees) or ``downstream`` (that initialization trained on the
 downstream training split alone). ``set`` lists ``(dotted config key, value)`` pairs; ``finding`` groups
 arms into one figure; ``fraction`` marks the data-size arms, whose schedule follows the paper's
-images-processed heuristic (below).
+images-processed heuristic (below); ``length`` multiplies the schedule; ``reference`` names the arm it is
+compared with seed by seed when that is not the baseline (the shuffled control at each data fraction).
 """
 
 import ml_collections
