@@ -628,3 +628,15 @@ def test_training_and_evaluation_start_without_loading_the_label_file(tmp_path, 
             assert how == "r", f"{name} loaded whole"
         if kind == "read" and Path(name).name in big:
             assert 0 <= how <= 11 * 4, f"{how} elements of {name} read at once"
+
+
+def test_a_workers_copy_of_a_bounded_source_does_not_count_the_shards_again(dataset, monkeypatch):
+    """grain workers receive the source pickled: a bounded one carries its record counts, so a worker
+    does not open every shard to count it (350,000 opens per worker at 3.5B images)."""
+    source = input_pipeline.RecordSource(Path(dataset), "train", 16, max_open_shards=1)
+    copy = pickle.loads(pickle.dumps(source))
+    monkeypatch.setattr(records, "_count_records", lambda path: pytest.fail("counted again"))
+    got, want = copy.load([0, 1, 2]), source.load([0, 1, 2])
+    assert [(img, list(labels)) for img, labels in got] == [
+        (img, list(labels)) for img, labels in want
+    ]
