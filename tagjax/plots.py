@@ -253,6 +253,18 @@ def probe_comparison(
     return _save(fig, path)
 
 
+def _mean_and_seeds(ax, x: float, ci: Mapping, per_seed: Sequence, color: str, label=None) -> None:
+    """A mean with its 95% interval as an error bar at ``x`` and each seed's value as a dot (fractions,
+    drawn in percent); nothing when there is no mean."""
+    if ci["mean"] is None:
+        return
+    mean = 100 * ci["mean"]
+    yerr = None if ci["lo"] is None else [[mean - 100 * ci["lo"]], [100 * ci["hi"] - mean]]
+    ax.errorbar(x, mean, yerr=yerr, fmt="o", color=color, capsize=5, ms=7, label=label)
+    values = [100 * v for v in per_seed if v is not None]
+    ax.plot(np.full(len(values), x), values, ".", color="black", ms=4, alpha=0.6)
+
+
 def study_finding(
     arms: Sequence[Mapping],
     path: str | Path,
@@ -262,14 +274,14 @@ def study_finding(
     log_x: bool = False,
 ) -> Path:
     """One finding of ``tagjax study``: linear-probe top-1 (left), its paired difference to the arm it is
-    compared with (the baseline unless the label says otherwise; middle) and held-out hashtag mAP (right) per arm, each a mean with its 95% t-interval as error bars
-    and each seed as a dot; ``reference_lines`` (label -> top-1 fraction: chance, the controls) are drawn
+    compared with (the baseline unless the label says otherwise; middle) and held-out hashtag mAP
+    (right) per arm, each a mean with its 95% t-interval as error bars and each seed as a dot; ``reference_lines`` (label -> top-1 fraction: chance, the controls) are drawn
     across the probe panel. With ``log_x`` the arms sit at their ``fraction`` of the data on a log axis
     (the data-size finding); otherwise one slot per arm.
 
     ``arms``: [{"label", "fraction", "top1": [per seed], "top1_ci": {mean, lo, hi}, "diff": [per-seed
-    difference to the arm it is compared with; [] for the baseline], "diff_ci": {...}, "mAP": [per seed or None],
-    "mAP_ci": {...}}].
+    difference to the arm it is compared with; [] for the baseline], "diff_ci": {...}, "mAP": [per
+    seed or None], "mAP_ci": {...}}].
     """
     fig, axes = _figure(15.0, 4.2, ncols=3)
     x = (
@@ -283,16 +295,8 @@ def study_finding(
         (axes[2], "mAP", "held-out hashtag mAP (%)"),
     ):
         for i, arm in enumerate(arms):
-            values = [100 * v for v in arm[key] if v is not None]
-            ci = arm[f"{key}_ci"]
-            if not values or ci["mean"] is None:
-                continue
-            mean = 100 * ci["mean"]
-            yerr = None
-            if ci["lo"] is not None:
-                yerr = [[mean - 100 * ci["lo"]], [100 * ci["hi"] - mean]]
-            ax.errorbar(x[i], mean, yerr=yerr, fmt="o", color=f"C{i}", capsize=5, ms=7)
-            ax.plot(np.full(len(values), x[i]), values, ".", color="black", ms=4, alpha=0.6)
+            if any(v is not None for v in arm[key]):
+                _mean_and_seeds(ax, x[i], arm[f"{key}_ci"], arm[key], f"C{i}")
         if log_x:
             ax.set_xscale("log", base=2)
             ax.set_xticks(x, [f"{f:g}" for f in x])
@@ -340,35 +344,16 @@ def study_share(
     fig, axes = _figure(11.0, 4.2, ncols=2)
     x = np.asarray([p["fraction"] for p in points], np.float64)
 
-    def draw(ax, stats, xs, color, label, offset=1.0):
+    def draw(ax, stats, color, label, offset=1.0):
         for i, st in enumerate(stats):
-            if st["mean"] is None:
-                continue
-            mean = 100 * st["mean"]
-            yerr = None
-            if st["lo"] is not None:
-                yerr = [[mean - 100 * st["lo"]], [100 * st["hi"] - mean]]
-            ax.errorbar(
-                xs[i] * offset,
-                mean,
-                yerr=yerr,
-                fmt="o",
-                color=color,
-                capsize=5,
-                ms=7,
-                label=label if i == 0 else None,
-            )
-            values = [100 * v for v in st["per_seed"] if v is not None]
-            ax.plot(
-                np.full(len(values), xs[i] * offset), values, ".", color="black", ms=4, alpha=0.6
-            )
+            _mean_and_seeds(ax, x[i] * offset, st, st["per_seed"], color, label if i == 0 else None)
 
-    draw(axes[0], [p["real"] for p in points], x, "C0", "real hashtags", 0.97)
-    draw(axes[0], [p["shuffled"] for p in points], x, "C3", "shuffled hashtags", 1.03)
+    draw(axes[0], [p["real"] for p in points], "C0", "real hashtags", 0.97)
+    draw(axes[0], [p["shuffled"] for p in points], "C3", "shuffled hashtags", 1.03)
     axes[0].axhline(100 * chance, ls=":", color="gray")
     axes[0].set_ylabel("linear probe test top-1 (%)")
     axes[0].legend(fontsize=8, loc="lower right")
-    draw(axes[1], [p["share"] for p in points], x, "C2", "real minus shuffled")
+    draw(axes[1], [p["share"] for p in points], "C2", "real minus shuffled")
     if fit.get("slope") is not None:
         xs = np.geomspace(x.min(), x.max(), 50)
         axes[1].plot(

@@ -463,6 +463,13 @@ def summarize(
             for seed, r in by_arm[arm].items()
         }
 
+    def against(arm: str, other: str) -> dict:
+        """Per compared metric, ``arm`` minus ``other`` paired by seed."""
+        return {
+            key: paired_difference(metric(arm, key), metric(other, key))
+            for key in ("probe_top1", "probe_top5", *HELDOUT_KEYS)
+        }
+
     arms = {}
     for a in arm_names:
         spec = cfg.study.arms[a]
@@ -479,17 +486,11 @@ def summarize(
         for key in ("probe_top1", "probe_top5", *HELDOUT_KEYS, "heldout_loss"):
             entry[key] = interval(list(metric(a, key).values()))
         if a != base:
-            entry["vs_baseline"] = {
-                key: paired_difference(metric(a, key), metric(base, key))
-                for key in ("probe_top1", "probe_top5", *HELDOUT_KEYS)
-            }
+            entry["vs_baseline"] = against(a, base)
         ref = reference_of(cfg, a)
         entry["reference"] = ref
         if ref not in (a, base):
-            entry["vs_reference"] = {
-                key: paired_difference(metric(a, key), metric(ref, key))
-                for key in ("probe_top1", "probe_top5", *HELDOUT_KEYS)
-            }
+            entry["vs_reference"] = against(a, ref)
         arms[a] = entry
     digests = {
         str(s): {a: by_arm[a][s]["init_digest"] for a in arm_names if s in by_arm[a]} for s in seeds
@@ -507,29 +508,27 @@ def summarize(
 def hashtag_share(cfg, arms: Mapping[str, Mapping], train_records: int) -> dict:
     """The hashtags' own share of the probe top-1 (reference minus shuffled arm, paired by seed) at each
     data fraction that has a shuffled arm, and its slope per doubling of the data (:func:`share_slope`)."""
+
+    def top1(entry: Mapping) -> dict[int, float]:
+        return {int(seed): r["probe_top1"] for seed, r in entry["per_seed"].items()}
+
     points, pairs = [], []
     for name, a in arms.items():
-        if not is_share_arm(a) or a["reference"] == name:
+        ref = a["reference"]
+        if not is_share_arm(a) or ref == name or ref not in arms:
             continue
-        comparison = a.get("vs_reference") or a.get("vs_baseline")
-        if not comparison:
-            continue
-        d = comparison["probe_top1"]
-        share = {k: (None if d[k] is None else -d[k]) for k in ("mean", "lo", "hi")}
-        share["lo"], share["hi"] = share["hi"], share["lo"]
-        per_seed = [-x for x in d["per_seed"]]
+        d = paired_difference(top1(arms[ref]), top1(a))  # reference minus shuffled: the share
         pairs.append(
             {
                 "fraction": a["fraction"],
                 "arm": name,
-                "reference": a["reference"],
+                "reference": ref,
                 "seeds": d["seeds"],
-                "per_seed": per_seed,
-                **share,
-                "n": d["n"],
+                "per_seed": d["per_seed"],
+                **{k: d[k] for k in ("mean", "lo", "hi", "n")},
             }
         )
-        points += [(a["fraction"], v) for v in per_seed]
+        points += [(a["fraction"], v) for v in d["per_seed"]]
     pairs.sort(key=lambda p: p["fraction"])
     return {
         "points": pairs,
