@@ -1,4 +1,4 @@
-"""One prepared accelerator check: five time-boxed steps, one JSON record, under 8 minutes on one H100/H200.
+"""One prepared accelerator check: five time-boxed steps, one JSON record, under 9 minutes on one H100/H200.
 
 Accelerator time comes in short windows, so this script measures everything the project needs to know
 from a GPU in one go, and leaves a complete record even when it is cut off:
@@ -19,7 +19,7 @@ in a forked child process with a deadline; a child that overruns is killed, reco
 with whatever it had reported, and the check moves on. The JSON record (schema in benchmarks/README.md)
 is rewritten after every task. Run it through the wrapper, which adds a hard cap::
 
-    bash benchmarks/gpu_check.sh --out /tmp/gpu-check          # one GPU, ~7 minutes
+    bash benchmarks/gpu_check.sh --out /tmp/gpu-check          # one GPU, ~8 minutes
     bash benchmarks/gpu_check.sh --cpu --tiny --out /tmp/gpu-check-cpu   # CPU smoke, 15 s (cache warm)
 
 On a GPU machine the environment needs jax's CUDA build: ``TAGJAX_EXTRAS="dev cuda" bash launch/setup.sh``

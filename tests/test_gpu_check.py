@@ -207,6 +207,19 @@ def test_without_an_accelerator_it_stops_after_the_environment_step(tmp_path):
     assert 'TAGJAX_EXTRAS="dev cuda" bash launch/setup.sh' in proc.stderr
 
 
+def test_a_missing_package_is_named_in_one_line_before_anything_runs(tmp_path):
+    # A GPU image with its own jax lacked tensorboardX (2026-11-30): the check died in an import.
+    blocker = tmp_path / "blocked"
+    blocker.mkdir()
+    (blocker / "tensorboardX.py").write_text("raise ImportError('not installed here')\n")
+    proc, record = _check(
+        tmp_path / "out", "--cpu", "--tiny", env_extra={"PYTHONPATH": str(blocker)}
+    )
+    assert proc.returncode == 2 and record is None
+    assert "cannot import: tensorboardX " in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_the_wrapper_is_shellcheck_clean():
     shellcheck = shutil.which("shellcheck")
     assert shellcheck, "shellcheck is missing: `bash launch/setup.sh` installs it"
@@ -251,10 +264,10 @@ def _gpu_record(tasks):
     }
 
 
-def test_gpu_plan_sums_to_seven_minutes_and_judges_the_issue_goals():
+def test_gpu_plan_fits_nine_minutes_and_judges_the_issue_goals():
     gc = _gpu_check_module()
     plan = gc.load_plan("gpu")
-    assert sum(plan.budget_s.values()) == 420  # under 8 minutes with start-up and the hard cap
+    assert sum(plan.budget_s.values()) == 485  # under 9 minutes with start-up and the hard cap
     runs = {r["name"]: r for r in plan.throughput.runs}
     assert runs["resnet50"]["batch_per_device"] % 24 == 0 and plan.bn_group_size == 24
     assert (

@@ -1,11 +1,11 @@
 """The plan of benchmarks/gpu_check.py: what each of its five steps measures, at which sizes, in what time.
 
-``ARG`` picks the plan: ``gpu`` (default; one H100/H200, whole run under ~7 minutes) or ``tiny`` (tiny
+``ARG`` picks the plan: ``gpu`` (default; one H100/H200, whole run under ~8 minutes on a fresh machine) or ``tiny`` (tiny
 models and 32 px images: the same steps in ~15 s on a 2-core CPU with the compilation cache warm, for
 the test suite).
 Each step has a time box (``budget_s``); a throughput run also has its own, so one slow compile cannot
 starve the others. Runs marked ``optional`` start only when their whole budget is still left in the
-step's. The budgets of the ``gpu`` plan sum to 420 s; benchmarks/gpu_check.sh adds a hard cap above it.
+step's. The budgets of the ``gpu`` plan sum to 485 s; benchmarks/gpu_check.sh adds a hard cap above it.
 
 Batch: the paper trained with 24 images per GPU and batch-norm statistics per GPU [R]. One H100 holds
 several of those GPUs' work, so the check runs ``k x 24`` images per step with batch-norm statistics over
@@ -46,14 +46,16 @@ def get_config(arg=None):
     c.num_classes = 80 if tiny else 1000
     c.dtype = "bfloat16"
     c.bn_group_size = 8 if tiny else 24  # 24: the paper's per-GPU batch-norm statistics [R]
-    # Seconds per step (the time box); the gpu plan's sum to 420 s (7 minutes).
+    # Seconds per step (the time box); the gpu plan's sum to 485 s. Sized on a fresh H200 (2026-11-30), where
+    # nothing is in the compilation cache: ResNeXt-101 32x8d with grouped_conv=xla took 51 s to initialize
+    # and 41 s to compile (4 s and 6 s once cached), so its run and the checkpoint step need the room.
     c.budget_s = ml_collections.ConfigDict(
         {
             "environment": 20.0,
             "correctness": 45.0 if tiny else 75.0,
-            "throughput": 90.0 if tiny else 200.0,
+            "throughput": 90.0 if tiny else 250.0,
             "input_pipeline": 45.0 if tiny else 70.0,
-            "checkpoint": 45.0 if tiny else 55.0,
+            "checkpoint": 45.0 if tiny else 70.0,
         }
     )
 
@@ -86,7 +88,7 @@ def get_config(arg=None):
     else:
         c.throughput.runs = [
             _run("resnet50", "resnet50", 240, "xla", 55),
-            _run("resnext101_32x8d-xla", "resnext101_32x8d", 120, "xla", 70),
+            _run("resnext101_32x8d-xla", "resnext101_32x8d", 120, "xla", 110),
             _run("resnext101_32x8d-block_diagonal", "resnext101_32x8d", 120, "block_diagonal", 70),
             _run("resnext101_32x16d", "resnext101_32x16d", 48, "fastest", 60, optional=True),
             _run("resnet50-paper_batch24", "resnet50", 24, "xla", 35, optional=True),
