@@ -31,7 +31,7 @@ fi
 missing=$("$PY" - <<'PY'
 import importlib
 names = ["jax", "flax", "optax", "orbax.checkpoint", "grain", "array_record", "ml_collections",
-         "simplejpeg", "cv2", "PIL", "tensorboardX", "portpicker", "defusedxml", "zstandard", "numpy"]
+         "simplejpeg", "cv2", "PIL", "tensorboardX", "portpicker", "defusedxml", "numpy"]
 missing = []
 for name in names:
     try:

@@ -48,7 +48,6 @@ import dataclasses
 import functools
 import json
 import math
-import multiprocessing
 import os
 import secrets
 import threading
@@ -513,10 +512,12 @@ class ShuffledLabels:
 
 
 def _alloc(shape, dtype, fill=None) -> np.ndarray:
-    """A batch array; in a grain worker it lives in shared memory, so handing it over copies nothing."""
+    """A batch array; in a grain worker it lives in shared memory, so handing it over copies nothing.
 
-    # grain's workers are multiprocessing children of the training process (the public way to ask).
-    if multiprocessing.parent_process() is not None:
+    Only in our grain workers (marked by :func:`_init_worker`): a process that merely has a
+    multiprocessing parent (a sweep driver's child, a benchmark's forked task) reads its own batches,
+    and a shared-memory batch there would stay in /dev/shm until the process ends (one per step)."""
+    if _IN_GRAIN_WORKER:
         arr = SharedMemoryArray(shape, np.dtype(dtype))
     else:
         arr = np.empty(shape, dtype)
@@ -653,6 +654,11 @@ def worker_shm_prefix(parent_pid: int) -> str:
     return f"{SHM_PREFIX}{parent_pid}_"
 
 
+# True in the grain worker processes of our training iterators (set by _init_worker), where batches are
+# built in shared memory for the training process to read.
+_IN_GRAIN_WORKER = False
+
+
 def _watch_parent(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(0.5)
@@ -666,9 +672,11 @@ def _init_worker(parent_pid: int, worker_index: int, worker_count: int) -> None:
 
     A thread polling the parent's pid, not prctl(PR_SET_PDEATHSIG): that signal fires when the *thread*
     that started the worker ends, which need not be the process ending."""
+    global _IN_GRAIN_WORKER
     del worker_index, worker_count
     if os.getppid() != parent_pid:
         os._exit(1)
+    _IN_GRAIN_WORKER = True
     prefix = "/" + worker_shm_prefix(parent_pid)
     shared_memory._make_filename = lambda: prefix + secrets.token_hex(8)  # names are never reused
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()

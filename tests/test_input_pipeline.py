@@ -640,3 +640,36 @@ def test_a_workers_copy_of_a_bounded_source_does_not_count_the_shards_again(data
     assert [(img, list(labels)) for img, labels in got] == [
         (img, list(labels)) for img, labels in want
     ]
+
+
+def _batches_in_a_child_process(cfg, workers: int, conn) -> None:
+    """Runs in a child of multiprocessing (as under a sweep driver): reads 3 batches, reports whether
+    each is a plain numpy array and which of this process's batch segments exist in /dev/shm."""
+    cfg.data.num_workers = workers
+    it = input_pipeline.make_train_iterator(cfg, process_index=0, process_count=1)
+    kinds = [type(next(it)["image"]).__name__ for _ in range(3)]
+    mine = sorted(p.name for p in Path("/dev/shm").glob("psm_*"))
+    it.close()
+    conn.send((kinds, mine))
+    conn.close()
+
+
+def test_a_process_with_a_multiprocessing_parent_reads_batches_without_shared_memory(dataset):
+    # Batches are built in shared memory only inside our grain workers, to hand them over; a consumer
+    # that is itself a multiprocessing child used to build every batch there too, one /dev/shm
+    # segment per step kept until the process ended (2,046 after a short benchmark task on Python 3.12).
+    import multiprocessing
+
+    cfg = _config(dataset, dataset=str(dataset), image_size=32, sampling="sqrt")
+    before = set(p.name for p in Path("/dev/shm").glob("psm_*"))
+    ctx = multiprocessing.get_context("spawn")  # fork is unsafe in a process with reader threads
+    parent_conn, child_conn = ctx.Pipe()
+    child = ctx.Process(target=_batches_in_a_child_process, args=(cfg, 0, child_conn))
+    child.start()
+    child_conn.close()  # the child's end: a child that dies makes recv() fail instead of hang
+    assert parent_conn.poll(120), "the child reported nothing"
+    kinds, segments = parent_conn.recv()
+    child.join(60)
+    assert child.exitcode == 0
+    assert kinds == ["ndarray"] * 3
+    assert set(segments) <= before  # none of its own
