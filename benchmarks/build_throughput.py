@@ -24,6 +24,12 @@ same for every round of a tree), and the image stage alone as milliseconds of on
     .venv/bin/python benchmarks/build_throughput.py --openclipart --max-side 96 --workers 2
     .venv/bin/python benchmarks/build_throughput.py --photos --posts 1500 --baseline d09f989 --rounds 3 --workers 1
 
+``--decoders`` times libjpeg-turbo's decoders on the corpus's first ``--stage-images`` JPEGs at each DCT
+scale instead (simplejpeg, OpenCV, Pillow): the floor under the image stage is the entropy decoding they
+all do in full, whatever the output size.
+
+    .venv/bin/python benchmarks/build_throughput.py --photos --posts 1500 --decoders --corpus-dir /tmp/bench
+
 With --openclipart the real corpus is built instead (rasterized SVGs come from the cache after the first
 run; pass --raster-cache '' to measure cold rasterization).
 """
@@ -338,6 +344,51 @@ def side_by_side(args, corpus: Path) -> None:
     )
 
 
+def decoder_floor(files: list[Path], width: int, height: int) -> None:
+    """CPU ms per JPEG of each libjpeg-turbo front end at full size and at 1/2, 1/4, 1/8 (best of 3)."""
+    import cv2
+    import simplejpeg
+    from PIL import features
+
+    datas = [f.read_bytes() for f in files]
+
+    def pil_draft(data, scale):
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (width // scale, height // scale))
+            return np.asarray(im)
+
+    def simple(data, scale):
+        return simplejpeg.decode_jpeg(
+            data, colorspace="RGB", min_height=height // scale, min_width=width // scale
+        )
+
+    cv_flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4}
+    cv_flags[8] = cv2.IMREAD_REDUCED_COLOR_8
+    decoders = {
+        f"simplejpeg {simplejpeg.__version__}": simple,
+        f"OpenCV {cv2.__version__} imdecode": lambda d, s: cv2.imdecode(
+            np.frombuffer(d, np.uint8), cv_flags[s]
+        ),
+        f"Pillow {Image.__version__} draft": pil_draft,
+    }
+    print(
+        f"{len(datas)} JPEGs, {width}x{height}, mean {np.mean([len(d) for d in datas]) / 1e3:.0f} kB; "
+        f"libjpeg-turbo {features.version('libjpeg_turbo')} (Pillow's); CPU ms per image, best of 3"
+    )
+    print("| decoder | full size | 1/2 | 1/4 | 1/8 |\n|---|---|---|---|---|")
+    for name, decode in decoders.items():
+        cells = []
+        for scale in (1, 2, 4, 8):
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.process_time()
+                for data in datas:
+                    decode(data, scale)
+                best = min(best, (time.process_time() - t0) / len(datas) * 1e3)
+            cells.append(f"{best:.2f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--posts", type=int, default=2000)
@@ -357,6 +408,11 @@ def main():
         "pip install), instead of compiling what they import in every process",
     )
     ap.add_argument("--stage-images", type=int, default=200)
+    ap.add_argument(
+        "--decoders",
+        action="store_true",
+        help="time libjpeg-turbo's decoders on the generated JPEGs at each DCT scale (no build)",
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -379,7 +435,12 @@ def main():
                 (make_photo_corpus if args.photos else make_corpus)(corpus, args.posts, w, h)
                 print(f"generated {args.posts} {w}x{h} JPEGs in {time.time() - t0:.1f}s")
             inputs = (f"jsonl:{corpus / 'posts.jsonl'}",)
-        if args.baseline:
+        if args.decoders:
+            if corpus is None:
+                raise SystemExit("--decoders needs a generated corpus (--photos or --size)")
+            files = sorted(corpus.rglob("*.jpg"))[: args.stage_images]
+            decoder_floor(files, w, h)
+        elif args.baseline:
             if corpus is None:
                 raise SystemExit("--baseline needs a generated corpus (--photos or --size)")
             side_by_side(args, corpus)
