@@ -28,10 +28,11 @@ groups; N must divide 8,064; see configs/_paper.py)::
 On 336 devices the layout is 1 micro-batch of 24 images per device, BN groups of 24.
 
 Compute: 217 GFLOP per training image at 224 px (3 x the analytic forward FLOPs), 1.5e+21 FLOP in
-all. At 10% MFU on H100 (989 TFLOP/s bf16 dense; about the 1,000 img/s per H100 that the ResNeXt-101
-32x8d benchmark targets) that is ~4,266 H100-hours: ~0.5 days on 336 H100s. Measure the real rate
-with benchmarks/train_throughput.py before booking. For scale, the paper trained on 336 GPUs, and
-32x16d on IG-3.5B took ~22 days. No weights of this setting were released.
+all. At 10% MFU on H100 (989 TFLOP/s bf16 dense; measured on one H200: ResNeXt-101 32x8d 16.9% at
+120 images per device, ResNet-50 6.9% at the paper's 24; benchmarks/README.md) that is ~4,266
+H100-hours: ~0.5 days on 336 H100s. Measure the real rate with benchmarks/train_throughput.py before
+booking. For scale, the paper trained on 336 GPUs, and 32x16d on IG-3.5B took ~22 days. No weights
+of this setting were released.
 """
 
 from tagjax.configs import _paper

@@ -28,11 +28,11 @@ must divide 8,064; see configs/_paper.py)::
 On 168 devices the layout is 1 micro-batch of 48 images per device, BN groups of 24.
 
 Compute: 523 GFLOP per training image at 224 px (3 x the analytic forward FLOPs), 1.0e+21 FLOP in
-all. At 10% MFU on H100 (989 TFLOP/s bf16 dense; about the 1,000 img/s per H100 that the ResNeXt-101
-32x8d benchmark targets) that is ~2,914 H100-hours: ~0.7 days on 168 H100s. Measure the real rate
-with benchmarks/train_throughput.py before booking. For scale, the paper trained on 336 GPUs, and
-32x16d on IG-3.5B took ~22 days. Released (after ImageNet fine-tuning) top-1 / top-5 of this trunk:
-85.1 / 97.5.
+all. At 10% MFU on H100 (989 TFLOP/s bf16 dense; measured on one H200: ResNeXt-101 32x8d 16.9% at
+120 images per device, ResNet-50 6.9% at the paper's 24; benchmarks/README.md) that is ~2,914
+H100-hours: ~0.7 days on 168 H100s. Measure the real rate with benchmarks/train_throughput.py before
+booking. For scale, the paper trained on 336 GPUs, and 32x16d on IG-3.5B took ~22 days. Released
+(after ImageNet fine-tuning) top-1 / top-5 of this trunk: 85.1 / 97.5.
 """
 
 from tagjax.configs import _paper
