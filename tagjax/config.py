@@ -34,11 +34,13 @@ def packaged_names() -> list[str]:
 def resolve_path(config: str) -> str:
     """A path to a config file, or the name of a packaged config (``tiny`` -> tagjax/configs/tiny.py).
 
-    A file at the given path wins over a packaged config of the same name; ``:arg`` is kept.
+    A file at the given path wins over a packaged config of the same name; ``:arg`` is kept. The docs
+    write ``configs/tiny.py`` (a checkout's link to the packaged configs): elsewhere, e.g. after a
+    ``pip install``, that path names the packaged config too.
     """
     path, _, arg = config.partition(":")
     if not Path(path).is_file():
-        name = path.removesuffix(".py")
+        name = path.removesuffix(".py").removeprefix("configs/")
         candidate = PACKAGED_CONFIGS / (name + ".py")
         if "/" in name or name.startswith("_") or not candidate.is_file():
             raise UserError(

@@ -14,7 +14,7 @@ never separates variants.
 Names ``open_split`` accepts:
 
 * a stock TFDS dataset from :data:`STOCK` (imagenet2012, caltech_birds2011, places365_small,
-  oxford_iiit_pet, cifar10), prepared once with ``file_format="array_record"`` (README: "Transfer");
+  oxford_iiit_pet, cifar10), prepared once with ``file_format="array_record"`` (docs/evaluation.md, "Downstream datasets");
   read with ``tfds.data_source`` -- random access, no TensorFlow at run time. Our "train"/"test" map onto
   the dataset's own split names (e.g. ImageNet's and Places365's labelled test split is "validation").
 * ``emoji_subgroups`` (or ``emoji_subgroups/128px``): color emoji rendered from Debian's
@@ -110,7 +110,7 @@ class StockDataset:
     test_split: str
     label_key: str = "label"
     skip_decoding: tuple[str, ...] = ()  # image features we never need (segmentation masks)
-    prepare: str = ""  # one line for the README and the "not prepared" error
+    prepare: str = ""  # one line for the docs and the "not prepared" error
 
 
 STOCK: dict[str, StockDataset] = {
@@ -321,7 +321,7 @@ def _tfds_split(name: str, split: str, data_dir: str | None) -> Downstream:
                 f"TFDS dataset {name!r} is not prepared in {data_dir or default_data_dir()} ({how}): run "
                 f"`python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', "
                 f"data_dir='{data_dir or default_data_dir()}').download_and_prepare(file_format='array_record')\"`"
-                " once (README: Transfer)."
+                ' once (docs/evaluation.md, "Downstream datasets").'
             )
         split_name = (
             (stock.train_split if split == "train" else stock.test_split) if stock else split

@@ -52,6 +52,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
@@ -644,14 +645,16 @@ class EvalBatches:
 # ------------------------------------------------------------------------------------------------
 
 
-# Shared-memory segments of our grain workers are named with this prefix and the training process's pid,
-# so the process can find and release the ones still in flight when it closes its iterator, and a test
-# can tell them from other programs' segments.
+# Shared-memory segments of our grain workers are named with this prefix, the training process's pid and
+# a token of the iterator they feed, so closing one iterator releases its own batches still in flight (and
+# not those of another iterator open beside it: training's while an evaluation pass ends), and a test can
+# tell them from other programs' segments.
 SHM_PREFIX = "psm_tagjax"
 
 
-def worker_shm_prefix(parent_pid: int) -> str:
-    return f"{SHM_PREFIX}{parent_pid}_"
+def worker_shm_prefix(parent_pid: int, iterator_token: str = "") -> str:
+    """The name prefix of the segments made for process ``parent_pid`` (for one iterator, with a token)."""
+    return f"{SHM_PREFIX}{parent_pid}_" + (f"{iterator_token}_" if iterator_token else "")
 
 
 # True in the grain worker processes of our training iterators (set by _init_worker), where batches are
@@ -665,7 +668,9 @@ def _watch_parent(parent_pid: int) -> None:
     os._exit(1)  # the training process is gone (killed): nobody will read our batches
 
 
-def _init_worker(parent_pid: int, worker_index: int, worker_count: int) -> None:
+def _init_worker(
+    parent_pid: int, iterator_token: str, worker_index: int, worker_count: int
+) -> None:
     """Runs first in each grain worker process: the worker ends itself when the training process dies
     (a SIGKILL runs no cleanup; without this, workers and the resource tracker outlive it), and names
     its shared memory so the training process can release what is left when it closes its iterator.
@@ -677,30 +682,37 @@ def _init_worker(parent_pid: int, worker_index: int, worker_count: int) -> None:
     if os.getppid() != parent_pid:
         os._exit(1)
     _IN_GRAIN_WORKER = True
-    prefix = "/" + worker_shm_prefix(parent_pid)
+    prefix = "/" + worker_shm_prefix(parent_pid, iterator_token)
     shared_memory._make_filename = lambda: prefix + secrets.token_hex(8)  # names are never reused
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
 
 
-def _grain_iterator(batch_fn, first: int, stop: int, num_workers: int, prefetch: int):
+def _grain_iterator(owner, batch_fn, first: int, stop: int, num_workers: int, prefetch: int):
+    """A grain iterator over batches ``first..stop-1``, and the finalizer that closes it: called by the
+    owner's ``close()``, or when the owner is collected, or at interpreter exit while the module's globals
+    still exist (an iterator a script never closed would otherwise fail in grain's ``__del__``)."""
     ds = grain.MapDataset.range(first, stop).map(batch_fn)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+    prefix = None
     if num_workers > 0:
+        token = secrets.token_hex(4)
+        prefix = worker_shm_prefix(os.getpid(), token)
         it_ds = it_ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch),
-            worker_init_fn=functools.partial(_init_worker, os.getpid()),
+            worker_init_fn=functools.partial(_init_worker, os.getpid(), token),
         )
-    return iter(it_ds)
+    iterator = iter(it_ds)
+    return iterator, weakref.finalize(owner, _close_grain, iterator, prefix)
 
 
-def _close_grain(iterator) -> None:
-    """Stops a grain iterator's workers, then unlinks the shared memory of batches they made that were
-    never read (grain leaves those to the resource tracker, which warns about each at exit)."""
+def _close_grain(iterator, shm_prefix: str | None) -> None:
+    """Stops a grain iterator's workers, then unlinks the shared memory of batches they made for it that
+    were never read (grain leaves those to the resource tracker, which warns about each at exit)."""
     iterator.close()
     shm_dir = Path("/dev/shm")
-    if not shm_dir.is_dir():
+    if shm_prefix is None or not shm_dir.is_dir():
         return
-    for leftover in shm_dir.glob(worker_shm_prefix(os.getpid()) + "*"):
+    for leftover in shm_dir.glob(shm_prefix + "*"):
         with contextlib.suppress(OSError):
             leftover.unlink()
         with contextlib.suppress(Exception):
@@ -734,6 +746,7 @@ class TrainIterator(grain.DatasetIterator):
         self._counter = counter
         self._next_batch = 0
         self._inner = None
+        self._closer = None
 
     # Properties the trainer logs.
     @property
@@ -756,8 +769,13 @@ class TrainIterator(grain.DatasetIterator):
 
     def _ensure(self):
         if self._inner is None:
-            self._inner = _grain_iterator(
-                self._batches, self._next_batch, _ENDLESS_BATCHES, self._num_workers, self._prefetch
+            self._inner, self._closer = _grain_iterator(
+                self,
+                self._batches,
+                self._next_batch,
+                _ENDLESS_BATCHES,
+                self._num_workers,
+                self._prefetch,
             )
         return self._inner
 
@@ -772,7 +790,7 @@ class TrainIterator(grain.DatasetIterator):
 
     def close(self) -> None:
         if self._inner is not None:
-            _close_grain(self._inner)
+            self._closer()  # closes the grain iterator once, however often it is called
             self._inner = None
 
     def get_state(self) -> dict:
@@ -841,6 +859,7 @@ class EvalIterator:
         self._batches, self.num_steps = batches, int(num_steps)
         self._num_workers, self._prefetch, self._counter = num_workers, prefetch, counter
         self._inner = None
+        self._closer = None
         self._done = 0
         self.num_images = batches.num_images  # all hosts together, padding excluded
 
@@ -863,8 +882,8 @@ class EvalIterator:
             self.close()
             raise StopIteration
         if self._inner is None:
-            self._inner = _grain_iterator(
-                self._batches, 0, self.num_steps, self._num_workers, self._prefetch
+            self._inner, self._closer = _grain_iterator(
+                self, self._batches, 0, self.num_steps, self._num_workers, self._prefetch
             )
         batch = next(self._inner)
         self._done += 1
@@ -873,7 +892,7 @@ class EvalIterator:
 
     def close(self) -> None:
         if self._inner is not None:
-            _close_grain(self._inner)
+            self._closer()  # closes the grain iterator once, however often it is called
             self._inner = None
 
 

@@ -10,7 +10,6 @@ True draws, False does not, None (the default) draws when stderr is a terminal.
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 from collections.abc import Iterator
 
@@ -33,9 +32,10 @@ def say(line: str) -> None:
 
 @contextlib.contextmanager
 def logging_above_bars() -> Iterator[None]:
-    """Routes the console handlers of the root and ``tagjax`` loggers through ``tqdm.write`` while the
-    block runs, so a log line never overwrites a bar."""
-    with logging_redirect_tqdm([logging.getLogger(), logging.getLogger("tagjax")]):
+    """Routes the root logger's console handlers through ``tqdm.write`` while the block runs, so a log
+    line never overwrites a bar. Only the root's: tagjax's loggers have no handlers of their own and
+    propagate there (a redirect of the ``tagjax`` logger too would print each line twice)."""
+    with logging_redirect_tqdm():
         yield
 
 

@@ -55,7 +55,7 @@ from tagjax import checkpoint, input_pipeline, loop, losses, models, optim, shar
 from tagjax import config as config_lib
 from tagjax import metrics as metrics_lib
 from tagjax.errors import UserError
-from tagjax.metrics_writer import MetricWriter, as_path
+from tagjax.metrics_writer import MetricWriter, as_path, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -577,13 +577,16 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool | N
         # before another (process 0 alone writes the logs and finalizes checkpoints).
         multihost_utils.sync_global_devices("tagjax_train_end")
 
+    # A rerun of a finished run trains nothing: its final metrics are the ones it logged.
+    train_metrics = result.train or _last_logged(workdir, "train", result.step)
+    eval_metrics = last_eval or _last_logged(workdir, "eval", result.step)
     summary = {
         "step": result.step,
         "images_seen": result.step * batch_size,
         "skipped_steps": result.skipped_steps,
         "wall_seconds": time.perf_counter() - run_start,
-        **{f"train_{k}": v for k, v in result.train.items()},
-        **{f"eval_{k}": v for k, v in last_eval.items()},
+        **{f"train_{k}": v for k, v in train_metrics.items()},
+        **{f"eval_{k}": v for k, v in eval_metrics.items()},
     }
     shown = ("train_loss", "eval_loss", "eval_mAP", "eval_precision@1", "skipped_steps")
     loop.say(
@@ -593,6 +596,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool | N
         + f"; logs in {workdir}"
     )
     return summary
+
+
+def _last_logged(workdir, split: str, step: int) -> dict:
+    """The metrics of the last ``split`` row logged at or before ``step`` ({} if none)."""
+    rows = [r for r in read_metrics(workdir, split) if r.get("step", 0) <= step]
+    bookkeeping = ("split", "step", "images_seen", "time")
+    return {k: v for k, v in rows[-1].items() if k not in bookkeeping} if rows else {}
 
 
 def _hashtag_evaluation(config, model, mesh: Mesh, state: TrainState, data: DataSource):

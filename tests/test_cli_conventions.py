@@ -158,6 +158,17 @@ def test_every_reporting_command_has_json_and_every_flag_has_help():
             assert not names & {"--out", "--tfds-data-dir", "--out-dir"}, name
 
 
+def test_embed_help_prints_the_librarys_default_values():
+    # The library (and jax) is imported only when embed runs, so its help writes the values out.
+    from tagjax import inference
+
+    parser, _ = cli.build_parser("embed")
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(sub.choices["embed"].format_help().split())
+    assert f"(default: {inference.DEFAULT_BATCH_SIZE}, tagjax.inference.DEFAULT_BATCH_SIZE)" in text
+    assert f"(default: {inference.DEFAULT_THREADS}, tagjax.inference.DEFAULT_THREADS)" in text
+
+
 def test_vocab_json_is_json_and_nothing_else(tmp_path, capsys):
     assert cli.main(["vocab", "lookup", "--json", "dogs", "tbt", "dog"]) == 0
     captured = capsys.readouterr()
@@ -424,6 +435,7 @@ def test_log_lines_print_above_a_bar_not_through_it(capsys):
     err = capsys.readouterr().err
     segments = [s.strip() for s in err.replace("\r", "\n").split("\n")]
     assert "WARNING a log line" in segments  # a line of its own, not glued to the bar's text
+    assert err.count("a log line") == 1  # once, not again through a second handler
     assert any(s.startswith("work: 100%") for s in segments)
 
 

@@ -67,9 +67,20 @@ def test_a_users_config_file_anywhere_imports_the_packaged_defaults(tmp_path, mo
     assert sys.path == path_before  # loading a config leaves the import path alone
 
 
-@pytest.mark.parametrize("given", ["no_such_config", "_paper", "configs/tiny.py", "other/tiny"])
+def test_the_docs_configs_path_names_the_packaged_config_outside_a_checkout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as after a pip install: no configs/ folder here
+    assert config.load("configs/tiny.py").model == config.load("tiny").model
+    assert (
+        config.load("configs/transfer_finetune.py:tiny").model
+        == config.load("transfer_finetune:tiny").model
+    )
+
+
+@pytest.mark.parametrize(
+    "given", ["no_such_config", "_paper", "configs/_paper.py", "configs/x/tiny.py", "other/tiny"]
+)
 def test_an_unknown_config_names_the_packaged_ones(given, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # outside a checkout configs/tiny.py is not a file
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="does not exist") as e:
         config.load(given)
     message = str(e.value)

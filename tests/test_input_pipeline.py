@@ -673,3 +673,55 @@ def test_a_process_with_a_multiprocessing_parent_reads_batches_without_shared_me
     assert child.exitcode == 0
     assert kinds == ["ndarray"] * 3
     assert set(segments) <= before  # none of its own
+
+
+_UNCLOSED = """
+import json, sys
+from tagjax.configs import default
+from tagjax import config as config_lib, input_pipeline
+config_lib.ensure_absl_flags_parsed()
+args = json.loads(sys.argv[1])
+c = default.get_config()
+for k, v in args["data"].items():
+    c.data[k] = v
+c.train.batch_size = 8
+it = input_pipeline.make_train_iterator(c, process_index=0, process_count=1)
+next(it)
+for batch in input_pipeline.make_eval_iterator(c):
+    break
+print("done")
+"""
+
+
+def test_a_script_that_never_closes_its_iterators_exits_cleanly(dataset, repo_root):
+    # As the docs' snippet does: no close(). Grain's __del__ used to call our close() after the
+    # interpreter had torn down the module ("Exception ignored ... 'NoneType' object is not callable").
+    # With data workers grain's own objects still complain at exit when a script keeps batches and
+    # never closes: the docs close the iterator there.
+    data = {"dataset": str(dataset), "image_size": 32, "eval_resize": 36, "eval_image_size": 32}
+    data.update({"max_labels": 4, "num_workers": 0})
+    proc = subprocess.run(
+        [sys.executable, "-c", _UNCLOSED, json.dumps({"data": data})],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(repo_root), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]
+    assert "Exception ignored" not in proc.stderr and "leaked" not in proc.stderr, proc.stderr
+
+
+def test_closing_an_evaluation_pass_leaves_the_training_iterators_batches_alone(dataset):
+    # Closing an iterator releases the shared memory of batches its workers made and nobody read. It
+    # used to release every segment of the process, the training iterator's queued batches too, so
+    # the training iterator failed on its next batch or at close (FileNotFoundError from grain).
+    cfg = _config(dataset, sampling="sqrt", num_workers=2, eval_max_images=0)
+    train_it = input_pipeline.make_train_iterator(cfg, process_index=0, process_count=1)
+    first = _take(train_it, 2)
+    eval_it = input_pipeline.make_eval_iterator(cfg, process_index=0, process_count=1)
+    eval_batches = list(eval_it)  # a whole pass: it closes itself at the end
+    assert sum(int(b["mask"].sum()) for b in eval_batches) == eval_it.num_images
+    more = _take(train_it, 3)
+    train_it.close()
+    assert all(len(b["image"]) == 8 for b in first + more)

@@ -201,6 +201,13 @@ def test_slurm_dry_run_process_per_gpu():
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in result.stdout
 
 
+def test_slurm_keeps_a_users_own_latency_hiding_setting():
+    flag = "--xla_gpu_enable_latency_hiding_scheduler"
+    result = _sbatch({**SLURM_PER_GPU, "DRY_RUN": "1", "XLA_FLAGS": f"{flag}=false"})
+    assert result.returncode == 0, result.stderr
+    assert f"{flag}=false" in result.stdout and f"{flag}=true" not in result.stdout
+
+
 def test_slurm_dry_run_process_per_node_lists_all_gpus():
     env = {**SLURM_PER_GPU, "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "1(x4)", "DRY_RUN": "1"}
     result = _sbatch(env)

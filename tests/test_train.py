@@ -262,10 +262,15 @@ def test_tiny_training_run_learns_and_writes_logs(tmp_path, capsys):
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["30", "60"]
 
-    # Rerunning a finished run resumes at its last step: no step is trained or logged twice.
-    assert cli.main(args) == 0
+    # Rerunning a finished run resumes at its last step: no step is trained or logged twice, and its
+    # --json document still holds the final metrics (the ones logged at step 60).
+    capsys.readouterr()
+    assert cli.main([*args, "--json"]) == 0
     rows_again = metrics_writer.read_metrics(workdir, "train")
     assert [r["step"] for r in rows_again if "loss" in r] == [10, 20, 30, 40, 50, 60]
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 60
+    assert summary["train_loss"] == losses_logged[-1] and summary["eval_mAP"] == evals[-1]["mAP"]
 
 
 def test_nan_policy_stop_ends_the_run_with_a_clear_message(tmp_path):

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         default=None,
-        help="images per forward pass (default: tagjax.inference.DEFAULT_BATCH_SIZE)",
+        help="images per forward pass (default: 64, tagjax.inference.DEFAULT_BATCH_SIZE)",
     )
     parser.add_argument(
         "--image-size", type=int, default=None, help="center-crop side (default: the checkpoint's)"
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="image decoding threads (default: tagjax.inference.DEFAULT_THREADS)",
+        help="image decoding threads (default: 4, tagjax.inference.DEFAULT_THREADS)",
     )
     parser.add_argument(
         "--max-bad-fraction",

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sense-policy",
         choices=H.SENSE_POLICIES,
         default="all",
-        help="'first' collapses each hashtag to WordNet's first sense (see README caveats)",
+        help="'first' collapses each hashtag to WordNet's first sense (docs/vocabulary.md, step 4)",
     )
     b.add_argument("--no-visual-filter", action="store_true", help="keep every noun")
     b.add_argument(
