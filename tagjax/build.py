@@ -362,12 +362,8 @@ def build(cfg: steps.BuildConfig) -> dict:
     optout = steps.OptOut.load(cfg.optout_posts, cfg.optout_users)
     if cfg.vocab:
         vocab_lib.Vocabulary.load(cfg.vocab)  # fail before any work if it is unreadable
-    created = steps.prepare_output(root, cfg.overwrite)
-    try:
-        return _build(cfg, root, units, optout)
-    except BaseException:  # an error, Ctrl-C: no staging folder or half-written dataset is left
-        steps.remove_partial_output(root, created)
-        raise
+    with steps.output_folder(root, cfg.overwrite) as folder:
+        return _build(cfg, folder, units, optout)
 
 
 def _build(

@@ -32,6 +32,7 @@ run needs: docs/dataset.md, "Building at scale".
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -325,7 +326,7 @@ def _finalize(
     for split, index, count, name, label_lists in shard_results:
         by_split[split][index] = (name, label_lists)
         counts[split] = count
-    root = Path(cfg.output)
+    root = Path(cfg.files_dir)
     if vocab_json is None or not counts.get("train"):
         # No training record: build() turns this note into the error that names the reasons.
         (root / EMPTY_NOTE).write_text(
@@ -347,12 +348,12 @@ def _finalize(
             # A shard whose hash range received no record has no group: write it empty, as the
             # local builder does, so both builds list the same files.
             entry = by_split[split].get(index) or steps.write_one_shard(
-                Path(cfg.output), split, index, count, []
+                Path(cfg.files_dir), split, index, count, []
             )
             shards[split].append(entry)
     vocab = vocab_lib.Vocabulary.from_json(vocab_json)
     timing = {"beam_pipeline": time.time() - started}
-    summary = steps.finalize(Path(cfg.output), cfg, vocab, shards, stats, timing)
+    summary = steps.finalize(Path(cfg.files_dir), cfg, vocab, shards, stats, timing)
     return summary["posts_written"]
 
 
@@ -527,7 +528,7 @@ def build_pipeline(
         kept
         | "shard keys" >> beam.Map(_shard_keyed, beam.pvalue.AsDict(split_counts), cfg.shard_size)
         | "group shards" >> beam.GroupByKey()
-        | "write shards" >> beam.Map(_write_shard, cfg.output, cfg.keep_user_ids)
+        | "write shards" >> beam.Map(_write_shard, cfg.files_dir, cfg.keep_user_ids)
         | "shard list" >> beam.combiners.ToList()
     )
     flat_drops = drops | "all drops" >> beam.Flatten()
@@ -574,24 +575,24 @@ def build(cfg: steps.BuildConfig, pipeline_args=()) -> dict:
     units = steps.resolve_units(cfg)
     optout = steps.OptOut.load(cfg.optout_posts, cfg.optout_users)
     given = vocab_lib.Vocabulary.load(cfg.vocab).to_json() if cfg.vocab else None
-    created = steps.prepare_output(root, cfg.overwrite)
-    try:
-        steps.worker_init(cfg.images, steps.raster_cache_dir(cfg))
-        eval_hashes = eval_sets.load_eval_hashes(cfg, None)
-        options = PipelineOptions(list(pipeline_args))
-        with beam.Pipeline(options=options) as p:
-            build_pipeline(p, cfg, units, eval_hashes, optout, given)
-        empty = root / EMPTY_NOTE
-        if empty.is_file():
-            note = json.loads(empty.read_text())
-            raise steps.empty_build_error(note["posts_read"], note["dropped"], note["habits"])
-        manifest = root / records.MANIFEST
-        if not manifest.is_file():
-            raise UserError(
-                f"the Beam pipeline finished but wrote no {manifest}; see the runner's log."
-            )
-        return json.loads((root / "stats.json").read_text())
-    except BaseException:  # an error, Ctrl-C: no half-written dataset stays behind
-        (root / EMPTY_NOTE).unlink(missing_ok=True)
-        steps.remove_partial_output(root, created)
-        raise
+    with steps.output_folder(root, cfg.overwrite) as folder:
+        run_cfg = dataclasses.replace(cfg, write_dir=str(folder))
+        try:
+            steps.worker_init(cfg.images, steps.raster_cache_dir(cfg))
+            eval_hashes = eval_sets.load_eval_hashes(cfg, None)
+            options = PipelineOptions(list(pipeline_args))
+            with beam.Pipeline(options=options) as p:
+                build_pipeline(p, run_cfg, units, eval_hashes, optout, given)
+            empty = folder / EMPTY_NOTE
+            if empty.is_file():
+                note = json.loads(empty.read_text())
+                raise steps.empty_build_error(note["posts_read"], note["dropped"], note["habits"])
+            manifest = folder / records.MANIFEST
+            if not manifest.is_file():
+                raise UserError(
+                    f"the Beam pipeline finished but wrote no {root / records.MANIFEST}; see the "
+                    "runner's log."
+                )
+            return json.loads((folder / "stats.json").read_text())
+        finally:
+            (folder / EMPTY_NOTE).unlink(missing_ok=True)

@@ -7,7 +7,7 @@
   the user cap (:func:`capped`), image processing (:func:`process_post_image`), the split and the shard
   of a post id (:func:`split_of`, :func:`shard_of`), the record (:func:`make_record`);
 * the dataset directory: staging, shards, statistics and the manifest written last
-  (:func:`prepare_output`, :func:`write_one_shard`, :func:`summarize`, :func:`finalize`);
+  (:func:`output_folder`, :func:`write_one_shard`, :func:`summarize`, :func:`finalize`);
 * image worker processes (:func:`worker_init`, :func:`worker_process_image`, :func:`worker_eval_hash`).
 
 The stages themselves are described in tagjax.build.
@@ -16,13 +16,14 @@ The stages themselves are described in tagjax.build.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
 
@@ -131,6 +132,9 @@ class BuildConfig:
         None  # rasterized-SVG cache dir; None = ~/.cache/tagjax/raster, "" = off
     )
     overwrite: bool = False  # replace a previous build in `output`
+    # Where this run writes its files: "" = `output`; a rebuild writes into a hidden folder beside it
+    # first (output_folder), and the dataset records `output`, where its files end up.
+    write_dir: str = ""
     yfcc_images: str | None = None  # folder of YFCC100M photos
     progress: bool | None = None  # bars on stderr (None: when stderr is a terminal)
 
@@ -153,15 +157,28 @@ class BuildConfig:
             )
         if self.habit_min_users < 1:
             raise UserError(f"--habit-min-users must be at least 1, got {self.habit_min_users}.")
+        if self.limit < 0:
+            raise UserError(f"--limit must be 0 (all posts) or more, got {self.limit}.")
+        if self.workers < 0:
+            raise UserError(f"--workers must be 0 (all cores) or more, got {self.workers}.")
+        if not 0.0 <= self.max_failure_fraction <= 1.0:
+            raise UserError(
+                f"--max-failure-fraction must be in [0, 1], got {self.max_failure_fraction}."
+            )
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["inputs"] = list(self.inputs)
         d["eval_sets"] = list(self.eval_sets)
         d["image_roots"] = list(self.image_roots)
-        for k in ("progress", "overwrite", "workers"):  # how it ran, not what it made
+        for k in ("progress", "overwrite", "workers", "write_dir"):  # how it ran, not what it made
             d.pop(k)
         return d
+
+    @property
+    def files_dir(self) -> str:
+        """The folder this run writes into (see ``write_dir``)."""
+        return self.write_dir or self.output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -621,18 +638,18 @@ def _listed_files(path: Path) -> list[str] | None:
     return None
 
 
-def prepare_output(path: Path, overwrite: bool) -> bool:
-    """Refuses a non-empty directory unless ``overwrite``; with it, only a previous tagjax build is
-    replaced, and only the files its manifest lists are deleted (dataset.json first, so an interrupted
-    cleanup never leaves a complete-looking dataset). A folder without a tagjax manifest is refused
-    whatever its files are called. Returns whether the directory was created here."""
+def _check_output(path: Path, overwrite: bool) -> tuple[bool, list[str] | None]:
+    """Refuses a non-empty directory unless ``overwrite``; with it, only a previous tagjax build may be
+    replaced (a folder without a tagjax manifest is refused whatever its files are called). Returns
+    whether the directory was created here, and the files of the previous build to delete (None when
+    the folder is empty): only those its manifest lists, never a path outside the folder."""
     if path.exists() and not path.is_dir():
         raise UserError(f"output {path} exists and is not a directory; choose another --output.")
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     entries = sorted(os.listdir(path))
     if not entries:
-        return created
+        return created, None
     if not overwrite:
         raise UserError(
             f"output directory {path} is not empty; pass --overwrite to replace the "
@@ -645,15 +662,49 @@ def prepare_output(path: Path, overwrite: bool) -> bool:
             f"holds files a build did not write ({entries[0]!r}, {len(entries)} in all); "
             "--overwrite only replaces a previous build, choose an empty directory."
         )
-    safe = [n for n in dict.fromkeys(listed) if isinstance(n, str) and _plain_name(n)]
+    return created, [n for n in dict.fromkeys(listed) if isinstance(n, str) and _plain_name(n)]
+
+
+def _remove_previous(path: Path, names: list[str]) -> None:
+    """Deletes a previous build's files, dataset.json first (an interrupted cleanup never leaves a
+    complete-looking dataset)."""
     (path / records.MANIFEST).unlink(missing_ok=True)
-    for name in [*safe, STAGING]:
+    for name in [*names, STAGING]:
         p = path / name
         if p.is_symlink() or p.is_file():
             p.unlink()
         elif name == STAGING and p.is_dir():
             shutil.rmtree(p)
-    return created
+
+
+@contextlib.contextmanager
+def output_folder(path: Path, overwrite: bool) -> Iterator[Path]:
+    """The folder a build writes into, cleaned up if the build fails or is interrupted.
+
+    A new or empty ``path`` is written in place. A previous build in ``path`` (``overwrite``) stays whole
+    until the new one has finished: the new one is written into a hidden sibling folder, then the old
+    files are deleted and the new ones moved in, dataset.json last. So a rebuild that fails (every post
+    private, a mistyped image root) or is stopped leaves the old dataset as it was."""
+    created, previous = _check_output(path, overwrite)
+    target = path
+    if previous is not None:
+        target = path.with_name(f".{path.name}.rebuild-{os.getpid()}")
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir()
+    try:
+        yield target
+    except BaseException:  # an error, Ctrl-C: no staging folder or half-written dataset is left
+        if target == path:
+            remove_partial_output(path, created)
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    if target != path:
+        _remove_previous(path, previous)
+        names = sorted(os.listdir(target), key=lambda n: n == records.MANIFEST)  # manifest last
+        for name in names:
+            os.replace(target / name, path / name)
+        target.rmdir()
 
 
 def _plain_name(name: str) -> bool:

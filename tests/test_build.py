@@ -276,8 +276,11 @@ def test_refuses_non_empty_output_and_overwrites_only_datasets(built, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("keep me")
-    with pytest.raises(UserError, match="did not write"):
-        build_steps.prepare_output(foreign, overwrite=True)
+    with (
+        pytest.raises(UserError, match="did not write"),
+        build_steps.output_folder(foreign, overwrite=True),
+    ):
+        pass
     assert (foreign / "thesis.tex").exists()
 
 

@@ -394,8 +394,11 @@ def test_overwrite_deletes_only_what_a_previous_build_listed(tmp_path):
     foreign.mkdir()
     for name in ("vocab.json", "train-00000-of-00001.array_record", "stats.json"):
         (foreign / name).write_text("somebody else's")
-    with pytest.raises(UserError, match="not a tagjax dataset"):
-        build_steps.prepare_output(foreign, overwrite=True)
+    with (
+        pytest.raises(UserError, match="not a tagjax dataset"),
+        build_steps.output_folder(foreign, overwrite=True),
+    ):
+        pass
     assert all((foreign / n).read_text() == "somebody else's" for n in os.listdir(foreign))
 
     # A previous build: its listed files go, a file the user put beside them stays.
@@ -411,6 +414,34 @@ def test_overwrite_deletes_only_what_a_previous_build_listed(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
     assert (tmp_path / "outside.txt").read_text() == "keep"
     assert records.load_manifest(out).splits["train"]["num_records"] == 24
+
+
+def test_a_rebuild_that_fails_or_is_stopped_keeps_the_previous_dataset(tmp_path, monkeypatch):
+    # --overwrite used to delete the previous build before building: a rebuild whose posts were all
+    # private (or whose images were all missing, or that was stopped) left an empty folder.
+    manifest = single_user_manifest(tmp_path / "in")
+    out = tmp_path / "out"
+    build.build(config(manifest, out, assume_public=True))
+    before = {n: (out / n).read_bytes() for n in sorted(os.listdir(out))}
+    with pytest.raises(UserError, match="kept no training records"):
+        build.build(config(manifest, out, overwrite=True))  # not public: every post dropped
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the rebuild
+
+    monkeypatch.setattr(build, "_build_stages", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        build.build(config(manifest, out, assume_public=True, overwrite=True))
+    assert {n: (out / n).read_bytes() for n in sorted(os.listdir(out))} == before
+    assert sorted(os.listdir(tmp_path)) == ["in", "out"]  # no hidden rebuild folder left
+    monkeypatch.undo()
+    # A rebuild that finishes replaces it, and records the folder it ends up in.
+    summary = build.build(config(manifest, out, assume_public=True, overwrite=True, split_seed="x"))
+    assert records.load_manifest(out).splits["train"]["num_records"] == 24
+    assert summary["config"]["output"] == str(out) and sorted(os.listdir(tmp_path)) == [
+        "in",
+        "out",
+    ]
 
 
 def test_removal_after_the_fact_recomputes_label_counts(tmp_path):
