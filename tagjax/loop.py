@@ -480,6 +480,7 @@ class LoopResult:
     train: dict  # the last log window's metrics
     eval: dict  # the last periodic evaluation's metrics ({} if none ran)
     skipped_steps: int  # non-finite updates skipped in this run
+    preempted: bool = False  # stopped early by a preemption (SIGTERM), its checkpoint saved
 
 
 def evaluate_and_log(loop: Loop, state, step: int, window: LogWindow | None = None) -> dict:
@@ -527,6 +528,7 @@ def run(loop: Loop, state, stop_step: int | None = None) -> LoopResult:
     )
     last_train: dict = {}
     last_eval: dict = {}
+    preempted = False
     pending: tuple[int, Any] | None = None  # (step number, device metrics) not fetched yet
 
     def collect(step: int, device_metrics) -> None:
@@ -565,6 +567,7 @@ def run(loop: Loop, state, stop_step: int | None = None) -> LoopResult:
             if loop.evaluate is not None and cadence.should_eval(done):
                 last_eval = evaluate_and_log(loop, state, done, window)
             if save_if_due(loop.manager, done, state, loop.data_iterator):
+                preempted = True
                 break
         if pending is not None:
             collect(*pending)
@@ -573,4 +576,4 @@ def run(loop: Loop, state, stop_step: int | None = None) -> LoopResult:
         loop.manager.save(final_step, state, loop.data_iterator)  # no-op if just saved
     finally:
         bar.close()
-    return LoopResult(state, final_step, last_train, last_eval, guard.skipped)
+    return LoopResult(state, final_step, last_train, last_eval, guard.skipped, preempted)

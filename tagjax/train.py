@@ -583,12 +583,19 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool | N
     summary = {
         "step": result.step,
         "images_seen": result.step * batch_size,
+        "preempted": result.preempted,
         "skipped_steps": result.skipped_steps,
         "wall_seconds": time.perf_counter() - run_start,
         **{f"train_{k}": v for k, v in train_metrics.items()},
         **{f"eval_{k}": v for k, v in eval_metrics.items()},
     }
     shown = ("train_loss", "eval_loss", "eval_mAP", "eval_precision@1", "skipped_steps")
+    if result.preempted:
+        loop.say(
+            f"stopped by a preemption at step {result.step:,} of {num_steps:,}; rerun the same "
+            f"command to resume from its checkpoint in {workdir}"
+        )
+        return summary
     loop.say(
         f"done: {result.step:,} steps, {result.step * batch_size:,} images in "
         f"{loop.format_duration(summary['wall_seconds'])}; "

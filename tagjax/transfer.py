@@ -881,6 +881,7 @@ def run_finetune(
                 "step": final_step,
                 "num_steps": num_steps,
                 "finished": False,
+                "preempted": trained.preempted,
             }
         acc = test_accuracy(trained.state, progress=progress)
         writer.write(

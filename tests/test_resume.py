@@ -122,13 +122,13 @@ class Run:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def finish(self, timeout: float = 400) -> str:
-        """Waits for the process to exit by itself with status 0; returns its output."""
+    def finish(self, timeout: float = 400, status: int = 0) -> str:
+        """Waits for the process to exit by itself with ``status``; returns its output."""
         try:
             rc = self.proc.wait(timeout=timeout)
         finally:
             self._log.close()
-        assert rc == 0, self.output()[-4000:]
+        assert rc == status, self.output()[-4000:]
         return self.output()
 
     def wait_for(self, ready, timeout: float = 400) -> None:
@@ -187,7 +187,10 @@ def test_preempted_then_killed_then_restarted_is_exact(tmp_path, reference):
     first.wait_for(first.marker.exists)
     os.kill(first.proc.pid, signal.SIGTERM)  # during step 13: the scheduler's notice
     first.resume()
-    assert "preempted: checkpoint at step 13 saved" in first.finish()  # exits by itself, status 0
+    # It exits by itself with 130 (a clean stop, not the end of the run: launchers resume on it).
+    output = first.finish(status=130)
+    assert "preempted: checkpoint at step 13 saved" in output
+    assert "stopped by a preemption at step 13 of " in output
     assert checkpoint.resolve(workdir).name == "13"  # not a multiple of 8: the preemption save
 
     second = Run(tmp_path, workdir, "second", pause_after_step=19)

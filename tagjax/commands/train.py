@@ -9,6 +9,7 @@ import argparse
 import logging
 
 from tagjax.commands import _args, paths
+from tagjax.errors import EXIT_INTERRUPTED
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,4 +39,5 @@ def run(args: argparse.Namespace) -> int:
     result = train.train_and_evaluate(cfg, args.workdir, progress=args.progress)
     if args.json:
         _args.print_json(args, result)
-    return 0
+    # A preemption (SIGTERM) is a clean stop, not the end of the run: launchers resume on non-zero.
+    return EXIT_INTERRUPTED if result["preempted"] else 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from tagjax.commands import _args, paths
-from tagjax.errors import UserError
+from tagjax.errors import EXIT_INTERRUPTED, UserError
 
 MODES = ("linear", "finetune")
 
@@ -78,4 +78,5 @@ def run(args: argparse.Namespace) -> int:
         result = transfer.run_finetune(cfg, args.checkpoint, args.workdir, progress=args.progress)
     if args.json:
         _args.print_json(args, result)
-    return 0
+    # A preemption (SIGTERM) is a clean stop, not the end of the run: launchers resume on non-zero.
+    return EXIT_INTERRUPTED if result.get("preempted") else 0
