@@ -3,7 +3,7 @@
 :func:`find_near_duplicates` compares trunk embeddings (tagjax.inference.embed) of evaluation images with
 those of the pretraining images and returns the post ids of training images whose cosine similarity to an
 evaluation image reaches a threshold; :func:`write_exclude_list` writes them as a list ``tagjax build
---exclude`` drops (read back with tagjax.posts.read_id_list). ``tagjax decontaminate``
+--optout-posts`` drops (read back with tagjax.posts.read_id_list). ``tagjax decontaminate``
 (tagjax.commands.decontaminate) runs both ends.
 """
 
@@ -18,6 +18,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tagjax import posts
 
 
 @dataclasses.dataclass
@@ -138,7 +140,9 @@ def find_near_duplicates(
 
 
 def write_exclude_list(result: NearDuplicates, path: str | Path) -> Path:
-    """Writes the ids ``tagjax build --exclude`` reads (one post id per line, ``#`` comments) and, beside
+    """Writes the ids ``tagjax build --optout-posts`` reads (an id list: one post id per line after a
+    ``# `` comment; an id the plain line cannot carry exactly, such as one with a line break, spaces
+    at either end or that looks like a comment, is JSON-quoted, see tagjax.posts.id_list_line) and, beside
     it, ``<path>.pairs.jsonl`` with every (train, eval, similarity) pair for inspection."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +151,8 @@ def write_exclude_list(result: NearDuplicates, path: str | Path) -> Path:
         f"cosine similarity {result.threshold} of one of {result.num_eval} evaluation images\n"
     )
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(header + "".join(f"{i}\n" for i in result.train_ids))
+    ids = "".join(posts.id_list_line(i) for i in result.train_ids)
+    tmp.write_text(header + ids, encoding="utf-8")
     os.replace(tmp, path)
     pairs = path.with_name(path.name + ".pairs.jsonl")
     pairs.write_text("".join(json.dumps(p) + "\n" for p in result.pairs))

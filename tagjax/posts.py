@@ -181,17 +181,26 @@ def extract_hashtags(text: str) -> list[str]:
 
 
 def _visibility(meta: dict) -> bool | None:
-    """``public``: bool / "true"; ``visibility``: "public" vs anything else; None if neither is given."""
+    """Whether the post is public: True only for a value that says so (``public``: true, 1, or the
+    strings "true"/"yes"/"1"/"public" in any case; ``visibility``: "public"; ``private``: false or
+    0); any other value (NaN, a list, an object, 2, null) is False, so an odd value never admits a
+    post, not even with ``--assume-public``. None if none of the three keys is given."""
     if "public" in meta:
         v = meta["public"]
         if isinstance(v, str):
             return v.strip().lower() in ("1", "true", "yes", "public")
-        return bool(v)
+        return v is True or (_is_number(v) and v == 1)
     if "visibility" in meta:
-        return str(meta["visibility"]).strip().lower() == "public"
+        v = meta["visibility"]
+        return isinstance(v, str) and v.strip().lower() == "public"
     if "private" in meta:
-        return not bool(meta["private"])
+        v = meta["private"]
+        return v is False or (_is_number(v) and v == 0)
     return None
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def _first(meta: dict, *keys, default=None):
@@ -315,10 +324,10 @@ def read_regular_file(path: str, max_bytes: int) -> bytes:
         os.close(fd)
 
 
-def _read_sidecar(path: Path, max_bytes: int) -> str:
-    """A small text file next to an image; ValueError (counted as bad/oversized metadata) otherwise."""
+def _read_sidecar(path: Path, max_bytes: int) -> bytes:
+    """A small file next to an image; ValueError (counted as bad/oversized metadata) otherwise."""
     try:
-        return read_regular_file(str(path), max_bytes).decode("utf-8", errors="replace")
+        return read_regular_file(str(path), max_bytes)
     except ImageSkip as e:
         raise ValueError(
             METADATA_TOO_LARGE if e.reason == FILE_TOO_LARGE else BAD_METADATA
@@ -448,11 +457,27 @@ def read_unit(unit: Unit) -> Iterator[Post]:
 
 
 def _open_text(path: str):
+    """A manifest or metadata file as lines of text. A leading byte-order mark is dropped. Bytes that
+    are not UTF-8 are kept, escaped as lone surrogates (``surrogateescape``), so that
+    :func:`_not_utf8` can refuse their line: decoding them as U+FFFD would make two ids that differ
+    only there one id (one post dropped as a duplicate under an id nobody wrote)."""
     if path.endswith(".bz2"):
-        return io.TextIOWrapper(bz2.open(path), encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(bz2.open(path), encoding="utf-8-sig", errors="surrogateescape")
     if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path), encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(gzip.open(path), encoding="utf-8-sig", errors="surrogateescape")
+    return open(path, encoding="utf-8-sig", errors="surrogateescape")
+
+
+def _not_utf8(line: str) -> bool:
+    """Whether a line from :func:`_open_text` held bytes that are not UTF-8. Such a line is
+    ``bad_metadata`` rather than decoded losslessly: its id would carry lone surrogates into records,
+    vocabularies and reports that must be UTF-8, and it could still never match an opt-out list
+    (which must be UTF-8)."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 # ---- jsonl manifest -------------------------------------------------------------------------------
@@ -463,7 +488,7 @@ def read_jsonl(
 ) -> Iterator[Post]:
     """Posts of a JSONL manifest. Image paths must resolve inside the manifest's folder or ``roots``;
     a line longer than ``max_bytes`` characters is skipped unread (``metadata_too_large``), a line
-    naming no image is ``no_image``."""
+    naming no image is ``no_image``, a line that is not UTF-8 is ``bad_metadata`` (:func:`_not_utf8`)."""
     base = os.path.dirname(os.path.abspath(path))
     allowed = ImageRoots.of((base, *roots))
     with _open_text(path) as f:
@@ -476,6 +501,8 @@ def read_jsonl(
             if not line:
                 continue
             try:
+                if _not_utf8(line):
+                    raise ValueError("not UTF-8")
                 meta = json.loads(line)
                 if not isinstance(meta, dict):
                     raise ValueError("not an object")
@@ -535,7 +562,7 @@ def read_webdataset(
         meta: dict = {}
         if "json" in files:
             try:
-                meta = json.loads(files["json"].decode("utf-8"))
+                meta = json.loads(files["json"].decode("utf-8-sig"))
                 if not isinstance(meta, dict):
                     raise ValueError("not an object")
             except (ValueError, RecursionError):
@@ -612,12 +639,14 @@ def read_folder(
             sidecar_json = p.with_suffix(".json")
             try:
                 if os.path.lexists(sidecar_json):
-                    meta = json.loads(_read_confined(allowed, sidecar_json, root, max_bytes))
+                    raw = _read_confined(allowed, sidecar_json, root, max_bytes)
+                    meta = json.loads(raw.decode("utf-8-sig"))  # not UTF-8: bad_metadata
                     if not isinstance(meta, dict):
                         raise ValueError(BAD_METADATA)
                 sidecar_txt = p.with_suffix(".txt")
                 if os.path.lexists(sidecar_txt) and "caption" not in meta:
-                    meta["caption"] = _read_confined(allowed, sidecar_txt, root, max_bytes)
+                    raw = _read_confined(allowed, sidecar_txt, root, max_bytes)
+                    meta["caption"] = raw.decode("utf-8", errors="replace")
             except (ValueError, RecursionError) as e:
                 reason = str(e) if str(e) in _SIDECAR_REASONS else BAD_METADATA
                 yield Post(post_id=rel, source=source, problem=reason)
@@ -625,8 +654,8 @@ def read_folder(
             yield _post_from_meta(meta, rel, source, image_path=image_path)
 
 
-def _read_confined(allowed: ImageRoots, path: Path, base: Path, max_bytes: int) -> str:
-    """A sidecar's text, under the same path rules as images (ValueError: why it is refused)."""
+def _read_confined(allowed: ImageRoots, path: Path, base: Path, max_bytes: int) -> bytes:
+    """A sidecar's bytes, under the same path rules as images (ValueError: why it is refused)."""
     real, problem = allowed.check(str(path), base, max_bytes)
     if problem:
         raise ValueError(METADATA_TOO_LARGE if problem == FILE_TOO_LARGE else problem)
@@ -730,7 +759,8 @@ def read_yfcc(
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Iterator[Post]:
     """YFCC100M metadata rows (23 fields, or 25 with line number and photo hash first). Photos must
-    resolve inside ``images_dir`` (or ``roots``): a hash or id with ``..`` or ``/`` in it is refused."""
+    resolve inside ``images_dir`` (or ``roots``): a hash or id with ``..`` or ``/`` in it is refused.
+    A row that is not UTF-8 is ``bad_metadata``, as in a jsonl manifest."""
     images = Path(images_dir) if images_dir else None
     allowed = ImageRoots.of((images, *roots)) if images is not None else None
     with _open_text(path) as f:
@@ -743,9 +773,9 @@ def read_yfcc(
             fields = line.rstrip("\n").split("\t")
             if len(fields) == 25:
                 photo_hash, fields = fields[2], [fields[1], *fields[3:]]
-            elif len(fields) == 23:
-                photo_hash = None
             else:
+                photo_hash = None
+            if len(fields) != 23 or _not_utf8(line):
                 yield Post(
                     post_id=f"{Path(path).name}:{lineno}", source=source, problem=BAD_METADATA
                 )
@@ -898,11 +928,57 @@ def load_image_bytes(
 
 
 def read_id_list(path: str | os.PathLike, what: str = "id list") -> list[str]:
-    """The ids of an id-list file, in file order: one id per line; blank lines and lines starting with
-    ``#`` are ignored. Opt-out lists (tagjax build --optout-posts/--optout-users) and exclude lists
-    (tagjax.decontaminate.write_exclude_list) are such files; ``what`` names the file in the error."""
+    """The ids of an id-list file, in file order. Opt-out lists (tagjax build --optout-posts /
+    --optout-users) and exclude lists (tagjax.decontaminate.write_exclude_list) are such files;
+    ``what`` names the file in errors.
+
+    The format (docs/dataset.md, "Privacy"): UTF-8 text, a leading byte-order mark ignored (other
+    encodings are refused: a mis-decoded id would silently stay in the dataset), one id per line,
+    spaces around a line ignored. Blank lines are skipped, and so are comments: a line that is ``#``
+    alone or ``#`` then a space, so ``#tag`` is an id. A line that starts with ``"`` is one JSON
+    string: the way to write an id with spaces at either end, a line break, a leading ``"`` or a
+    comment's look (:func:`id_list_line` writes any id so)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"{what} {p} does not exist.")
-    with p.open(encoding="utf-8") as f:
-        return [s for line in f if (s := line.strip()) and not s.startswith("#")]
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{what} {p} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}: "
+            f"{e.reason}); save it as UTF-8."
+        ) from None
+    ids = []
+    for lineno, raw in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
+        line = raw.strip()
+        if not line or _is_id_list_comment(line):
+            continue
+        if line.startswith('"'):
+            try:
+                line = json.loads(line)
+                if not isinstance(line, str):
+                    raise ValueError("not a string")
+            except ValueError:
+                raise UserError(
+                    f"{what} {p}, line {lineno}: a line that starts with '\"' must be one JSON "
+                    f'string, such as "# id" (got {raw.strip()[:80]!r}).'
+                ) from None
+        ids.append(line)
+    return ids
+
+
+def id_list_line(item_id: str) -> str:
+    """One line of an id list that :func:`read_id_list` reads back as exactly ``item_id``: the id as
+    it is where that is unambiguous, else as an (ASCII) JSON string."""
+    plain = (
+        item_id.isprintable()  # no line breaks, control characters or lone surrogates
+        and item_id == item_id.strip()
+        and not item_id.startswith('"')
+        and not _is_id_list_comment(item_id)
+    )
+    return f"{item_id if plain and item_id else json.dumps(item_id)}\n"
+
+
+def _is_id_list_comment(line: str) -> bool:
+    return line.startswith("#") and (len(line) == 1 or line[1].isspace())

@@ -1,16 +1,18 @@
 """tagjax.posts: readers report what each input format says; hashtags come out of captions correctly."""
 
 import bz2
+import gzip
 import io
 import json
 import os
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from tagjax import images, posts
+from tagjax import build_steps, decontaminate, images, posts
 from tagjax.errors import UserError
 
 
@@ -282,3 +284,119 @@ def test_real_openclipart_has_tags_and_creators():
             break
     assert sum(bool(p.tags) for p in first) > 40
     assert all(p.user for p in first)
+
+
+# ---- hostile text encodings, visibility values and id lists (review_hostile #2-#5, #16) ----------
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_id_list_strips_a_bom_and_refuses_text_that_is_not_utf8(tmp_path):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(BOM + b"p3\r\np4\n")  # Notepad / Excel "UTF-8", Windows line ends
+    assert posts.read_id_list(bom) == ["p3", "p4"]
+    for name, data in [("utf16.txt", b"\xff\xfep\x007\x00\n\x00"), ("latin1.txt", b"caf\xe9\n")]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match=rf"opt-out list .*{name} is not UTF-8 text") as e:
+            posts.read_id_list(tmp_path / name, "opt-out list")
+        assert "\n" not in str(e.value)
+
+
+def test_id_list_comments_cannot_swallow_an_id(tmp_path):
+    f = tmp_path / "ids.txt"
+    lines = ["# a comment", "#", "   #\tindented comment", "#p0", "  p1  ", '" p2 "', '"# x"', ""]
+    f.write_text("\n".join([*lines, r'"p5\np6"', "#"]))
+    assert posts.read_id_list(f) == ["#p0", "p1", " p2 ", "# x", "p5\np6"]
+    f.write_text('p1\n"unclosed\n')
+    with pytest.raises(UserError, match=r"line 2.*JSON string"):
+        posts.read_id_list(f)
+
+
+def test_exclude_list_reads_back_exactly_the_ids_it_wrote(tmp_path):
+    ids = ["plain", "#p0", "p1\np2", " p3 ", "# x", "#", '"q"', "a\rb", "tab\t", "x\u2028y"]
+    ids += ["caf\udce9", "東京", "\ufeffbom"]
+    result = decontaminate.NearDuplicates(ids, [], 0.9, 40, 3, np.zeros(3))
+    path = decontaminate.write_exclude_list(result, tmp_path / "exclude.txt")
+    assert posts.read_id_list(path) == ids
+    written = path.read_text(encoding="utf-8").split("\n")
+    assert written[0].startswith("# tagjax decontamination")
+    assert written[1:3] == ["plain", "#p0"]  # ids the format carries as they are stay readable
+
+
+@pytest.mark.parametrize(
+    ("meta", "public"),
+    [
+        ({"public": True}, True),
+        ({"public": 1}, True),
+        ({"public": " Yes "}, True),
+        ({"public": "public"}, True),
+        ({"visibility": "Public"}, True),
+        ({"private": False}, True),
+        ({"private": 0}, True),
+        ({"public": False}, False),
+        ({"public": float("nan")}, False),  # what json.dumps writes for a missing pandas value
+        ({"public": [False]}, False),
+        ({"public": [True]}, False),
+        ({"public": {"value": False}}, False),
+        ({"public": 2}, False),
+        ({"public": None}, False),
+        ({"public": "no"}, False),
+        ({"visibility": ["public"]}, False),
+        ({"visibility": True}, False),
+        ({"private": float("nan")}, False),
+        ({"private": None}, False),
+        ({"private": []}, False),
+        ({"private": ""}, False),
+        ({}, None),
+    ],
+)
+def test_only_real_public_values_pass_the_privacy_gate(tmp_path, meta, public):
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    (tmp_path / "posts.jsonl").write_text(json.dumps({"id": "a", "image": "a.png", **meta}) + "\n")
+    (post,) = posts.read_jsonl(str(tmp_path / "posts.jsonl"))
+    assert post.public is public
+    if public is False:  # never admitted, not even with --assume-public
+        assert build_steps.admit(post, build_steps.OptOut(), assume_public=True) == "private"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_a_jsonl_line_that_is_not_utf8_is_bad_metadata(tmp_path, suffix):
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    lines = [{"id": "caf\xe9", "image": "a.png"}, {"id": "caf\xe8", "image": "a.png"}]
+    lines.append({"id": "café", "image": "a.png"})
+    data = b"".join(json.dumps(x, ensure_ascii=False).encode("latin-1") + b"\n" for x in lines[:2])
+    data += json.dumps(lines[2], ensure_ascii=False).encode("utf-8") + b"\n"
+    path = tmp_path / f"posts{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    got = list(posts.read_jsonl(str(path)))
+    assert [(p.post_id, p.problem) for p in got] == [
+        (f"{path.name}:1", posts.BAD_METADATA),
+        (f"{path.name}:2", posts.BAD_METADATA),
+        ("café", None),
+    ]
+
+
+def test_bom_prefixed_manifest_and_sidecars_keep_their_first_post(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    line = json.dumps({"id": "first", "image": "a.png", "tags": ["dog"], "public": True})
+    data = BOM + f"{line}\n".encode()
+    for name, blob in [("bom.jsonl", data), ("bom.jsonl.gz", gzip.compress(data))]:
+        (tmp_path / name).write_bytes(blob)
+        (post,) = posts.read_jsonl(str(tmp_path / name))
+        assert post.post_id == "first" and post.problem is None and post.public is True
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "x.png").write_bytes(png_bytes())
+    (folder / "x.json").write_bytes(BOM + json.dumps({"tags": ["cat"], "public": True}).encode())
+    (post,) = posts.read_folder(str(folder))
+    assert post.problem is None and post.tags == ("cat",) and post.public is True
+
+    (folder / "x.json").write_bytes(b'{"id": "caf\xe9", "public": true}')  # not UTF-8
+    (post,) = posts.read_folder(str(folder))
+    assert post.problem == posts.BAD_METADATA
+
+    tar = tmp_path / "0.tar"
+    make_tar(tar, {"k.jpg": png_bytes(), "k.json": BOM + b'{"tags": ["owl"], "public": true}'})
+    (post,) = posts.read_webdataset(str(tar))
+    assert post.problem is None and post.tags == ("owl",)
