@@ -543,6 +543,13 @@ def render_report(s: dict) -> str:
     lines.append(f"posts read      {s['posts_read']:>10,}")
     for split, n in s["records"].items():
         lines.append(f"{split:<15} {n:>10,}")
+    for split in [split for split, n in s["records"].items() if n == 0]:
+        lines.append(
+            f"warning: the {split} split is empty (too few posts for --heldout-fraction?); "
+            "training on this dataset has no hashtag evaluation"
+            if split == "heldout"
+            else f"warning: the {split} split is empty"
+        )
     lines.append(
         f"kept            {s['posts_written']:>10,}  "
         f"({s['posts_written'] / max(1, s['posts_read']):.1%} of posts read)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from tagjax import build_steps, dedup
 from tagjax import images as images_lib
 from tagjax import posts as posts_lib
 from tagjax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def hashes_of_set(spec: str, image_options, data_dir: str | None = None) -> list[tuple[str, int]]:
@@ -95,8 +98,10 @@ def load_eval_hashes(cfg: build_steps.BuildConfig, pool) -> list[tuple[str, int]
     out = []
     options = _eval_options(cfg.images)
     for spec in cfg.eval_sets:
+        before = len(out)
         if spec.startswith("tfds:"):
             out.extend(hashes_of_set(spec, options, cfg.tfds_data_dir))
+            _check_readable(spec, len(out) - before)
             continue
         root = Path(spec).expanduser()
         if not root.is_dir():
@@ -114,4 +119,24 @@ def load_eval_hashes(cfg: build_steps.BuildConfig, pool) -> list[tuple[str, int]
         for r in results:
             if r is not None:
                 out.append((f"{spec}:{Path(r[0]).relative_to(root).as_posix()}", r[1]))
+        _check_readable(spec, len(out) - before, len(files))
     return out
+
+
+def _check_readable(spec: str, hashed: int, files: int | None = None) -> None:
+    """An evaluation set with no readable image decontaminates nothing: a mistyped or not yet synced
+    folder must stop the build, not pass as "0 near-duplicates of eval images"."""
+    if hashed == 0:
+        found = "" if files is None else f" ({files} image files found, none readable)"
+        raise UserError(
+            f"evaluation set {spec!r} has no readable image{found}; check the path, or drop "
+            "--eval-set for it."
+        )
+    if files is not None and hashed < files:
+        log.warning(
+            "evaluation set %r: %d of %d image files could not be read and are not decontaminated "
+            "against",
+            spec,
+            files - hashed,
+            files,
+        )

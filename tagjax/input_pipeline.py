@@ -116,15 +116,28 @@ class RecordSource:
             "vocab_fingerprint": manifest.vocab_fingerprint,
         }
         self._source = None
-        if len(self._grain_source()) != self.num_records:
+        try:
+            held = len(self._grain_source())
+        except (
+            RuntimeError
+        ) as e:  # a truncated or overwritten shard; ArrayRecord's message can be empty
+            bad = records.first_unreadable(self.paths)
+            where = f"shard {bad}" if bad else f"a {split} shard of {dataset_dir}"
             raise UserError(
-                f"the {split} shards of {dataset_dir} hold {len(self._grain_source())} records but "
+                f"{where} is damaged ({str(e) or 'unreadable'}); rebuild the dataset or copy that "
+                "shard again."
+            ) from None
+        if held != self.num_records:
+            raise UserError(
+                f"the {split} shards of {dataset_dir} hold {held} records but "
                 f"{records.MANIFEST} says {self.num_records}; the dataset is damaged: rebuild it."
             )
 
     def _grain_source(self):
         if self._source is None:
-            if self.max_open_shards > 0:
+            if not self.paths:  # an empty split (a small build's held-out split can be)
+                self._source = []
+            elif self.max_open_shards > 0:
                 self._source = records.BoundedShardReader(self.paths, self.max_open_shards)
             else:
                 self._source = grain.sources.ArrayRecordDataSource(self.paths)
@@ -1036,6 +1049,15 @@ def _validate(config) -> None:
     if d.num_workers < 0 or d.prefetch_buffer < 1:
         raise UserError(
             "config.data.num_workers must be >= 0 and config.data.prefetch_buffer >= 1."
+        )
+    mean, std = tuple(d.mean), tuple(d.std)
+    if len(mean) != 3 or not all(math.isfinite(float(m)) for m in mean):
+        raise UserError(f"config.data.mean={mean} must be 3 finite numbers (R, G, B).")
+    if len(std) != 3 or not all(math.isfinite(float(s)) and float(s) > 0 for s in std):
+        raise UserError(f"config.data.std={std} must be 3 positive numbers (R, G, B).")
+    if not 0.0 <= d.max_bad_record_fraction <= 1.0:
+        raise UserError(
+            f"config.data.max_bad_record_fraction={d.max_bad_record_fraction} must be in [0, 1]."
         )
 
 

@@ -158,6 +158,16 @@ def _count_records(path: str) -> int:
         reader.close()
 
 
+def first_unreadable(paths: Sequence[str]) -> str | None:
+    """The first shard of ``paths`` ArrayRecord cannot open (truncated, overwritten), else None."""
+    for path in paths:
+        try:
+            _count_records(str(path))
+        except RuntimeError:
+            return str(path)
+    return None
+
+
 class BoundedShardReader:
     """Random access by record id to a split's shards (in manifest order), with at most ``max_open``
     shard readers open.

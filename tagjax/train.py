@@ -485,6 +485,7 @@ def open_data(config) -> DataSource:
     """The training iterator and held-out batches from ``config.data`` (a built dataset or synthetic)."""
 
     source = input_pipeline.open_source(config)
+    make_eval = functools.partial(input_pipeline.make_eval_iterator, config, source)
     if config.data.synthetic:
         task = input_pipeline.synthetic_task(config, "train")
         counts = task.label_index.counts(source.num_classes)
@@ -492,10 +493,23 @@ def open_data(config) -> DataSource:
         counts = metrics_lib.label_counts_of(
             source.dataset_dir, source.num_classes, config.data.train_split
         )
+        # The held-out split is checked now, not at the first evaluation hours in: missing or damaged
+        # shards stop the run here; an empty split (a small build) means no hashtag evaluation.
+        held_out = input_pipeline.RecordSource(  # one shard reader open at a time
+            source.dataset_dir, config.data.eval_split, source.num_classes, max_open_shards=1
+        )
+        if held_out.num_records == 0:
+            log.warning(
+                "the %r split of %s is empty: this run has no hashtag evaluation (more posts or a "
+                "larger --heldout-fraction at build time give it one)",
+                config.data.eval_split,
+                source.dataset_dir,
+            )
+            make_eval = None
     return DataSource(
         num_classes=source.num_classes,
         train_iterator=input_pipeline.make_train_iterator(config, source),
-        make_eval_iterator=functools.partial(input_pipeline.make_eval_iterator, config, source),
+        make_eval_iterator=make_eval,
         metadata=dict(source.metadata),
         label_counts=counts,
     )

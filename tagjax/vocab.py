@@ -834,21 +834,8 @@ def _open_text(path: Path):
     )
 
 
-def read_tag_counts(path: str | os.PathLike, max_bad_fraction: float = 0.001) -> dict[str, int]:
-    """Reads hashtag counts. Formats (optionally gzipped, chosen by extension):
-
-    * ``.tsv`` / ``.txt``: ``hashtag<TAB>count`` per line; a line with only a hashtag counts 1;
-      ``#`` at the very start of a line followed by a space is a comment.
-    * ``.json``: an object ``{"hashtag": count, ...}`` or a list of ``[hashtag, count]`` pairs.
-    * ``.jsonl``: one post per line, ``{"tags": [...]}`` (or ``"hashtags"``); each post adds 1 to
-      each distinct tag it carries, so posts exported as JSON lines can be counted directly.
-    Malformed lines are skipped and counted; more than ``max_bad_fraction`` of them is an error.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"hashtag-count file {path} does not exist.")
-    suffixes = [s for s in path.suffixes if s != ".gz"]
-    kind = suffixes[-1] if suffixes else ".tsv"
+def _count_tags(path: Path, kind: str) -> tuple[collections.Counter, int, int]:
+    """(counts, malformed entries, entries) of one hashtag-count file (read_tag_counts)."""
     counts: collections.Counter = collections.Counter()
     bad = lines = 0
     if kind == ".json":
@@ -863,7 +850,7 @@ def read_tag_counts(path: str | os.PathLike, max_bad_fraction: float = 0.001) ->
             try:
                 tag, n = pair
                 counts[str(tag)] += int(n)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # NaN, Infinity
                 bad += 1
     else:
         with _open_text(path) as f:
@@ -883,8 +870,30 @@ def read_tag_counts(path: str | os.PathLike, max_bad_fraction: float = 0.001) ->
                     else:
                         parts = line.split("\t")
                         counts[parts[0]] += int(parts[1]) if len(parts) > 1 else 1
-                except (ValueError, AttributeError, IndexError):
+                except (ValueError, AttributeError, IndexError, OverflowError):
                     bad += 1
+    return counts, bad, lines
+
+
+def read_tag_counts(path: str | os.PathLike, max_bad_fraction: float = 0.001) -> dict[str, int]:
+    """Reads hashtag counts. Formats (optionally gzipped, chosen by extension):
+
+    * ``.tsv`` / ``.txt``: ``hashtag<TAB>count`` per line; a line with only a hashtag counts 1;
+      ``#`` at the very start of a line followed by a space is a comment.
+    * ``.json``: an object ``{"hashtag": count, ...}`` or a list of ``[hashtag, count]`` pairs.
+    * ``.jsonl``: one post per line, ``{"tags": [...]}`` (or ``"hashtags"``); each post adds 1 to
+      each distinct tag it carries, so posts exported as JSON lines can be counted directly.
+    Malformed lines are skipped and counted; more than ``max_bad_fraction`` of them is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"hashtag-count file {path} does not exist.")
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    kind = suffixes[-1] if suffixes else ".tsv"
+    try:
+        counts, bad, lines = _count_tags(path, kind)
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # not gzip, cut short, not UTF-8 text
+        raise UserError(f"hashtag-count file {path} cannot be read ({e}).") from None
     if lines and bad / lines > max_bad_fraction:
         raise UserError(
             f"{path}: {bad} of {lines} entries are malformed (more than "

@@ -516,3 +516,18 @@ def test_fields_of_the_wrong_json_type_are_bad_metadata_not_crashes(tmp_path):
     got = list(posts.read_jsonl(str(tmp_path / "m.jsonl")))
     assert [p.problem for p in got] == [posts.BAD_METADATA] * 7 + [None]
     assert got[-1].tags == ("dog", "cat") and got[-1].caption == "12"
+
+
+def test_an_evaluation_set_with_no_readable_image_stops_the_build(tmp_path):
+    # A mistyped or not yet synced folder decontaminates nothing; it used to pass as "0 near-duplicates".
+    manifest = single_user_manifest(tmp_path / "in")
+    empty, junk = tmp_path / "eval_empty", tmp_path / "eval_junk"
+    empty.mkdir()
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"\xff\xd8 cut short")
+    for folder, message in [(empty, "no readable image"), (junk, r"1 image files found")]:
+        with pytest.raises(UserError, match=message):
+            build.build(
+                config(manifest, tmp_path / "out", assume_public=True, eval_sets=(str(folder),))
+            )
+    assert not (tmp_path / "out").exists()  # stopped before writing anything

@@ -725,3 +725,51 @@ def test_closing_an_evaluation_pass_leaves_the_training_iterators_batches_alone(
     more = _take(train_it, 3)
     train_it.close()
     assert all(len(b["image"]) == 8 for b in first + more)
+
+
+def test_a_truncated_shard_is_named_in_one_line(dataset, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(dataset, damaged)
+    shard = sorted(damaged.glob("train-*.array_record"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a copy cut short
+    cfg = _config(damaged)
+    with pytest.raises(UserError, match=f"shard {shard} is damaged"):
+        input_pipeline.make_train_iterator(cfg, process_index=0, process_count=1)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"mean": (1.0, 2.0)}, "must be 3 finite numbers"),
+        ({"std": (0.0, 0.0, 0.0)}, "must be 3 positive numbers"),
+        ({"max_bad_record_fraction": 2.0}, "must be in"),
+    ],
+)
+def test_normalization_and_thresholds_are_checked_before_any_step(dataset, override, message):
+    cfg = _config(dataset, **override)
+    with pytest.raises(UserError, match=message):
+        input_pipeline.make_train_iterator(cfg, process_index=0, process_count=1)
+
+
+def test_training_on_a_dataset_with_an_empty_held_out_split_runs_without_evaluation(
+    dataset, tmp_path, caplog
+):
+    # A small build can leave the held-out split empty; training used to crash at its first evaluation.
+    import shutil
+
+    from tagjax import train
+
+    small = tmp_path / "small"
+    shutil.copytree(dataset, small)
+    manifest = json.loads((small / records.MANIFEST).read_text())
+    for name in manifest["splits"]["heldout"]["shards"]:
+        (small / name).unlink()
+    manifest["splits"]["heldout"] = {"shards": [], "num_records": 0}
+    (small / records.MANIFEST).write_text(json.dumps(manifest))
+    data = train.open_data(_config(small))
+    assert data.make_eval_iterator is None
+    assert "split of" in caplog.text and "is empty" in caplog.text
+    assert len(next(data.train_iterator)["image"]) == 8
+    data.train_iterator.close()

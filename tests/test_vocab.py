@@ -225,6 +225,20 @@ def test_read_tag_counts_formats(tmp_path):
         V.read_tag_counts(tmp_path / "bad.tsv")
 
 
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("c.tsv.gz", b"not gzip", "cannot be read"),
+        ("c.tsv", b"dog\t3\n\xff\xfe cat\t2\n", "cannot be read"),  # not UTF-8
+        ("c.json", b'{"dog": 3, "cat": Infinity}', "malformed"),  # one of two entries
+    ],
+)
+def test_unreadable_count_files_end_in_one_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        V.read_tag_counts(tmp_path / name)
+
+
 def test_cli_build_show_lookup(tmp_path, capsys):
     counts = tmp_path / "counts.tsv"
     counts.write_text("".join(f"{t}\t{n}\n" for t, n in COUNTS.items()))
