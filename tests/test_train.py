@@ -403,3 +403,24 @@ def test_a_config_no_run_can_use_is_refused_before_the_workdir_is_touched(tmp_pa
     assert (
         not workdir.exists()
     )  # no config.json, metrics or TensorBoard of a run that never started
+
+
+def test_a_relative_dataset_path_is_stored_absolute(tmp_path, monkeypatch):
+    # predict and evaluate find the vocabulary through the checkpoint's config.data.dataset: stored as
+    # given ("ds"), it pointed nowhere from any other directory.
+    from tests.test_input_pipeline import _write_dataset
+
+    monkeypatch.chdir(tmp_path)
+    _write_dataset(tmp_path / "ds")
+    args = ["train", "--config", "tiny", "--workdir", "run", "--config.data.synthetic=False"]
+    args += [
+        "--config.data.dataset=ds",
+        "--config.data.image_size=32",
+        "--config.data.max_labels=4",
+    ]
+    args += ["--config.train.batch_size=8", "--config.train.total_images=16"]
+    args += ["--config.train.eval_every_images=0", "--config.train.eval_max_images=8"]
+    args += ["--config.optim.warmup_images=0"]
+    assert cli.main(args) == 0
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert stored["data"]["dataset"] == str(tmp_path / "ds")

@@ -36,6 +36,11 @@ def run(args: argparse.Namespace) -> int:
     # Libraries speak at WARNING and above (tagjax.cli); tagjax's own progress (restores, saves) at INFO.
     logging.getLogger("tagjax").setLevel(logging.INFO)
     cfg = config_lib.load(args.config, args.config_overrides)
+    if cfg.data.get("dataset"):
+        # Stored in the checkpoints' config, where predict and evaluate look for the vocabulary: a
+        # path relative to where training started would point nowhere from anywhere else.
+        with cfg.unlocked():
+            cfg.data.dataset = paths.absolute(cfg.data.dataset)
     result = train.train_and_evaluate(cfg, args.workdir, progress=args.progress)
     if args.json:
         _args.print_json(args, result)
