@@ -166,8 +166,10 @@ def predict_files(
 
     The files are read as ``tagjax embed`` reads them (:func:`tagjax.inference.image_batches`), so
     memory holds one batch however many files there are, and every forward pass has ``batch_size``
-    images (the last batch padded with zeros), so the model compiles once.
+    images (the last batch padded with zeros; fewer files make one batch of them all), so the model
+    compiles once.
     """
+    batch_size = min(batch_size, len(paths))
     for batch in image_batches(
         lambda i: (read_user_image(paths[i]), None),
         range(len(paths)),
