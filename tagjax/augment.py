@@ -200,7 +200,9 @@ def eval_image(image, out: np.ndarray, tf: EvalTransform) -> None:
     scale = tf.resize / min(h, w)  # decoded pixels -> resized pixels
     side = min(tf.size / scale, h, w)  # the window, in decoded pixels, that becomes the center crop
     top, left = (h - side) / 2, (w - side) / 2
-    crop = img[round(top) : round(top + side), round(left) : round(left + side)]
+    # At least one pixel each way: a window under 1 px (an image 1 px wide or tall) would round to none.
+    y0, x0 = round(top), round(left)
+    crop = img[y0 : max(y0 + 1, round(top + side)), x0 : max(x0 + 1, round(left + side))]
     _resize_into(crop, out)
 
 

@@ -371,6 +371,13 @@ _REQUIRED_FILES = (
 SET_ASIDE_DIRNAME = "checkpoints_set_aside"
 
 
+def _verify_files(where) -> None:
+    """DamagedCheckpoint when step directory ``where`` lacks a file every complete checkpoint has."""
+    for name in _REQUIRED_FILES:
+        if not (where / name).exists():
+            raise DamagedCheckpoint(f"checkpoint {where} is damaged: {name} is missing")
+
+
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     if len(text) > 200:
@@ -738,17 +745,11 @@ class CheckpointManager:
             multihost_utils.sync_global_devices(f"tagjax_set_aside_{step}")
         self._mgr.reload()
 
-    def _verify_files(self, step: int) -> None:
-        where = self.directory / str(step)
-        for name in _REQUIRED_FILES:
-            if not (where / name).exists():
-                raise DamagedCheckpoint(f"checkpoint {where} is damaged: {name} is missing")
-
     def _restore_verified(self, step: int, abstract_state: PyTree, data_iterator: Any):
         """:meth:`restore` of ``step`` after checking its files, then its arrays against the checksums
         stored at save time; DamagedCheckpoint (one line naming it) when anything is off."""
         where = self.directory / str(step)
-        self._verify_files(step)
+        _verify_files(where)
         try:
             meta = self.metadata(step)
         except Exception as e:
@@ -921,6 +922,11 @@ def resolve(path: str | Path) -> Path:
         raise UserError(
             f"checkpoint path {str(p)!r} does not exist; pass a workdir or a checkpoint directory."
         )
+    if not p.is_dir():
+        raise UserError(
+            f"checkpoint path {str(p)!r} is a file, not a checkpoint directory; pass a workdir or a "
+            "checkpoint directory."
+        )
     if _is_step_dir(p):
         return p
     root = p / CHECKPOINTS_DIRNAME if (p / CHECKPOINTS_DIRNAME).is_dir() else p
@@ -941,14 +947,49 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=_handler_registry()))
 
 
+@contextlib.contextmanager
+def _reading(step_dir: Path):
+    """Reads of checkpoint ``step_dir`` for inference: missing files (the trainer's check) or arrays
+    that do not restore become one UserError naming the checkpoint and the previous intact one in the
+    same folder, instead of an Orbax/TensorStore traceback. Nothing is moved: reading never changes a
+    workdir (``tagjax train`` sets a damaged checkpoint aside when it resumes)."""
+    try:
+        _verify_files(step_dir)
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        what = (
+            str(e)
+            if isinstance(e, DamagedCheckpoint)
+            else f"checkpoint {step_dir} is damaged: it does not restore ({_one_line(e)})"
+        )
+        raise UserError(f"{what}; {_instead_of(step_dir)}.") from None
+
+
+def _instead_of(step_dir: Path) -> str:
+    """What to pass instead of damaged ``step_dir``: the newest older step beside it with every file."""
+    older = []
+    if step_dir.name.isdigit():
+        for step in _complete_steps(step_dir.parent):
+            with contextlib.suppress(DamagedCheckpoint):
+                if step < int(step_dir.name):
+                    _verify_files(step_dir.parent / str(step))
+                    older.append(step)
+    if older:
+        return f"pass --checkpoint {step_dir.parent / str(max(older))} to use the previous one"
+    return "pass another checkpoint"
+
+
 def read_metadata(path: str | Path) -> dict:
     """The metadata of the checkpoint at ``path`` (workdir, checkpoints folder or step directory)."""
     step_dir = resolve(path)
-    meta = dict(
-        _checkpointer().restore(step_dir, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"
-        ]
-    )
+    with _reading(step_dir):
+        meta = dict(
+            _checkpointer().restore(step_dir, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                "meta"
+            ]
+        )
     if meta.get("format") != FORMAT:
         raise UserError(
             f"{step_dir} is not a tagjax checkpoint (no tagjax metadata); pass another path."
@@ -957,7 +998,8 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def _stored_variables_tree(step_dir: Path) -> dict:
-    md = _checkpointer().metadata(step_dir).item_metadata["state"]
+    with _reading(step_dir):
+        md = _checkpointer().metadata(step_dir).item_metadata["state"]
     tree = md.tree if hasattr(md, "tree") else md
     return {k: tree[k] for k in ("params", "batch_stats") if k in tree}
 
@@ -989,16 +1031,17 @@ def _load_variables(
     abstract = jax.tree_util.tree_map_with_path(
         target, stored, is_leaf=lambda x: hasattr(x, "shape")
     )
-    restored = _checkpointer().restore(
-        step_dir,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item=abstract,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                partial_restore=True,
-            )
-        ),
-    )["state"]
+    with _reading(step_dir):
+        restored = _checkpointer().restore(
+            step_dir,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=abstract,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                    partial_restore=True,
+                )
+            ),
+        )["state"]
     variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
     return variables, meta
 
@@ -1049,16 +1092,17 @@ def restore_backbone(path: str | Path, variables: PyTree) -> tuple[dict, dict]:
         return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=s)
 
     abstract_target = jax.tree_util.tree_map(abstract, backbone_target)
-    restored = _checkpointer().restore(
-        step_dir,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item=abstract_target,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_target),
-                partial_restore=True,
-            )
-        ),
-    )["state"]
+    with _reading(step_dir):
+        restored = _checkpointer().restore(
+            step_dir,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=abstract_target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_target),
+                    partial_restore=True,
+                )
+            ),
+        )["state"]
     params = dict(restored["params"])
     if HEAD in target["params"]:
         params[HEAD] = target["params"][HEAD]

@@ -161,8 +161,12 @@ class Inference:
         """One image (JPEG bytes or an RGB uint8 array) -> the evaluation crop, uint8 [S, S, 3]."""
 
         out = np.empty((self.image_size, self.image_size, 3), np.uint8)
-        augment.eval_image(image, out, self.transform)
+        self.preprocess_into(image, out)
         return out
+
+    def preprocess_into(self, image, out: np.ndarray) -> None:
+        """:meth:`preprocess` written into ``out`` (the ``preprocess`` of :func:`image_batches`)."""
+        augment.eval_image(image, out, self.transform)
 
 
 @dataclasses.dataclass
@@ -406,7 +410,7 @@ def embed(
         for batch in image_batches(
             lambda i: source.load(i),
             range(start, n),
-            preprocess=_preprocess_into(inference),
+            preprocess=inference.preprocess_into,
             size=inference.image_size,
             batch_size=batch_size,
             num_threads=num_threads,
@@ -445,14 +449,6 @@ def embed(
         "index": str(index_path),
     }
     return summary
-
-
-def _preprocess_into(inference: Inference):
-
-    def preprocess(image, out):
-        augment.eval_image(image, out, inference.transform)
-
-    return preprocess
 
 
 def read_index(path: str | Path) -> list[dict]:

@@ -7,7 +7,7 @@ pass is tagjax.inference's; ``tagjax predict`` (tagjax.commands.predict) prints 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ import numpy as np
 from tagjax import augment, downstream
 from tagjax import vocab as vocab_lib
 from tagjax.errors import UserError
-from tagjax.inference import Inference
+from tagjax.inference import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, Inference, image_batches
 
 # ----------------------------------------------------------------------------------------------------
 # Vocabulary of a checkpoint.
@@ -149,6 +149,42 @@ def top_hashtags(
             )
         out.append(entries)
     return out
+
+
+def predict_files(
+    inference: Inference,
+    vocab,
+    paths: Sequence[str],
+    *,
+    top_k: int = 5,
+    num_aliases: int = 5,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    num_threads: int = DEFAULT_THREADS,
+) -> Iterator[tuple[str, list[dict] | None, str]]:
+    """:func:`top_hashtags` of image files, in the order of ``paths``: ``(path, hashtags, "")``, or
+    ``(path, None, why)`` for a file that cannot be read.
+
+    The files are read as ``tagjax embed`` reads them (:func:`tagjax.inference.image_batches`), so
+    memory holds one batch however many files there are, and every forward pass has ``batch_size``
+    images (the last batch padded with zeros; fewer files make one batch of them all), so the model
+    compiles once.
+    """
+    batch_size = min(batch_size, len(paths))
+    for batch in image_batches(
+        lambda i: (read_user_image(paths[i]), None),
+        range(len(paths)),
+        preprocess=inference.preprocess_into,
+        size=inference.image_size,
+        batch_size=batch_size,
+        num_threads=num_threads,
+    ):
+        crops = batch.images
+        if len(crops) < batch_size:
+            pad = np.zeros((batch_size - len(crops), *crops.shape[1:]), np.uint8)
+            crops = np.concatenate([crops, pad])
+        hashtags = top_hashtags(inference, vocab, crops, top_k, num_aliases)
+        for i, ok, error, tags in zip(batch.indices, batch.valid, batch.errors, hashtags):
+            yield paths[i], (tags if ok else None), error
 
 
 def read_user_image(path: str):

@@ -8,6 +8,7 @@ through the real trainer (kill and resume) are in tests/test_resume.py.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -330,6 +331,72 @@ def test_bad_paths_are_user_errors(tmp_path):
         checkpoint.load_for_inference(tmp_path / "nope")
     with pytest.raises(UserError, match="no complete checkpoint"):
         checkpoint.load_backbone(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="is a file, not a checkpoint directory"):
+        checkpoint.load_for_inference(tmp_path / "config.json")
+
+
+def _truncate_arrays(step_dir):
+    for f in (step_dir / "state" / "d").iterdir():
+        os.truncate(f, 100)
+
+
+def _remove_arrays(step_dir):
+    shutil.rmtree(step_dir / "state" / "d")
+    (step_dir / "state" / "manifest.ocdbt").unlink()
+
+
+@pytest.mark.parametrize(
+    ("damage", "what"),
+    [
+        (_truncate_arrays, "it does not restore (ValueError: "),
+        (_remove_arrays, "state/manifest.ocdbt is missing"),
+        (lambda step_dir: (step_dir / "_CHECKPOINT_METADATA").unlink(), "_CHECKPOINT_METADATA"),
+    ],
+)
+def test_a_damaged_checkpoint_is_one_line_for_every_reader(tmp_path, capsys, damage, what):
+    """predict/embed/evaluate/transfer/export read checkpoints through load_for_inference,
+    load_backbone, restore_backbone and read_metadata: each names the damage and the previous intact
+    checkpoint in one line (the trainer's file check; nothing is moved) instead of a traceback."""
+    from tagjax import cli
+
+    with _manager(tmp_path, install_signal_handler=False) as mgr:
+        mgr.save(4, _state(), None)
+        mgr.save(8, _state(), None)
+    damage(tmp_path / "checkpoints" / "8")
+    message = f"checkpoint {tmp_path / 'checkpoints' / '8'} is damaged: "
+    instead = f"pass --checkpoint {tmp_path / 'checkpoints' / '4'} to use the previous one."
+    new_vars = models.create(_config().model, 3).init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False
+    )
+    readers = [
+        checkpoint.load_for_inference,
+        checkpoint.load_backbone,
+        lambda path: checkpoint.restore_backbone(path, new_vars),
+    ]
+    if damage is not _truncate_arrays:  # the metadata alone still reads when only arrays are cut
+        readers.append(checkpoint.read_metadata)
+    for read in readers:
+        with pytest.raises(UserError) as e:
+            read(tmp_path)
+        assert str(e.value).startswith(message) and what in str(e.value), e.value
+        assert str(e.value).endswith(instead) and "\n" not in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
+    assert checkpoint.load_for_inference(tmp_path / "checkpoints" / "4")[1]["step"] == 4
+
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), "red").save(image)
+    for argv in (
+        ["predict", str(image)],
+        ["embed", "--input", str(tmp_path), "-o", str(tmp_path / "emb")],
+        ["evaluate", "--dataset", "synthetic"],
+    ):
+        assert cli.main([*argv, "--checkpoint", str(tmp_path)]) == 3
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"tagjax {argv[0]}: error: {message}") and what in err, err
+        assert len(err.splitlines()) == 1 and err.endswith(instead), err
 
 
 # ---------------------------------------------------------------------------------------------------

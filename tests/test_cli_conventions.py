@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tagjax import cli, config, progress, transfer
+from tagjax import checkpoint, cli, config, progress, transfer
 from tagjax import vocab as vocab_lib
 from tagjax.errors import EXIT_INTERRUPTED, EXIT_SOME_INPUTS_FAILED, EXIT_USAGE, EXIT_USER_ERROR
 
@@ -458,3 +458,30 @@ def test_every_command_takes_progress_and_no_progress():
         for p in nested.choices.values() if nested else [cmd]:
             flags = {o for a in p._actions for o in a.option_strings}
             assert {"--progress", "--no-progress"} <= flags, p.prog
+
+
+def test_an_output_below_a_file_is_refused_before_any_work(
+    ckpt, folder, tmp_path, capsys, monkeypatch
+):
+    """evaluate, embed and export-weights check where they will write before reading a checkpoint."""
+    from tagjax import inference
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the output was checked")
+
+    monkeypatch.setattr(inference.Inference, "__init__", never)
+    monkeypatch.setattr(checkpoint, "load_for_inference", never)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv, output in (
+        (["evaluate", "--dataset", "synthetic"], afile / "x.json"),
+        (["embed", "--input", str(folder)], afile / "x"),
+        (["export-weights"], afile / "sub" / "x.safetensors"),
+    ):
+        code = cli.main([*argv, "--checkpoint", str(ckpt), "--output", str(output)])
+        err = capsys.readouterr().err.strip()
+        assert code == EXIT_USER_ERROR, err
+        assert (
+            err
+            == f"tagjax {argv[0]}: error: --output {output}: {afile} is a file, not a directory."
+        )

@@ -260,3 +260,78 @@ def test_embed_built_dataset_records_post_ids(workdir, images, tmp_path):
         3,
         inference_lib.Inference(workdir, head=False).feature_dim,
     )
+
+
+def test_predict_streams_a_folder_in_fixed_batches_with_unchanged_results(
+    workdir, vocab, images, tmp_path, monkeypatch, capsys
+):
+    """A folder is predicted in batches of --batch-size (the last padded), one compile for all, with
+    the same hashtags as one forward pass over every image."""
+    from tagjax.predict import read_user_image, top_hashtags
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for p in images:  # 4-5 images: batches of 3, the last one partly padding
+        shutil.copy(p, folder / p.name)
+    files = inference_lib.image_files(folder)
+    inference = inference_lib.Inference(workdir, head=True)
+    crops = np.stack([inference.preprocess(read_user_image(str(f))) for f in files])
+    want = top_hashtags(inference, vocab, crops, top_k=3)
+
+    passes = []
+    run = inference_lib.Inference._run
+
+    def recording(self, what, batch):
+        out = run(self, what, batch)
+        passes.append((batch.shape, self._fns[what]._cache_size()))
+        return out
+
+    monkeypatch.setattr(inference_lib.Inference, "_run", recording)
+    argv = ["predict", "--checkpoint", str(workdir), "--json", "--top-k", "3", "--batch-size", "3"]
+    assert cli.main([*argv, str(folder)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    size = inference.image_size
+    assert len(files) % 3 and len(passes) == -(-len(files) // 3)
+    assert all(shape == (3, size, size, 3) and compiles == 1 for shape, compiles in passes), passes
+    assert [o["image"] for o in out] == [str(f) for f in files]
+    for got, expected in zip(out, want):
+        assert [t["id"] for t in got["hashtags"]] == [t["id"] for t in expected]
+        np.testing.assert_allclose(
+            [t["probability"] for t in got["hashtags"]],
+            [t["probability"] for t in expected],
+            rtol=1e-5,
+        )
+
+
+def test_images_one_pixel_wide_or_tall_get_a_center_crop(workdir, images, tmp_path, capsys):
+    from PIL import Image
+
+    from tagjax import augment
+
+    transform = augment.EvalTransform(resize=36, size=32)
+    for shape in ((10000, 1, 3), (1, 10000, 3), (3, 1, 3)):
+        image = np.zeros(shape, np.uint8)
+        image[..., 0] = 200  # red everywhere: the crop is red whichever pixel it keeps
+        out = np.zeros((32, 32, 3), np.uint8)
+        augment.eval_image(image, out, transform)
+        assert (out[..., 0] == 200).all() and not out[..., 1:].any(), shape
+
+    Image.new("RGB", (1, 10000), "red").save(tmp_path / "tall.png")
+    Image.new("RGB", (10000, 1), "blue").save(tmp_path / "wide.png")
+    paths = [str(images[0]), str(tmp_path / "tall.png"), str(tmp_path / "wide.png")]
+    assert cli.main(["predict", "--checkpoint", str(workdir), "--json", *paths]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [o["image"] for o in out] == paths and all(o["hashtags"] for o in out)
+
+
+@pytest.mark.parametrize("command", ["predict", "embed"])
+@pytest.mark.parametrize("size", ["0", "-4"])
+def test_image_size_below_one_is_refused(workdir, images, tmp_path, capsys, command, size):
+    argv = [command, "--checkpoint", str(workdir), "--image-size", size]
+    if command == "predict":
+        argv.append(str(images[0]))
+    else:
+        argv += ["--input", str(images[0].parent), "-o", str(tmp_path / "e")]
+    assert cli.main(argv) == 3
+    err = capsys.readouterr().err.strip()
+    assert err == f"tagjax {command}: error: --image-size must be at least 1.", err

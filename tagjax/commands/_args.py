@@ -115,6 +115,18 @@ def check_path_or_name(spec: str, flag: str) -> None:
         raise UserError(f"{flag} {spec}: no such path.")
 
 
+def check_output(path: str | None, flag: str) -> None:
+    """Refuses, before any work, an output whose folder cannot be made because a path above it is a
+    file (the write would fail only at the end, after the whole computation)."""
+    if not path or "://" in path:
+        return
+    for parent in Path(path).expanduser().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag} {path}: {parent} is a file, not a directory.")
+            return
+
+
 def invocation(fallback: str) -> str:
     """The command line as the user typed it, recorded in demo/study summaries; ``fallback`` when tagjax
     runs from Python (a notebook, a test) rather than from the ``tagjax`` script."""

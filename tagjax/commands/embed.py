@@ -72,9 +72,12 @@ def run(args) -> int:
     threads = DEFAULT_THREADS if args.threads is None else args.threads
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
+    if args.image_size is not None and args.image_size < 1:
+        raise UserError("--image-size must be at least 1.")
     if not 0.0 <= args.max_bad_fraction <= 1.0:
         raise UserError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}.")
     _args.check_path_or_name(args.input, "--input")
+    _args.check_output(args.output, "--output")
     inference = Inference(args.checkpoint, head=False, image_size=args.image_size)
     source = resolve_input(args.input, args.split, args.data_dir)
     summary = embed(

@@ -127,7 +127,11 @@ def run(args) -> int:
 
     if args.batch_size < 1 or args.max_images < 0:
         raise UserError("--batch-size must be at least 1 and --max-images at least 0.")
+    for flag, value in (("--image-size", args.image_size), ("--resize", args.resize)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1.")
     _args.check_path_or_name(args.dataset, "--dataset")
+    _args.check_output(args.output, "--output")
     if not is_hashtag_dataset(args.dataset):
         return run_classification(args)
     split = args.split or "heldout"

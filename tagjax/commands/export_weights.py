@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = args.legacy_checkpoint
     if not checkpoint:
         raise UserError("pass --checkpoint PATH (a workdir, checkpoints/ folder or checkpoint).")
+    _args.check_output(args.output, "--output")
     t0 = time.perf_counter()
     path, header = export_weights(checkpoint, args.output, head=not args.no_head)
     size = path.stat().st_size / 2**20

@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="center-crop side (default: the checkpoint's data.eval_image_size)",
     )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per forward pass (default: 64, tagjax.inference.DEFAULT_BATCH_SIZE)",
+    )
     _args.add_json(
         parser, "print one JSON document (a list, one entry per image) instead of a table"
     )
@@ -48,14 +54,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import numpy as np
+    from tagjax.inference import DEFAULT_BATCH_SIZE, Inference, image_files
+    from tagjax.predict import ClassNames, find_vocabulary, predict_files
 
-    from tagjax import augment
-    from tagjax.inference import Inference, image_files
-    from tagjax.predict import ClassNames, find_vocabulary, read_user_image, top_hashtags
-
+    batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
     if args.top_k < 1:
         raise UserError("--top-k must be at least 1.")
+    if args.aliases < 0:
+        raise UserError("--aliases must be at least 0.")
+    if args.image_size is not None and args.image_size < 1:
+        raise UserError("--image-size must be at least 1.")
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1.")
     paths = []  # folders expand to their image files, in embed's order
     for given in args.images:
         if Path(given).expanduser().is_dir():
@@ -64,17 +74,14 @@ def run(args) -> int:
             paths.append(given)
     inference = Inference(args.checkpoint, head=True, image_size=args.image_size)
     vocab = find_vocabulary(inference.meta, args.vocab, inference.path)
-    loaded, failed = [], {}
-    for path in paths:
-        try:
-            loaded.append((path, inference.preprocess(read_user_image(path))))
-        except (UserError, augment.BadImage) as e:
-            failed[path] = str(e)
-    size = inference.image_size
-    crops = np.stack([c for _, c in loaded]) if loaded else np.zeros((0, size, size, 3), np.uint8)
-    results = dict(
-        zip([p for p, _ in loaded], top_hashtags(inference, vocab, crops, args.top_k, args.aliases))
-    )
+    results, failed = {}, {}
+    for path, hashtags, error in predict_files(
+        inference, vocab, paths, top_k=args.top_k, num_aliases=args.aliases, batch_size=batch_size
+    ):
+        if hashtags is None:
+            failed[path] = error
+        else:
+            results[path] = hashtags
     if args.json:
         payload = [
             {"image": p, "hashtags": results[p]}
