@@ -74,6 +74,11 @@ def load(config: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDic
         else:
             message = " ".join(str(e).split()) or type(e).__name__
         raise UserError(f"bad config or override: {message}") from None
+    except SyntaxError as e:  # not a Python config file (a typo, or the wrong file)
+        raise UserError(
+            f"config file {resolved.partition(':')[0]!r} is not valid Python (line {e.lineno}: "
+            f"{e.msg}); a config is a .py file with get_config()."
+        ) from None
     if cfg is None:
         raise UserError(f"config file {config!r} returned no config from get_config().")
     return cfg

@@ -67,6 +67,13 @@ def test_a_users_config_file_anywhere_imports_the_packaged_defaults(tmp_path, mo
     assert sys.path == path_before  # loading a config leaves the import path alone
 
 
+def test_a_file_that_is_not_python_is_one_line(tmp_path):
+    # e.g. --config /etc/passwd
+    (tmp_path / "notes.py").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(UserError, match=r"is not valid Python \(line 1"):
+        config.load(str(tmp_path / "notes.py"))
+
+
 def test_the_docs_configs_path_names_the_packaged_config_outside_a_checkout(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # as after a pip install: no configs/ folder here
     assert config.load("configs/tiny.py").model == config.load("tiny").model

@@ -6,6 +6,7 @@ test prints its max abs difference (run with ``-s`` to see them).
 """
 
 import dataclasses
+import os
 import re
 import sys
 
@@ -235,6 +236,15 @@ def test_torch_with_known_weights_only_bypasses_is_refused(tmp_path, monkeypatch
     match = r"state dict of tensors" if safe else r"refusing .* PyTorch .*torch>=2\.10\.0"
     with pytest.raises(UserError, match=match):
         tv.read_state_dict(tmp_path / "w.pth")
+
+
+def test_exported_weights_are_readable_like_any_output(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = tv.write_safetensors({"w": np.zeros(2, np.float32)}, tmp_path / "w.st", {})
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644  # safetensors alone leaves 0o600
 
 
 def test_cli_import_predicts_like_reference_and_export_round_trips(tmp_path, capsys):

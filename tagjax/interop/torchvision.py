@@ -389,6 +389,10 @@ def write_safetensors(
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     save_file(dict(sd), str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    # save_file leaves the file readable by its owner only; weights are shared like any output.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, p)
     return p
 
