@@ -253,6 +253,15 @@ def test_embed_stops_on_a_folder_of_nothing_readable(ckpt, tmp_path, capsys):
     assert "none of the 3 images" in capsys.readouterr().err
 
 
+def test_embed_output_is_a_prefix_not_a_folder(ckpt, folder, tmp_path, capsys):
+    out = tmp_path / "emb"
+    out.mkdir()  # `-o emb/` used to write emb.npy beside the folder
+    argv = ["embed", "--checkpoint", str(ckpt), "--input", str(folder), "-o", f"{out}/"]
+    assert cli.main(argv) == EXIT_USER_ERROR
+    assert f"pass {out / 'NAME'}" in capsys.readouterr().err
+    assert not (tmp_path / "emb.npy").exists()
+
+
 def test_build_train_evaluate_redirected(posts, tmp_path):
     """The long-running commands, as in `tagjax X --json > out 2> err`: stdout parses as JSON, no
     carriage-return bar updates in either file."""

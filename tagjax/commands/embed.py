@@ -4,6 +4,7 @@ tagjax.inference.embed)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tagjax.commands import _args
@@ -78,6 +79,11 @@ def run(args) -> int:
         raise UserError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}.")
     _args.check_path_or_name(args.input, "--input")
     _args.check_output(args.output, "--output")
+    if os.path.isdir(args.output):  # `-o out/` would write out.npy beside the folder
+        raise UserError(
+            f"--output is a prefix (PREFIX.npy, PREFIX.index.jsonl) and {args.output} is a "
+            f"directory: pass {os.path.join(args.output, 'NAME')}."
+        )
     inference = Inference(args.checkpoint, head=False, image_size=args.image_size)
     source = resolve_input(args.input, args.split, args.data_dir)
     summary = embed(
