@@ -404,9 +404,9 @@ def parse_source(
             raise UserError(f"--image-root {r} is not a folder.")
     common = {"image_roots": roots, "max_bytes": max_bytes}
     if kind == "wds":
-        tars = [p] if not p.is_dir() else sorted(p.glob("*.tar"))
+        tars = [p] if not p.is_dir() else _wds_shards(p)
         if not tars:
-            raise UserError(f"input {spec!r}: no *.tar shards in {p}.")
+            raise UserError(f"input {spec!r}: no *.tar (or *.tar.gz) shards in {p}.")
         for t in tars:
             _require_regular_file(spec, t, "a tar file or a folder of *.tar shards")
         return [Unit("wds", str(t), spec, **common) for t in tars]
@@ -426,13 +426,18 @@ def parse_source(
     return [Unit(kind, str(p), spec, **common)]
 
 
+def _wds_shards(folder: Path) -> list[Path]:
+    """A webdataset folder's shards: ``*.tar`` and gzipped ``*.tar.gz`` (img2dataset writes either)."""
+    return sorted([*folder.glob("*.tar"), *folder.glob("*.tar.gz")])
+
+
 def _guess_kind(spec: str) -> str:
     if spec == "openclipart":
         return "openclipart"
     p = Path(spec).expanduser()
     if p.suffix == ".jsonl" or p.name.endswith(".jsonl.gz"):
         return "jsonl"
-    if p.suffix == ".tar" or (p.is_dir() and any(p.glob("*.tar"))):
+    if p.suffix == ".tar" or p.name.endswith(".tar.gz") or (p.is_dir() and _wds_shards(p)):
         return "wds"
     if p.is_dir():
         return "openclipart" if any(p.glob("*/*.svg")) and not any(p.glob("*.jpg")) else "folder"

@@ -266,6 +266,17 @@ def test_parse_source_kinds_and_errors(tmp_path):
     make_tar(tmp_path / "0.tar", {"1.jpg": png_bytes()})
     make_tar(tmp_path / "1.tar", {"2.jpg": png_bytes()})
     assert [u.kind for u in posts.parse_source(f"wds:{tmp_path}")] == ["wds", "wds"]
+    # img2dataset can gzip its shards: a folder of *.tar.gz is a webdataset too, and none is skipped.
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    for name in ("0.tar", "1.tar"):
+        make_tar(tmp_path / name, {f"{name}.jpg": png_bytes()})
+        (gz / f"{name}.gz").write_bytes(gzip.compress((tmp_path / name).read_bytes()))
+    assert [Path(u.path).name for u in posts.parse_source(str(gz))] == ["0.tar.gz", "1.tar.gz"]
+    assert [p.post_id for u in posts.parse_source(f"wds:{gz}") for p in posts.read_unit(u)] == [
+        "0",
+        "1",
+    ]
     with pytest.raises(UserError, match="does not exist"):
         posts.parse_source(f"folder:{tmp_path / 'missing'}")
     with pytest.raises(UserError, match="--yfcc-images"):
