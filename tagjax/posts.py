@@ -921,7 +921,8 @@ def load_image_bytes(
     if post.image_path is None:
         raise ImageSkip(MISSING_IMAGE, "no image given")
     data = read_regular_file(post.image_path, max_bytes)
-    if post.image_kind != "svg":
+    # An .svg from any source is drawn like openclipart's (predict and embed read them too).
+    if post.image_kind != "svg" and not post.image_path.lower().endswith(".svg"):
         return data
     cached = cache.get(data, side) if cache else None
     if cached is not None:

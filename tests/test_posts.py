@@ -411,3 +411,13 @@ def test_bom_prefixed_manifest_and_sidecars_keep_their_first_post(tmp_path):
     make_tar(tar, {"k.jpg": png_bytes(), "k.json": BOM + b'{"tags": ["owl"], "public": true}'})
     (post,) = posts.read_webdataset(str(tar))
     assert post.problem is None and post.tags == ("owl",)
+
+
+def test_an_svg_named_by_a_manifest_is_rasterized_like_openclipart(tmp_path):
+    # A jsonl post whose image is an .svg was counted as a corrupt image (only openclipart drew SVGs),
+    # though predict and embed read the same file.
+    write_svg(tmp_path / "logo.svg", ["logo"])
+    post = posts.Post("p1", tags=("logo",), image_path=str(tmp_path / "logo.svg"))
+    png = posts.load_image_bytes(post, side=32)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(io.BytesIO(png)).size == (64, 32)  # shorter side 32, aspect kept
