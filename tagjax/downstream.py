@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,8 @@ import tensorflow_datasets as tfds
 
 from tagjax import emoji_dataset, images
 from tagjax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".svg")
 TEST_SPLIT_DIRS = ("test", "val", "validation")
@@ -258,6 +261,15 @@ def _folder_split(root: Path, split: str, test_fraction: float) -> Downstream:
         base = split_dirs["train"] if split == "train" else test_dir
         classes = sorted(p.name for p in split_dirs["train"].iterdir() if p.is_dir())
         files = _list_class_files(base, classes)
+        unknown = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name not in classes)
+        if unknown:  # a classifier cannot be scored on classes it never saw
+            log.warning(
+                "%s: %d %s class folder(s) with no training folder are left out: %s",
+                root,
+                len(unknown),
+                split,
+                ", ".join(unknown[:10]) + (", ..." if len(unknown) > 10 else ""),
+            )
     else:
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         all_files = _list_class_files(root, classes)

@@ -132,6 +132,15 @@ def test_class_folders_with_train_and_test_dirs(tmp_path):
     assert [train.source[i]["label"] for i in range(6)] == [0, 0, 0, 1, 1, 1]
 
 
+def test_test_classes_without_training_images_are_named(tmp_path, caplog):
+    for split, cls in (("train", "apple"), ("test", "apple"), ("test", "zebra")):
+        (tmp_path / split / cls).mkdir(parents=True)
+        (tmp_path / split / cls / "0.png").write_bytes(_png((200, 10, 10)))
+    test = downstream.open_split(str(tmp_path), "test")
+    assert len(test.source) == 1  # zebra cannot be scored by a classifier that never saw it
+    assert "1 test class folder(s) with no training folder are left out: zebra" in caplog.text
+
+
 def test_single_level_folders_split_by_path_hash(tmp_path):
     for cls in ("a", "b"):
         (tmp_path / cls).mkdir()
