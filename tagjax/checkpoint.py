@@ -1031,8 +1031,16 @@ def _load_variables(
     abstract = jax.tree_util.tree_map_with_path(
         target, stored, is_leaf=lambda x: hasattr(x, "shape")
     )
+    restored = _restore_part(step_dir, abstract)
+    variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+    return variables, meta
+
+
+def _restore_part(step_dir: Path, abstract) -> dict:
+    """The arrays of ``abstract``'s tree (ShapeDtypeStructs with shardings) read from the checkpoint's
+    state; the others (optimizer slots, a head left out) are not read. Damage is one line."""
     with _reading(step_dir):
-        restored = _checkpointer().restore(
+        return _checkpointer().restore(
             step_dir,
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(
@@ -1042,8 +1050,6 @@ def _load_variables(
                 )
             ),
         )["state"]
-    variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
-    return variables, meta
 
 
 def load_for_inference(path: str | Path, *, sharding=None) -> tuple[dict, dict]:
@@ -1092,17 +1098,7 @@ def restore_backbone(path: str | Path, variables: PyTree) -> tuple[dict, dict]:
         return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=s)
 
     abstract_target = jax.tree_util.tree_map(abstract, backbone_target)
-    with _reading(step_dir):
-        restored = _checkpointer().restore(
-            step_dir,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=abstract_target,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_target),
-                    partial_restore=True,
-                )
-            ),
-        )["state"]
+    restored = _restore_part(step_dir, abstract_target)
     params = dict(restored["params"])
     if HEAD in target["params"]:
         params[HEAD] = target["params"][HEAD]
