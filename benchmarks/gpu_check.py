@@ -997,6 +997,7 @@ def main(argv=None) -> int:
     t_run = time.perf_counter()
     status = "ok"
     tasks_of = plan_tasks(plan, args.budget_scale)
+    current = None  # the task being started or run, for a signal that strikes outside run_task
     try:
         for step in wanted:
             budget = record["budget_s"][step]
@@ -1016,9 +1017,11 @@ def main(argv=None) -> int:
                     entry["tasks"].append({"name": task.name, "status": "skipped", "reason": why})
                     _log(f"{step}/{task.name}: skipped ({why})")
                     continue
+                current = task
                 _log(f"{step}/{task.name}: start (time box {timeout:.0f} s)")
                 done = run_task(task, ctx, timeout)
                 entry["tasks"].append(done)
+                current = None
                 entry["seconds"] = round(time.perf_counter() - t_step, 2)
                 entry["status"] = step_status(entry["tasks"])
                 write_json(results_path, record)
@@ -1040,6 +1043,15 @@ def main(argv=None) -> int:
     except CutOff:
         status = "cut_off"
         _log("cut off by a signal; the record keeps what finished")
+        # A signal between steps or tasks (before run_task could record it) leaves no step "running".
+        last = record["steps"][-1] if record["steps"] else None
+        if last is not None and last["status"] == "running":
+            if current is not None and current.name not in [t["name"] for t in last["tasks"]]:
+                last["tasks"].append(
+                    {"name": current.name, "status": "cut_off", "seconds": 0.0, "budget_s": 0.0}
+                    | {"result": {}, "error": None}
+                )
+            last["status"] = "cut_off"
     finally:
         if status == "ok":
             statuses = {s["status"] for s in record["steps"]}
