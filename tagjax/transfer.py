@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 _STREAM_FINETUNE = 0x7F1E  # hash stream of fine-tuning augmentation (tagjax.sampling.uniforms)
 
+# What a transfer run that stops on unreadable images tells the user to change.
+_BAD_IMAGE_FIX = "repair the images or raise --config.data.max_bad_record_fraction"
+
 
 def _downstream(config, split: str):
 
@@ -153,7 +156,7 @@ def extract_features(
     meta_path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
     num_chunks = math.ceil(n / chunk)
-    counter = BadImageCounter(max_bad_fraction, f"{ds.name} ({ds.split})")
+    counter = BadImageCounter(max_bad_fraction, f"{ds.name} ({ds.split})", fix=_BAD_IMAGE_FIX)
 
     def load(i: int):
         ex = ds.source[i]
@@ -747,7 +750,7 @@ def evaluate_classifier(
         ex = ds.source[i]
         return ex["image"], int(ex["label"])
 
-    counter = BadImageCounter(max_bad_fraction, f"{ds.name} ({ds.split})")
+    counter = BadImageCounter(max_bad_fraction, f"{ds.name} ({ds.split})", fix=_BAD_IMAGE_FIX)
     logits, labels = [], []
     bar = progress_bar(total=len(ds.source), unit="img", desc=f"test {ds.name}", enabled=progress)
     for batch in image_batches(
