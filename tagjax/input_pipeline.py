@@ -82,6 +82,25 @@ class BadRecord(ValueError):
 # ------------------------------------------------------------------------------------------------
 
 
+def split_shards(dataset_dir: Path, split: str) -> tuple[records.Manifest, list[str]]:
+    """The manifest of a built dataset and the shard paths of ``split``, after the checks that need no
+    shard opened (the split exists, every listed shard is there): cheap enough for a run's start."""
+    manifest = records.load_manifest(dataset_dir)
+    try:
+        paths = [str(p) for p in manifest.shard_paths(dataset_dir, split)]
+    except KeyError:
+        raise UserError(
+            f"{dataset_dir} has no split {split!r} (it has {', '.join(sorted(manifest.splits))}); "
+            "set config.data.train_split / eval_split."
+        ) from None
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise UserError(
+            f"shard {missing[0]} listed in {records.MANIFEST} is missing; rebuild the dataset."
+        )
+    return manifest, paths
+
+
 class RecordSource:
     """The records of one split of a built dataset (tagjax.records), read through grain's ArrayRecord
     source, which keeps a reader open for every shard it has read from; or, with ``max_open_shards``
@@ -90,19 +109,7 @@ class RecordSource:
 
     def __init__(self, dataset_dir: Path, split: str, num_labels: int, max_open_shards: int = 0):
         dataset_dir = Path(dataset_dir)
-        manifest = records.load_manifest(dataset_dir)
-        try:
-            self.paths = [str(p) for p in manifest.shard_paths(dataset_dir, split)]
-        except KeyError:
-            raise UserError(
-                f"{dataset_dir} has no split {split!r} (it has {', '.join(sorted(manifest.splits))}); "
-                "set config.data.train_split / eval_split."
-            ) from None
-        missing = [p for p in self.paths if not Path(p).is_file()]
-        if missing:
-            raise UserError(
-                f"shard {missing[0]} listed in {records.MANIFEST} is missing; rebuild the dataset."
-            )
+        manifest, self.paths = split_shards(dataset_dir, split)
         self.dataset_dir = dataset_dir
         self.split = split
         self.num_records = manifest.num_records(split)
@@ -118,9 +125,8 @@ class RecordSource:
         self._source = None
         try:
             held = len(self._grain_source())
-        except (
-            RuntimeError
-        ) as e:  # a truncated or overwritten shard; ArrayRecord's message can be empty
+        # A truncated or overwritten shard; ArrayRecord's message can be empty.
+        except RuntimeError as e:
             bad = records.first_unreadable(self.paths)
             where = f"shard {bad}" if bad else f"a {split} shard of {dataset_dir}"
             raise UserError(

@@ -493,12 +493,11 @@ def open_data(config) -> DataSource:
         counts = metrics_lib.label_counts_of(
             source.dataset_dir, source.num_classes, config.data.train_split
         )
-        # The held-out split is checked now, not at the first evaluation hours in: missing or damaged
-        # shards stop the run here; an empty split (a small build) means no hashtag evaluation.
-        held_out = input_pipeline.RecordSource(  # one shard reader open at a time
-            source.dataset_dir, config.data.eval_split, source.num_classes, max_open_shards=1
-        )
-        if held_out.num_records == 0:
+        # The held-out split is checked now, not at the first evaluation hours in: a missing split or
+        # shard stops the run here (without opening any: no O(records) work at start); an empty split
+        # (a small build) means no hashtag evaluation.
+        manifest, _ = input_pipeline.split_shards(source.dataset_dir, config.data.eval_split)
+        if manifest.num_records(config.data.eval_split) == 0:
             log.warning(
                 "the %r split of %s is empty: this run has no hashtag evaluation (more posts or a "
                 "larger --heldout-fraction at build time give it one)",

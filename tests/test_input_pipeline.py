@@ -773,3 +773,16 @@ def test_training_on_a_dataset_with_an_empty_held_out_split_runs_without_evaluat
     assert "split of" in caplog.text and "is empty" in caplog.text
     assert len(next(data.train_iterator)["image"]) == 8
     data.train_iterator.close()
+
+
+def test_training_stops_at_start_when_a_held_out_shard_is_missing(dataset, tmp_path):
+    # Not at its first evaluation, hours in (and without opening every held-out shard at start).
+    import shutil
+
+    from tagjax import train
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    (copy / records.load_manifest(copy).splits["heldout"]["shards"][0]).unlink()
+    with pytest.raises(UserError, match=r"heldout-.* listed in dataset\.json is missing"):
+        train.open_data(_config(copy))
