@@ -203,7 +203,8 @@ def test_resampled_streams_differ_per_host_and_are_deterministic(dataset):
     assert not _same(a0, c0)
 
 
-_RESUME = """
+# The start of a script run in a new process: config ``c`` from the JSON in argv[1] (its "data" fields).
+_SCRIPT_CONFIG = """
 import json, sys
 import numpy as np
 from tagjax.configs import default
@@ -213,6 +214,11 @@ args = json.loads(sys.argv[1])
 c = default.get_config()
 for k, v in args["data"].items():
     c.data[k] = v
+"""
+
+_RESUME = (
+    _SCRIPT_CONFIG
+    + """
 c.train.batch_size = args["batch_size"]
 it = input_pipeline.make_train_iterator(c, process_index=0, process_count=1)
 it.set_state(json.loads(open(args["state"]).read()))
@@ -223,6 +229,7 @@ for n in range(2):
 it.close()
 np.savez(args["out"], **out)
 """
+)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -675,15 +682,9 @@ def test_a_process_with_a_multiprocessing_parent_reads_batches_without_shared_me
     assert set(segments) <= before  # none of its own
 
 
-_UNCLOSED = """
-import json, sys
-from tagjax.configs import default
-from tagjax import config as config_lib, input_pipeline
-config_lib.ensure_absl_flags_parsed()
-args = json.loads(sys.argv[1])
-c = default.get_config()
-for k, v in args["data"].items():
-    c.data[k] = v
+_UNCLOSED = (
+    _SCRIPT_CONFIG
+    + """
 c.train.batch_size = 8
 it = input_pipeline.make_train_iterator(c, process_index=0, process_count=1)
 next(it)
@@ -691,6 +692,7 @@ for batch in input_pipeline.make_eval_iterator(c):
     break
 print("done")
 """
+)
 
 
 def test_a_script_that_never_closes_its_iterators_exits_cleanly(dataset, repo_root):
