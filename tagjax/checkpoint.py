@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import json
 import logging
 import signal
@@ -100,6 +101,23 @@ class _OrbaxInfoFilter(logging.Filter):
 
 
 _ORBAX_FILTER = _OrbaxInfoFilter()
+
+
+class _UnretrievedReadFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for TensorStore reads: when one array of a
+    damaged checkpoint fails to restore, Orbax's other reads of it fail too and nobody awaits them, so
+    asyncio prints each with its traceback (before or after our one-line error, as the garbage
+    collector decides). The damage is reported once, by :func:`_reading`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("Task exception was never retrieved")
+            and "tensorstore_spec" in message
+        )
+
+
+_UNRETRIEVED_READ_FILTER = _UnretrievedReadFilter()
 
 
 def _quiet_orbax() -> None:
@@ -959,6 +977,10 @@ def _reading(step_dir: Path):
     except UserError:
         raise
     except Exception as e:
+        asyncio_logger = logging.getLogger("asyncio")
+        if _UNRETRIEVED_READ_FILTER not in asyncio_logger.filters:
+            asyncio_logger.addFilter(_UNRETRIEVED_READ_FILTER)
+        gc.collect()  # the failed restore's unawaited reads: their errors are dropped now, not later
         what = (
             str(e)
             if isinstance(e, DamagedCheckpoint)
